@@ -1,0 +1,52 @@
+"""Human view of a status object (rich tables); the JSON form is the status object itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def render_status(s: dict[str, Any]) -> Group:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("peer", s["peer_id"])
+    for a in s["addrs"]:
+        head.add_row("address", a)
+    head.add_row("run / task", f"{s['run_id']} / {s['task']} (shard {s['shard']}, aggregator {s['aggregator']})")
+    head.add_row("phase", f"{s['phase']}, up {s['uptime_s']:.0f}s")
+    head.add_row("training", f"step {s['step']}  loss {_fmt(s['loss'])}  accuracy {_fmt(s['accuracy'], pct=True)}  {s['samples_per_s']:.0f} samples/s")
+    head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed; sent {_bytes(s['bytes_sent'])}, received {_bytes(s['bytes_received'])}")
+    rej = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **s["pull_failed"]}.items()) or "none"
+    head.add_row("rejected / failed", rej)
+    ck = s["checkpoint"]
+    head.add_row("checkpoint", f"step {ck['step']} ({_fmt(ck['age_s'])}s ago), errors {ck['errors']}" if ck["step"] is not None else "none yet")
+
+    peers = Table(title=f"live peers in run {s['run_id']}: {len(s['live_peers'])}", title_justify="left")
+    for col in ("peer", "step", "samples/s", "last seen"):
+        peers.add_column(col)
+    backing_off = set(s.get("backing_off", ()))
+    for p in s["live_peers"]:
+        mark = " (backing off)" if p["peer_id"] in backing_off else ""
+        peers.add_row(p["peer_id"] + mark, str(p["step"]), f"{p['samples_per_s']:.0f}", f"{p['last_seen_s']:.0f}s ago")
+    return Group(head, peers)

@@ -1,0 +1,109 @@
+"""Daemon configuration and where it comes from.
+
+Precedence: command-line flags > `PEER_*` environment variables > `--config file.toml` >
+`$XDG_CONFIG_HOME/peer/config.toml` > the defaults below. The CLI passes only the values a flag or
+environment variable set; `resolve` fills the rest from the files and defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def xdg_data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
+def xdg_config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def default_data_dir() -> Path:
+    return xdg_data_home() / "peer"
+
+
+@dataclass
+class PeerConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    run_id: str = "default"
+    task: str = "mnist1d-cnn"
+    initial_peers: list[str] = field(default_factory=list)
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce: list[str] = field(default_factory=list)
+    aggregator: str = "mean"
+    # data: this peer's shard "i/n"; empty means derived from the peer id
+    shard: str = ""
+    num_shards: int = 4
+    split: str = "iid"
+    alpha: float = 0.5
+    data_seed: int = 0
+    # timing
+    heartbeat_s: float = 2.0
+    gossip_every_s: float = 1.0
+    partners: int = 2
+    pull_timeout_s: float = 20.0
+    checkpoint_every_s: float = 30.0
+    eval_every_s: float = 2.0
+    join_sync_timeout_s: float = 15.0
+    max_steps: int | None = None
+    step_delay_s: float = 0.0
+    max_concurrent_serves: int = 8
+    log_format: str = "text"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.data_dir) / "control.sock"
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.data_dir) / "identity.key"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.data_dir) / "checkpoint.pt"
+
+
+_FIELDS = {f.name: f for f in fields(PeerConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = str(_FIELDS[name].type)
+    if name == "data_dir":
+        return Path(os.path.expanduser(str(value)))
+    if kind.startswith("list"):
+        return [str(v) for v in (value.split() if isinstance(value, str) else value)]
+    if "int" in kind and value is not None:
+        return int(value)
+    if "float" in kind:
+        return float(value)
+    return value
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ValueError(f"{path}: unknown setting {key!r}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def resolve(explicit: dict[str, Any], config_file: Path | None = None) -> PeerConfig:
+    """Merge flag/env values (`explicit`, None meaning unset) over config files and defaults."""
+    merged: dict[str, Any] = {}
+    user_file = xdg_config_home() / "peer" / "config.toml"
+    if user_file.exists():
+        merged.update(load_toml(user_file))
+    if config_file is not None:
+        merged.update(load_toml(Path(config_file)))
+    for name, value in explicit.items():
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):
+            merged[name] = _coerce(name, value)
+    return PeerConfig(**merged)

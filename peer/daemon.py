@@ -1,0 +1,391 @@
+"""The peer daemon: wires transport, trainer, gossip, model serving, checkpoints and control.
+
+It owns every background task (nothing else starts tasks). One round of gossip: pick partners
+from the live peers the DHT shows, pull each one's model concurrently with a deadline, validate,
+aggregate off the event loop, and add `aggregate - snapshot` to the live model, so local steps
+taken during the round are kept. Any partner failure is logged in one line, counted by reason
+and skipped; the daemon never crashes on a peer's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer import state as ckpt
+from peer.aggregation import coordinate_median, make_aggregator
+from peer.config import PeerConfig
+from peer.control import serve_control
+from peer.tasks import Task, load_task
+from peer.trainer import Trainer
+from peer.validation import reject_reason
+from protocols import gossip
+from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
+from protocols.discovery import PeerRecord, SwarmView, run_key
+from protocols.transport.base import CountingStream, Transport, TransportError
+
+log = logging.getLogger("peer.daemon")
+
+
+class DataDirLocked(Exception):
+    pass
+
+
+def shard_for(config: PeerConfig, peer_id: str) -> tuple[int, int]:
+    """This peer's data shard: `--shard i/n` if given, else a stable hash of the peer id."""
+    if config.shard:
+        i, n = config.shard.split("/")
+        return int(i), int(n)
+    n = config.num_shards
+    return int(hashlib.sha256(peer_id.encode()).hexdigest(), 16) % n, n
+
+
+def pull_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError):
+        return exc.reason
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, TransportError):
+        return "unreachable"
+    if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, EOFError)):
+        return "disconnected"
+    return f"error_{type(exc).__name__}"
+
+
+# Reasons that mean the partner sent something wrong (counted as rejected updates), as opposed
+# to a network failure (counted as failed pulls).
+NETWORK_FAILURES = {"timeout", "unreachable", "disconnected", "remote_error"}
+
+
+class PeerDaemon:
+    def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None):
+        self.config = config
+        self.transport = transport
+        self.peer_id = transport.peer_id
+        self.data_dir = Path(config.data_dir)
+        self.shard = shard_for(config, self.peer_id)
+        self.task = task or load_task(
+            config.task, shard=self.shard[0], num_shards=self.shard[1],
+            split=config.split, alpha=config.alpha, seed=config.data_seed,
+        )
+        self.trainer = Trainer(
+            self.task, seed=config.data_seed, eval_every_s=config.eval_every_s,
+            max_steps=config.max_steps, step_delay_s=config.step_delay_s,
+        )
+        self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
+        self.aggregator = make_aggregator(config.aggregator)
+        self.view = SwarmView(self.peer_id, config.task)
+        self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
+        self.counters: dict[str, Any] = {
+            "rounds_ok": 0, "rounds_failed": 0, "bytes_sent": 0, "bytes_received": 0,
+            "serves": 0, "serve_refused": 0, "checkpoints": 0, "checkpoint_errors": 0,
+        }
+        self.rejected: dict[str, int] = {}
+        self.pull_failed: dict[str, int] = {}
+        self.serve_errors: dict[str, int] = {}
+        self.addrs: list[str] = []
+        self.phase = "starting"
+        self.started = time.time()
+        self.last_checkpoint: tuple[int, float] | None = None
+        self._serving = 0
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self.exit_code = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        self._lock_data_dir()
+        try:
+            await self._run()
+        finally:
+            self._unlock_data_dir()
+        return self.exit_code
+
+    async def _run(self) -> None:
+        ckpt.remove_stale_temp_files(self.data_dir)
+        resumed = self._resume()
+        await self.transport.start()
+        control = None
+        try:
+            self.addrs = await self.transport.addrs()
+            await self.transport.set_handler(gossip.PROTOCOL, self._serve_model)
+            control = await serve_control(self.config.socket_path, self._control)
+            self.phase = "syncing"
+            await self._heartbeat_once()
+            if not resumed and self.config.initial_peers:
+                await self._sync_from_swarm()
+            self.trainer.start()
+            self.phase = "training"
+            log.info("training %s as %s (shard %d/%d, aggregator %s)", self.task.name, self.peer_id, *self.shard, self.config.aggregator)
+            loops = [self._every(self.config.heartbeat_s, self._heartbeat_once),
+                     self._every(self.config.gossip_every_s, self.gossip_round),
+                     self._every(self.config.checkpoint_every_s, self._checkpoint),
+                     self._watch_trainer()]
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(c) for c in loops]
+                await self._stop.wait()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            self.phase = "leaving"
+            self.trainer.stop()
+            await self._checkpoint()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._withdraw(), timeout=5)
+            if control is not None:
+                control.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.socket_path.unlink()
+            await self.transport.stop()
+            log.info("left the swarm at step %d", self.trainer.step)
+
+    def _lock_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirLocked(f"another peer daemon is running on {self.data_dir}") from None
+        self._lock_fd = fd
+
+    def _unlock_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _resume(self) -> bool:
+        try:
+            state = ckpt.load_checkpoint(self.config.checkpoint_path)
+        except ValueError as e:
+            # Never overwrite evidence: move it aside and start from the swarm instead.
+            bad = self.config.checkpoint_path.with_suffix(f".bad-{int(time.time())}")
+            os.replace(self.config.checkpoint_path, bad)
+            log.error("%s; moved to %s", e, bad.name)
+            return False
+        if state is None:
+            return False
+        if state.get("task") != self.task.name or state.get("run_id") != self.config.run_id:
+            log.error("checkpoint is for run %r task %r, not this one; ignoring it", state.get("run_id"), state.get("task"))
+            return False
+        self.trainer.load_state_dict(state)
+        self.last_checkpoint = (self.trainer.step, time.time())
+        log.info("resumed from checkpoint at step %d", self.trainer.step)
+        return True
+
+    async def _every(self, period: float, fn) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=period)
+            if not self._stop.is_set():
+                try:
+                    await fn()
+                except Exception:  # a bug in one iteration is logged, the daemon keeps going
+                    log.exception("%s failed", getattr(fn, "__name__", fn))
+
+    async def _watch_trainer(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+            if self.trainer.error is not None:
+                log.error("trainer failed: %r; stopping", self.trainer.error)
+                self.exit_code = 1
+                self.request_stop()
+
+    # --- discovery -------------------------------------------------------------------------
+    def _record(self, state: str = "up") -> PeerRecord:
+        return PeerRecord(
+            peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), task=self.task.name,
+            step=self.trainer.step, samples_per_s=round(self.trainer.samples_per_s, 1),
+            version=self.trainer.step, time=self.transport.now(), state=state,
+        )
+
+    async def _heartbeat_once(self) -> None:
+        key = run_key(self.config.run_id)
+        try:
+            now = self.transport.now()
+            await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
+            self.view.update(await self.transport.lookup(key), self.transport.now())
+        except Exception as e:
+            log.warning("heartbeat failed: %s", e)
+        self._write_metrics()
+
+    async def _withdraw(self) -> None:
+        now = self.transport.now()
+        await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
+
+    # --- gossip ----------------------------------------------------------------------------
+    async def pull_model(self, peer_id: str, addrs: list[str] | None = None) -> tuple[int, torch.Tensor]:
+        stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters)
+        try:
+            await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
+            header = await read_header(stream, DEFAULT_LIMITS)
+            step = gossip.check_model_header(header, self.specs, DEFAULT_LIMITS)
+            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS)
+        finally:
+            await stream.close()
+        return step, torch.from_numpy(arr)
+
+    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor) -> torch.Tensor | None:
+        """A partner's model if it arrived and passed validation; otherwise count and log why not."""
+        try:
+            _, model = await asyncio.wait_for(self.pull_model(peer_id, addrs), timeout=self.config.pull_timeout_s)
+        except Exception as e:  # every way a partner can fail us ends here, as a counted reason
+            reason = pull_failure_reason(e)
+            bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
+            bucket[reason] = bucket.get(reason, 0) + 1
+            delay = self.picker.failed(peer_id, self.transport.now())
+            log.info("pull from %s failed: %s (%s); skipping it for %.0fs", peer_id[:12], reason, str(e)[:80], delay)
+            return None
+        reason = reject_reason(own, model)
+        if reason is not None:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self.picker.failed(peer_id, self.transport.now())
+            log.info("rejected model from %s: %s", peer_id[:12], reason)
+            return None
+        self.picker.succeeded(peer_id)
+        return model
+
+    async def gossip_round(self) -> bool | None:
+        """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
+        now = self.transport.now()
+        live = {i.record.peer_id: i for i in self.view.live(now)}
+        partners = self.picker.pick(list(live), now)
+        if not partners:
+            return None
+        own = self.trainer.snapshot()
+        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own) for p in partners))
+        models = [m for m in pulled if m is not None]
+        if not models:
+            self.counters["rounds_failed"] += 1
+            return False
+        mixed = await asyncio.to_thread(self.aggregator, own, models)
+        self.trainer.apply_delta(mixed.sub_(own))
+        self.counters["rounds_ok"] += 1
+        return True
+
+    async def _sync_from_swarm(self) -> None:
+        """A joiner takes the coordinate median of several live peers' models, not one donor's."""
+        deadline = time.monotonic() + self.config.join_sync_timeout_s
+        own = self.trainer.snapshot()
+        while time.monotonic() < deadline and not self._stop.is_set():
+            live = self.view.live(self.transport.now())
+            if live:
+                chosen = random.Random(self.peer_id).sample(live, min(3, len(live)))
+                pulled = await asyncio.gather(*(self._pull_checked(i.record.peer_id, list(i.record.addrs), own) for i in chosen))
+                models = [m for m in pulled if m is not None]
+                if models:
+                    self.trainer.load_flat(coordinate_median(models))
+                    log.info("synced model from %d of %d live peers", len(models), len(live))
+                    return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+            await self._heartbeat_once()
+        log.warning("no live peer answered within %.0fs; starting from a fresh model", self.config.join_sync_timeout_s)
+
+    async def _serve_model(self, raw_stream) -> None:
+        stream = CountingStream(raw_stream, self.counters)
+        if self._serving >= self.config.max_concurrent_serves:
+            self.counters["serve_refused"] += 1
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(write_header(stream, gossip.error_header("busy")), timeout=2)
+            return
+        self._serving += 1
+        try:
+            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
+            gossip.check_request(header, self.config.run_id, self.task.name)
+            step, snap = self.trainer.step, self.trainer.snapshot()
+            await write_header(stream, gossip.model_header(step, self.specs))
+            await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
+            self.counters["serves"] += 1
+        except ProtocolError as e:
+            self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
+            log.info("refused request from %s: %s", stream.remote_peer[:12], e)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(write_header(stream, gossip.error_header(e.reason)), timeout=2)
+        except Exception as e:
+            reason = pull_failure_reason(e)
+            self.serve_errors[reason] = self.serve_errors.get(reason, 0) + 1
+            log.info("serving %s failed: %s", stream.remote_peer[:12], reason)
+        finally:
+            self._serving -= 1
+
+    # --- persistence -----------------------------------------------------------------------
+    async def _checkpoint(self) -> None:
+        state = self.trainer.state_dict()
+        state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
+        try:
+            await asyncio.to_thread(ckpt.save_checkpoint, self.config.checkpoint_path, state)
+        except Exception as e:  # a full disk must not kill training; the old checkpoint stays intact
+            self.counters["checkpoint_errors"] += 1
+            log.error("checkpoint failed, keeping the previous one: %s", e)
+            return
+        self.counters["checkpoints"] += 1
+        self.last_checkpoint = (state["step"], time.time())
+
+    def _write_metrics(self) -> None:
+        line = {"time": time.time(), "event": "metrics", **self._metrics()}
+        try:
+            with open(self.data_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:
+            log.warning("metrics not written: %s", e)
+
+    # --- status / control ------------------------------------------------------------------
+    def _metrics(self) -> dict[str, Any]:
+        m = self.trainer.metrics
+        return {
+            "step": self.trainer.step, "samples": self.trainer.samples, "loss": self.trainer.last_loss,
+            "accuracy": m.get("accuracy"), "test_loss": m.get("test_loss"),
+            "samples_per_s": round(self.trainer.samples_per_s, 1),
+            **{k: self.counters[k] for k in ("rounds_ok", "rounds_failed", "bytes_sent", "bytes_received")},
+            "rejected": dict(self.rejected), "pull_failed": dict(self.pull_failed),
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = self.transport.now()
+        live = sorted(self.view.live(now), key=lambda i: i.record.peer_id)
+        return {
+            "peer_id": self.peer_id, "addrs": self.addrs, "run_id": self.config.run_id,
+            "task": self.task.name, "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "aggregator": self.config.aggregator, "phase": self.phase, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            **self._metrics(),
+            "live_peers": [
+                {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
+                 "last_seen_s": round(now - i.last_seen, 1), "addrs": list(i.record.addrs)}
+                for i in live
+            ],
+            "backing_off": self.picker.backing_off(now),
+            "serves": self.counters["serves"], "serve_refused": self.counters["serve_refused"],
+            "serve_errors": dict(self.serve_errors),
+            "record_rejects": dict(self.view.rejected),
+            "checkpoint": {
+                "step": self.last_checkpoint[0] if self.last_checkpoint else None,
+                "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,
+                "errors": self.counters["checkpoint_errors"],
+            },
+        }
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "leave":
+            self.request_stop()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {str(cmd)[:32]!r}"}

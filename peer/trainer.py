@@ -1,0 +1,142 @@
+"""Local training loop, in its own thread so the event loop stays responsive (torch releases the GIL).
+
+All parameters are views into one flat float32 tensor, so a snapshot for a partner is one copy
+and mixing in the aggregated model is one add. Gossip never waits for training to finish:
+it snapshots, aggregates outside the lock, and applies `new - snapshot` as a delta, keeping the
+local steps taken meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from peer.tasks import Task
+
+log = logging.getLogger("peer.trainer")
+
+
+def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """Re-point every parameter at a slice of one flat buffer; returns the buffer."""
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        flat[offset : offset + n].copy_(p.data.reshape(-1))
+        p.data = flat[offset : offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+class Trainer:
+    def __init__(self, task: Task, seed: int = 0, eval_every_s: float = 2.0, max_steps: int | None = None, step_delay_s: float = 0.0):
+        torch.manual_seed(seed)  # every peer of a run starts from the same weights
+        self.task = task
+        self.model = task.make_model()
+        self.flat = flatten_parameters(self.model)
+        self.optimizer = task.make_optimizer(list(self.model.parameters()))
+        self.lock = threading.Lock()
+        self.step = 0
+        self.samples = 0
+        self.last_loss: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.samples_per_s = 0.0
+        self.eval_every_s = eval_every_s
+        self.max_steps = max_steps
+        self.step_delay_s = step_delay_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gen = torch.Generator().manual_seed(seed)
+        self.error: BaseException | None = None
+
+    # --- state shared with the event loop -------------------------------------------------
+    def snapshot(self) -> torch.Tensor:
+        with self.lock:
+            return self.flat.clone()
+
+    def apply_delta(self, delta: torch.Tensor) -> None:
+        with self.lock:
+            self.flat.add_(delta)
+
+    def load_flat(self, values: torch.Tensor) -> None:
+        with self.lock:
+            self.flat.copy_(values)
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "flat": self.flat.clone(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "samples": self.samples,
+                "metrics": dict(self.metrics),
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            self.flat.copy_(state["flat"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.samples = int(state["samples"])
+            self.metrics = dict(state.get("metrics", {}))
+
+    def evaluate(self) -> dict[str, float]:
+        with self.lock:
+            result = self.task.evaluate(self.model)
+        self.metrics = result
+        return result
+
+    # --- the loop ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def done(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # surfaced by the daemon, which logs it and stops cleanly
+            self.error = e
+            log.exception("trainer crashed")
+
+    def _loop(self) -> None:
+        task = self.task
+        n = len(task.y_train)
+        last_eval = 0.0
+        window_start, window_samples = time.monotonic(), 0
+        while not self._stop.is_set():
+            if self.done:
+                self._stop.wait(0.2)
+                continue
+            idx = torch.randint(0, n, (min(task.batch_size, n),), generator=self._gen)
+            with self.lock:
+                loss = task.loss_fn(self.model(task.x_train[idx]), task.y_train[idx])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.step += 1
+                self.samples += len(idx)
+            self.last_loss = float(loss)
+            window_samples += len(idx)
+            now = time.monotonic()
+            if now - window_start >= 1.0:
+                self.samples_per_s = window_samples / (now - window_start)
+                window_start, window_samples = now, 0
+            if now - last_eval >= self.eval_every_s or self.done:
+                self.evaluate()
+                last_eval = now
+            if self.step_delay_s:
+                self._stop.wait(self.step_delay_s)

@@ -1,0 +1,99 @@
+"""The gossip protocol `/peer/gossip/1`: pull another peer's model. Logic and messages, no sockets.
+
+Exchange (one stream per pull):
+    client -> {"type": "get_model", "run_id": R, "task": T}
+    server -> {"type": "model", "step": S, "tensors": [spec...]} + raw tensor bytes
+           or {"type": "error", "reason": "busy" | "wrong_run" | ...}
+
+`PartnerPicker` decides whom to pull from each round: k live peers at random, skipping peers
+that failed recently (exponential back-off per peer, reset by a success). It takes `now` and an
+explicit RNG so tests and simulations drive it without clocks or sockets.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.codec import Limits, ProtocolError, TensorSpec, parse_tensor_specs
+
+PROTOCOL = "/peer/gossip/1"
+
+
+def model_request(run_id: str, task: str) -> dict[str, Any]:
+    return {"type": "get_model", "run_id": run_id, "task": task}
+
+
+def check_request(header: dict[str, Any], run_id: str, task: str) -> None:
+    if header.get("type") != "get_model":
+        raise ProtocolError("bad_request", f"type {str(header.get('type'))[:32]!r}")
+    if header.get("run_id") != run_id:
+        raise ProtocolError("wrong_run", "")
+    if header.get("task") != task:
+        raise ProtocolError("wrong_task", "")
+
+
+def model_header(step: int, specs: list[TensorSpec]) -> dict[str, Any]:
+    return {"type": "model", "step": int(step), "tensors": [s.to_wire() for s in specs]}
+
+
+def error_header(reason: str) -> dict[str, Any]:
+    return {"type": "error", "reason": reason}
+
+
+def check_model_header(header: dict[str, Any], expected: list[TensorSpec], limits: Limits) -> int:
+    """Validate a reply before reading its payload; returns the sender's step.
+
+    Every peer of a run trains the same model, so the announced tensors must equal ours exactly:
+    this rejects a 10^9-element claim before a single byte is allocated.
+    """
+    kind = header.get("type")
+    if kind == "error":
+        reason = header.get("reason")
+        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
+    if kind != "model":
+        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
+    step = header.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ProtocolError("bad_header", "step")
+    specs = parse_tensor_specs(header.get("tensors"), limits)
+    if specs != expected:
+        raise ProtocolError("wrong_shape", "tensors differ from this run's model")
+    return step
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+
+@dataclass
+class PartnerPicker:
+    """Chooses gossip partners; remembers failures to avoid hammering dead or broken peers."""
+
+    k: int
+    rng: random.Random = field(default_factory=random.Random)
+    base_backoff: float = 2.0
+    max_backoff: float = 60.0
+    _state: dict[str, _Backoff] = field(default_factory=dict)
+
+    def pick(self, candidates: list[str], now: float) -> list[str]:
+        usable = [p for p in candidates if self._state.get(p, _Backoff()).until <= now]
+        usable.sort()  # deterministic given the RNG, whatever order the DHT returned
+        return self.rng.sample(usable, min(self.k, len(usable)))
+
+    def failed(self, peer: str, now: float) -> float:
+        """Record a failure; returns how long the peer is skipped for."""
+        st = self._state.setdefault(peer, _Backoff())
+        st.failures += 1
+        delay = min(self.max_backoff, self.base_backoff * 2 ** (st.failures - 1))
+        st.until = now + delay
+        return delay
+
+    def succeeded(self, peer: str) -> None:
+        self._state.pop(peer, None)
+
+    def backing_off(self, now: float) -> list[str]:
+        return [p for p, st in self._state.items() if st.until > now]

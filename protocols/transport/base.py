@@ -1,0 +1,82 @@
+"""What the daemon needs from a network: named stream protocols and a signed record store.
+
+Two implementations: `hivemind` (real p2pd + DHTNode, production) and `memory` (one process,
+for tests and simulation). The daemon only ever sees this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from protocols.codec import Stream
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class TransportError(Exception):
+    """Could not reach a peer or open a stream (the peer is gone, unreachable or refused)."""
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """One record under a DHT key: who wrote it (verified by the store), its value, its expiry."""
+
+    owner: str
+    value: Any
+    expiration: float
+
+
+class Transport(abc.ABC):
+    peer_id: str
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<id>) other peers can use to reach us."""
+
+    @abc.abstractmethod
+    async def set_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+
+    @abc.abstractmethod
+    async def open(self, peer_id: str, protocol: str, addrs: list[str] | None = None) -> Stream:
+        """Open a stream to `peer_id` speaking `protocol`; raise TransportError if impossible."""
+
+    @abc.abstractmethod
+    async def publish(self, key: str, value: Any, expiration: float) -> bool:
+        """Store `value` under `key` in our own signed slot (only our key can overwrite it)."""
+
+    @abc.abstractmethod
+    async def lookup(self, key: str) -> list[StoredRecord]:
+        """All unexpired records under `key`, one per owner."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The clock records expire by (DHT time for hivemind, a virtual clock in memory)."""
+
+
+class CountingStream:
+    """Wraps a stream and adds the bytes it moves to a stats dict (bytes_sent / bytes_received)."""
+
+    def __init__(self, inner: Stream, counters: dict[str, int]):
+        self.inner = inner
+        self.remote_peer = inner.remote_peer
+        self.counters = counters
+
+    async def read_exactly(self, n: int) -> bytes:
+        data = await self.inner.read_exactly(n)
+        self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + len(data)
+        return data
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self.inner.write(data)
+        self.counters["bytes_sent"] = self.counters.get("bytes_sent", 0) + len(data)
+
+    async def close(self) -> None:
+        await self.inner.close()
