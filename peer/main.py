@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ def setup_logging(cfg: PeerConfig) -> None:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    logging.getLogger("hivemind").setLevel(os.environ.get("PEER_HIVEMIND_LOGLEVEL", "WARNING"))
 
 
 def join_line(cfg: PeerConfig, addrs: list[str]) -> str:

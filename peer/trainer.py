@@ -129,7 +129,7 @@ class Trainer:
                 self.optimizer.step()
                 self.step += 1
                 self.samples += len(idx)
-            self.last_loss = float(loss)
+            self.last_loss = float(loss.detach())
             window_samples += len(idx)
             now = time.monotonic()
             if now - window_start >= 1.0:

@@ -61,12 +61,20 @@ def shard_indices(labels: np.ndarray, index: int, count: int, split: str = "iid"
     return np.sort(np.array(parts[index], dtype=np.int64))
 
 
-def _mnist1d_data(seed: int):
+def _mnist1d_data():
+    """The standard MNIST-1D benchmark data (mnist1d's default arguments), generated locally."""
+    import random
+
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
-    args.seed = seed
-    d = make_dataset(args)  # generated locally; never `get_dataset`, which downloads
+    # make_dataset seeds the *global* `random` and numpy RNGs; left seeded, every peer would
+    # draw the same "random" ids afterwards (hivemind's DHT node ids among them).
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(get_dataset_args())  # never `get_dataset`, which downloads
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)
     return f(d["x"]), torch.tensor(d["y"]), f(d["x_test"]), torch.tensor(d["y_test"])
 
@@ -93,7 +101,7 @@ def _split(x, y, shard, count, split, alpha, seed):
 
 
 def mnist1d_cnn(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: float = 0.5, seed: int = 0, lr: float = 1e-2) -> Task:
-    x, y, xt, yt = _mnist1d_data(seed)
+    x, y, xt, yt = _mnist1d_data()
     x, y = _split(x, y, shard, num_shards, split, alpha, seed)
     return Task(
         name="mnist1d-cnn",

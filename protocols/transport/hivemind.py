@@ -82,6 +82,7 @@ class HivemindTransport(Transport):
     async def start(self) -> None:
         from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
+        from hivemind.dht.routing import DHTID
         from hivemind.p2p import P2P
 
         self.p2p = await P2P.create(
@@ -96,6 +97,8 @@ class HivemindTransport(Transport):
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
         self.dht = await DHTNode.create(
             p2p=self.p2p,
+            # Derived from the peer id, not from the global `random` (which libraries reseed).
+            node_id=DHTID.generate(source=self.peer_id.encode()),
             initial_peers=self.initial_peers or None,
             record_validator=self.validator,
             ensure_bootstrap_success=False,
