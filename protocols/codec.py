@@ -143,8 +143,10 @@ def parse_tensor_specs(raw: Any, limits: Limits = DEFAULT_LIMITS) -> list[Tensor
             raise ProtocolError("bad_dtype", repr(dtype)[:40])
         if not isinstance(shape, list) or len(shape) > 8:
             raise ProtocolError("bad_shape", "shape is not a list of at most 8 dims")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= limits.max_total_elements for s in shape):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
             raise ProtocolError("bad_shape", "dims must be non-negative ints")
+        if any(s > limits.max_total_elements for s in shape):
+            raise ProtocolError("too_large", f"a dimension exceeds {limits.max_total_elements}")
         spec = TensorSpec(name, dtype, tuple(shape))
         total += spec.numel
         if total > limits.max_total_elements:

@@ -1,0 +1,88 @@
+"""Discovery and partner choice driven by hand-made records and a fake clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import random
+
+from protocols.discovery import PeerRecord, SwarmView
+from protocols.gossip import PartnerPicker
+from protocols.transport.base import StoredRecord
+
+
+def rec(peer: str, t: float, step: int = 1, state: str = "up", task: str = "t") -> PeerRecord:
+    return PeerRecord(peer_id=peer, addrs=(f"/ip4/1.2.3.4/tcp/1/p2p/{peer}",), task=task, step=step,
+                      samples_per_s=10.0, version=step, time=t, state=state)
+
+
+def stored(r: PeerRecord, exp: float, owner: str | None = None) -> StoredRecord:
+    return StoredRecord(owner or r.peer_id, r.to_wire(), exp)
+
+
+def test_live_peers_expire_without_heartbeats():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 0), 6), stored(rec("b", 0), 6), stored(rec("me", 0), 6)], now=0)
+    assert sorted(i.record.peer_id for i in view.live(now=1)) == ["a", "b"]  # never lists itself
+    view.update([stored(rec("a", 4), 10)], now=5)  # only a heartbeats again
+    assert [i.record.peer_id for i in view.live(now=7)] == ["a"]
+    assert view.live(now=11) == []
+
+
+def test_left_record_removes_peer_at_once():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 0), 6)], now=0)
+    view.update([stored(rec("a", 1, state="left"), 7)], now=1)
+    assert view.live(now=1.5) == []
+
+
+def test_last_seen_tracks_changes_only():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 0, step=1), 6)], now=0)
+    view.update([stored(rec("a", 0, step=1), 6)], now=3)  # the same record again: not a new sign of life
+    assert view.peers["a"].last_seen == 0
+    view.update([stored(rec("a", 4, step=9), 10)], now=4)
+    assert view.peers["a"].last_seen == 4
+
+
+def test_older_record_never_replaces_newer():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 5, step=50), 11)], now=5)
+    view.update([stored(rec("a", 1, step=10), 12)], now=6)  # replayed old record
+    assert view.peers["a"].record.step == 50
+
+
+def test_records_signed_by_another_key_are_rejected():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 0), 6, owner="mallory")], now=0)
+    assert view.live(now=1) == []
+    assert view.rejected == {"record_owner_mismatch": 1}
+
+
+def test_malformed_and_foreign_records_are_counted_not_raised():
+    view = SwarmView("me", "t")
+    bad = [StoredRecord("x", "not a map", 6), StoredRecord("y", {"v": 1, "peer_id": "y"}, 6),
+           StoredRecord("z", {**rec("z", 0).to_wire(), "step": "many"}, 6), stored(rec("w", 0, task="other"), 6)]
+    view.update(bad, now=0)
+    assert view.live(now=1) == []
+    assert sum(view.rejected.values()) == 4
+    assert view.rejected["record_wrong_task"] == 1
+
+
+def test_picker_takes_k_distinct_and_is_deterministic():
+    peers = [f"p{i}" for i in range(10)]
+    a = PartnerPicker(3, rng=random.Random(1)).pick(peers, now=0)
+    b = PartnerPicker(3, rng=random.Random(1)).pick(list(reversed(peers)), now=0)
+    assert a == b and len(set(a)) == 3
+    assert PartnerPicker(5).pick(["x", "y"], now=0).__len__() == 2
+
+
+def test_picker_backs_off_failed_peers_exponentially():
+    picker = PartnerPicker(2, base_backoff=2, max_backoff=10)
+    assert picker.failed("bad", now=0) == 2
+    assert picker.pick(["bad", "good"], now=1) == ["good"]
+    assert sorted(picker.pick(["bad", "good"], now=2.5)) == ["bad", "good"]
+    assert picker.failed("bad", now=3) == 4
+    assert picker.failed("bad", now=3) == 8
+    assert picker.failed("bad", now=3) == 10  # capped
+    assert picker.backing_off(now=5) == ["bad"]
+    picker.succeeded("bad")
+    assert picker.backing_off(now=5) == []
