@@ -1,0 +1,148 @@
+"""Checkpoints survive kill -9 and full disks; the control socket is private; status without a daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer import state as ckpt
+from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from peer.state import save_checkpoint
+    path = Path(sys.argv[1])
+    for i in range(1, 10**6):
+        # 8 MB per checkpoint so the kill often lands mid-write
+        save_checkpoint(path, {"step": i, "flat": torch.full((2_000_000,), float(i))})
+        print(i, flush=True)
+""")
+
+
+def test_checkpoint_survives_kill_minus_9_at_random_moments(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    rng = random.Random(0)
+    for trial in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        target = rng.randint(2, 6)
+        for line in proc.stdout:  # the writer says when each checkpoint is complete
+            if int(line) >= target:
+                break
+        # let it get partway into the next write, then kill it without warning
+        os.sched_yield()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        state = ckpt.load_checkpoint(path)
+        assert state is not None and state["step"] >= target
+        assert torch.all(state["flat"] == float(state["step"])), "checkpoint is torn"
+        ckpt.remove_stale_temp_files(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint(path, {"step": 1, "flat": torch.ones(10)})
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, {"step": 2, "flat": torch.zeros(10)})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+
+
+async def test_daemon_resumes_and_sets_aside_corrupt_checkpoints(memory_swarm, tmp_path):
+    d = await memory_swarm.add("a", shard="0/1")
+    await wait_until(lambda: d.trainer.step > 50, 20, "some training")
+    assert await memory_swarm.stop("a") == 0
+    saved = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert saved["step"] == d.trainer.step and saved["run_id"] == "test"
+
+    again = await memory_swarm.add("a", shard="0/1")
+    assert again.trainer.step >= saved["step"]  # resumed, not restarted
+    assert torch.equal(again.trainer.snapshot(), saved["flat"]) or again.trainer.step > saved["step"]
+    await memory_swarm.stop("a")
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    b = await memory_swarm.add("b", shard="0/1")
+    assert b.phase == "training"
+    assert any(p.name.startswith("checkpoint.bad-") for p in (tmp_path / "b").iterdir())
+
+
+async def test_full_disk_does_not_stop_the_daemon(memory_swarm, monkeypatch):
+    d = await memory_swarm.add("a", shard="0/1")
+    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
+    await d._checkpoint()
+    assert d.counters["checkpoint_errors"] == 1 and d.phase == "training"
+    monkeypatch.undo()
+
+
+async def test_control_socket_is_private_and_answers_the_cli(memory_swarm, tmp_path):
+    d = await memory_swarm.add("a", shard="0/2")
+    await memory_swarm.add("b", shard="1/2")
+    sock = tmp_path / "a" / "control.sock"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
+    await wait_until(lambda: len(d.view.live(d.transport.now())) == 1, 10, "a to see b")
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "cli.main", "status", "--json", "--data-dir", str(tmp_path / "a")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    for key in ("peer_id", "addrs", "run_id", "step", "accuracy", "live_peers", "rounds_ok", "rounds_failed"):
+        assert key in s
+    assert s["peer_id"] == "a" and [p["peer_id"] for p in s["live_peers"]] == ["b"]
+    human = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "cli.main", "status", "--data-dir", str(tmp_path / "a")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert human.returncode == 0 and "live peers in run test: 1" in human.stdout
+
+
+def test_status_without_daemon_says_so_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cli.main", "status", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode != 0
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+    assert "no peer daemon running" in out.stderr
+    # a stale socket file left by a killed daemon is reported the same way
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "control.sock"))
+    s.close()
+    out = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode != 0 and "no peer daemon running" in out.stderr
+
+
+async def test_second_daemon_on_same_data_dir_is_refused(memory_swarm, tmp_path):
+    from peer.daemon import DataDirLocked, PeerDaemon
+    from tests.conftest import fast_config
+
+    await memory_swarm.add("a", shard="0/1")
+    twin = PeerDaemon(fast_config(tmp_path / "a", shard="0/1"), memory_swarm.net.transport("a2"))
+    with pytest.raises(DataDirLocked):
+        await twin.run()
