@@ -1,0 +1,96 @@
+"""Real `peer join` processes, real p2pd on 127.0.0.1: train, leave, crash and restart, join late."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peer.launcher import LocalPeer, stop_all
+from peer.state import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def wait_for(peers: list[LocalPeer], predicate, timeout: float, what: str) -> list[dict]:
+    """Poll the daemons' status over their control sockets until `predicate(statuses)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = [p.status() for p in peers]
+        if all(statuses) and predicate(statuses):
+            return statuses
+        for p in peers:
+            if not p.alive:
+                raise AssertionError(f"{p.data_dir.name} died:\n{p.log_tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {[(s or {}).get('accuracy') for s in statuses]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(400)
+def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
+    config = tmp_path / "peer.toml"
+    config.write_text("heartbeat-s = 1.0\ngossip-every-s = 0.5\ncheckpoint-every-s = 3.0\neval-every-s = 1.0\n")
+    common = ["--run-id", "itest", "--task", "mnist1d-cnn", "--config", str(config)]
+    p0 = LocalPeer(tmp_path / "p0", [*common, "--shard", "0/4"]).start()
+    peers = [p0]
+    try:
+        p0.wait_ready(90)
+        boot = ["--initial-peer", p0.addrs[0]]
+        p1 = LocalPeer(tmp_path / "p1", [*common, "--shard", "1/4", *boot]).start()
+        p2 = LocalPeer(tmp_path / "p2", [*common, "--shard", "2/4", *boot]).start()
+        peers += [p1, p2]
+        for p in (p1, p2):
+            p.wait_ready(90)
+        wait_for(peers, lambda ss: all(len(s["live_peers"]) == 2 and s["rounds_ok"] > 0 for s in ss), 60, "3 peers gossiping")
+
+        # 1. graceful leave through the CLI: final checkpoint, exit 0, gone from the others' view
+        left = cli("leave", "--data-dir", str(p2.data_dir))
+        assert left.returncode == 0, left.stderr
+        assert p2.wait_exit(30) == 0
+        assert load_checkpoint(p2.data_dir / "checkpoint.pt")["step"] > 0
+        peers.remove(p2)
+        wait_for(peers, lambda ss: all(p2.peer_id not in [q["peer_id"] for q in s["live_peers"]] for s in ss), 15, "p2 to vanish")
+
+        # 2. SIGKILL, then restart from the same data dir: same identity, resumes from the checkpoint
+        wait_for([p1], lambda ss: ss[0]["checkpoint"]["step"] is not None, 30, "p1's first checkpoint")
+        old_id = p1.peer_id
+        p1.kill()
+        saved_step = load_checkpoint(p1.data_dir / "checkpoint.pt")["step"]
+        p1.start()
+        s1 = p1.wait_ready(90)
+        assert s1["peer_id"] == old_id
+        assert s1["step"] >= saved_step > 0
+
+        # 3. a fourth peer joins late and catches up with the swarm within 30 s
+        swarm_acc = min(s["accuracy"] for s in wait_for(peers, lambda ss: all(s["accuracy"] for s in ss), 30, "accuracy"))
+        p3 = LocalPeer(tmp_path / "p3", [*common, "--shard", "3/4", *boot]).start()
+        peers.append(p3)
+        p3.wait_ready(90)
+        joined = time.monotonic()
+        wait_for([p3], lambda ss: (ss[0]["accuracy"] or 0) >= swarm_acc - 0.02, 30, "the late joiner to catch up")
+        catchup = time.monotonic() - joined
+        print(f"late joiner caught up with swarm accuracy {swarm_acc:.3f} in {catchup:.1f}s")
+
+        # 4. every live peer trains to >= 85% and `peer status --json` lists the others
+        ids = {p.data_dir.name: p.peer_id for p in peers}
+        wait_for(peers, lambda ss: all(s["accuracy"] >= 0.85 for s in ss), 120, "85% on every peer")
+        wait_for(peers, lambda ss: all(len(s["live_peers"]) == 2 for s in ss), 30, "full views")
+        for p in peers:
+            out = cli("status", "--json", "--data-dir", str(p.data_dir))
+            assert out.returncode == 0, out.stderr
+            s = json.loads(out.stdout)
+            assert s["accuracy"] >= 0.85
+            assert {q["peer_id"] for q in s["live_peers"]} == set(ids.values()) - {p.peer_id}
+            assert p2.peer_id not in {q["peer_id"] for q in s["live_peers"]}
+    finally:
+        stop_all(peers)
+    assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]
