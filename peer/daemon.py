@@ -240,10 +240,10 @@ class PeerDaemon:
             await stream.close()
         return step, torch.from_numpy(arr)
 
-    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor) -> torch.Tensor | None:
-        """A partner's model if it arrived and passed validation; otherwise count and log why not."""
+    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
         try:
-            _, model = await asyncio.wait_for(self.pull_model(peer_id, addrs), timeout=self.config.pull_timeout_s)
+            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs), timeout=self.config.pull_timeout_s)
         except Exception as e:  # every way a partner can fail us ends here, as a counted reason
             reason = pull_failure_reason(e)
             bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
@@ -258,7 +258,7 @@ class PeerDaemon:
             log.info("rejected model from %s: %s", peer_id[:12], reason)
             return None
         self.picker.succeeded(peer_id)
-        return model
+        return step, model
 
     async def gossip_round(self) -> bool | None:
         """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
@@ -269,7 +269,7 @@ class PeerDaemon:
             return None
         own = self.trainer.snapshot()
         pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own) for p in partners))
-        models = [m for m in pulled if m is not None]
+        models = [m for _, m in filter(None, pulled)]
         if not models:
             self.counters["rounds_failed"] += 1
             return False
@@ -287,10 +287,11 @@ class PeerDaemon:
             if live:
                 chosen = random.Random(self.peer_id).sample(live, min(3, len(live)))
                 pulled = await asyncio.gather(*(self._pull_checked(i.record.peer_id, list(i.record.addrs), own) for i in chosen))
-                models = [m for m in pulled if m is not None]
-                if models:
-                    self.trainer.load_flat(coordinate_median(models))
-                    log.info("synced model from %d of %d live peers", len(models), len(live))
+                got = [r for r in pulled if r is not None]
+                if got:
+                    self.trainer.load_flat(coordinate_median([m for _, m in got]))
+                    self.trainer.set_step(sorted(s for s, _ in got)[len(got) // 2])
+                    log.info("synced model (step %d) from %d of %d live peers", self.trainer.step, len(got), len(live))
                     return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=0.5)

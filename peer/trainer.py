@@ -34,12 +34,16 @@ def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, task: Task, seed: int = 0, eval_every_s: float = 2.0, max_steps: int | None = None, step_delay_s: float = 0.0):
+    def __init__(self, task: Task, seed: int = 0, eval_every_s: float = 2.0, max_steps: int | None = None,
+                 step_delay_s: float = 0.0, warmup_steps: int = 50):
         torch.manual_seed(seed)  # every peer of a run starts from the same weights
         self.task = task
         self.model = task.make_model()
         self.flat = flatten_parameters(self.model)
         self.optimizer = task.make_optimizer(list(self.model.parameters()))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # Fresh optimizer moments (new peer, restart) take large first steps: ramp the rate up.
+        self.warmup_steps = warmup_steps
         self.lock = threading.Lock()
         self.step = 0
         self.samples = 0
@@ -81,9 +85,21 @@ class Trainer:
         with self.lock:
             self.flat.copy_(state["flat"])
             self.optimizer.load_state_dict(state["optimizer"])
+            for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+                g["lr"] = lr  # the schedule sets it each step from the base rate
             self.step = int(state["step"])
             self.samples = int(state["samples"])
             self.metrics = dict(state.get("metrics", {}))
+
+    def set_step(self, step: int) -> None:
+        """Adopt the swarm's step on joining, so the learning-rate schedule matches the others'."""
+        with self.lock:
+            self.step = int(step)
+
+    def _set_lr(self, local_steps: int) -> None:
+        scale = self.task.lr_schedule(self.step) * min(1.0, (local_steps + 1) / max(self.warmup_steps, 1))
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * scale
 
     def evaluate(self) -> dict[str, float]:
         with self.lock:
@@ -117,18 +133,21 @@ class Trainer:
         n = len(task.y_train)
         last_eval = 0.0
         window_start, window_samples = time.monotonic(), 0
+        local_steps = 0
         while not self._stop.is_set():
             if self.done:
                 self._stop.wait(0.2)
                 continue
             idx = torch.randint(0, n, (min(task.batch_size, n),), generator=self._gen)
             with self.lock:
+                self._set_lr(local_steps)
                 loss = task.loss_fn(self.model(task.x_train[idx]), task.y_train[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
                 self.samples += len(idx)
+            local_steps += 1
             self.last_loss = float(loss.detach())
             window_samples += len(idx)
             now = time.monotonic()

@@ -41,7 +41,7 @@ async def test_late_joiner_takes_the_swarm_model_from_several_peers(memory_swarm
     joiner = await memory_swarm.add("late", shard="3/4", max_steps=0, initial_peers=["memory"])
     # it trained no step itself: its accuracy is the synced model's
     acc = joiner.trainer.evaluate()["accuracy"]
-    assert joiner.trainer.step == 0
+    assert joiner.trainer.samples == 0 and joiner.trainer.step == 300  # adopted the swarm step
     assert acc >= swarm_acc - 0.02, (acc, swarm_acc)
     assert sum(joiner.counters.get(k, 0) for k in ("bytes_received",)) >= 3 * joiner.specs[0].nbytes
 

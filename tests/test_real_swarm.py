@@ -80,17 +80,21 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
         catchup = time.monotonic() - joined
         print(f"late joiner caught up with swarm accuracy {swarm_acc:.3f} in {catchup:.1f}s")
 
-        # 4. every live peer trains to >= 85% and `peer status --json` lists the others
-        ids = {p.data_dir.name: p.peer_id for p in peers}
-        wait_for(peers, lambda ss: all(s["accuracy"] >= 0.85 for s in ss), 120, "85% on every peer")
-        wait_for(peers, lambda ss: all(len(s["live_peers"]) == 2 for s in ss), 30, "full views")
-        for p in peers:
-            out = cli("status", "--json", "--data-dir", str(p.data_dir))
-            assert out.returncode == 0, out.stderr
-            s = json.loads(out.stdout)
-            assert s["accuracy"] >= 0.85
-            assert {q["peer_id"] for q in s["live_peers"]} == set(ids.values()) - {p.peer_id}
-            assert p2.peer_id not in {q["peer_id"] for q in s["live_peers"]}
+        # 4. `peer status --json` on every live peer shows >= 85% and lists exactly the others.
+        # Per-peer accuracy fluctuates by a few points between gossip rounds (see docs), so poll
+        # the CLI until all peers satisfy this at the same moment.
+        ids = {p.peer_id for p in peers}
+        deadline = time.monotonic() + 150
+        while True:
+            outs = [cli("status", "--json", "--data-dir", str(p.data_dir)) for p in peers]
+            assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+            ss = [json.loads(o.stdout) for o in outs]
+            views_ok = all({q["peer_id"] for q in s["live_peers"]} == ids - {s["peer_id"]} for s in ss)
+            if views_ok and all(s["accuracy"] >= 0.85 for s in ss):
+                break
+            assert time.monotonic() < deadline, [(s["accuracy"], len(s["live_peers"])) for s in ss]
+            time.sleep(1)
+        assert all(p2.peer_id not in {q["peer_id"] for q in s["live_peers"]} for s in ss)
     finally:
         stop_all(peers)
     assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]

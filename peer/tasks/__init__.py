@@ -29,6 +29,8 @@ class Task:
     x_test: torch.Tensor
     y_test: torch.Tensor
     batch_size: int = 100
+    # learning-rate multiplier by step: peers train forever, so the rate must decay for models to settle
+    lr_schedule: Callable[[int], float] = lambda step: 1.0
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
 
     @torch.no_grad()
@@ -93,6 +95,10 @@ class MNIST1DCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def inverse_sqrt(scale: float) -> Callable[[int], float]:
+    return lambda step: (1.0 + step / scale) ** -0.5
 
 
 def _split(x, y, shard, count, split, alpha, seed):
