@@ -31,7 +31,8 @@ def wait_for(peers: list[LocalPeer], predicate, timeout: float, what: str) -> li
             if not p.alive:
                 raise AssertionError(f"{p.data_dir.name} died:\n{p.log_tail()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {[(s or {}).get('accuracy') for s in statuses]}")
+            state = [(s or {}).get(k) if k != "live_peers" else len((s or {}).get(k) or ()) for s in statuses for k in ("step", "accuracy", "live_peers", "rounds_ok", "rounds_failed", "pull_failed")]
+            raise AssertionError(f"timed out waiting for {what}: step, accuracy, live peers, rounds ok/failed, pull failures per peer: {state}")
         time.sleep(0.5)
 
 
