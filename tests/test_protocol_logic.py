@@ -86,3 +86,15 @@ def test_picker_backs_off_failed_peers_exponentially():
     assert picker.backing_off(now=5) == ["bad"]
     picker.succeeded("bad")
     assert picker.backing_off(now=5) == []
+
+
+def test_record_owner_is_the_peer_id_of_the_signing_key(tmp_path):
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    from protocols.transport.hivemind import _owner_peer_id, ensure_identity, load_identity_key
+
+    peer_id = ensure_identity(str(tmp_path / "id"))
+    assert ensure_identity(str(tmp_path / "id")) == peer_id  # never regenerated
+    subkey = RSASignatureValidator(load_identity_key(str(tmp_path / "id"))).local_public_key
+    assert _owner_peer_id(subkey) == peer_id
+    assert _owner_peer_id(b"[owner:garbage]") is None and _owner_peer_id("str") is None

@@ -126,7 +126,7 @@ class HivemindTransport(Transport):
 
     async def open(self, peer_id: str, protocol: str, addrs: list[str] | None = None) -> _P2PStream:
         from hivemind.p2p import PeerID
-        from multiaddr import Multiaddr
+        from hivemind.utils.multiaddr import Multiaddr  # hivemind's vendored copy: no extra dependency
 
         try:
             pid = PeerID.from_base58(peer_id)
@@ -187,14 +187,14 @@ def _owner_peer_id(subkey: Any) -> str | None:
         from hivemind.p2p import PeerID
         from hivemind.proto import crypto_pb2
         import hashlib
-        import multihash  # shipped with hivemind's deps (py-multihash)
 
         m = RSASignatureValidator._PUBLIC_KEY_RE.fullmatch(subkey)
         if m:
             pub = serialization.load_ssh_public_key(m.group(1))
             der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
             pb = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
-            result = PeerID(multihash.encode(hashlib.sha256(pb).digest(), "sha2-256")).to_base58()
+            # libp2p peer id of an RSA key: the sha2-256 multihash (code 0x12, length 32) of the key
+            result = PeerID(b"\x12\x20" + hashlib.sha256(pb).digest()).to_base58()
     except Exception as e:
         log.debug("unparseable record owner: %s", e)
     if len(_owner_cache) < 10_000:
