@@ -1,5 +1,5 @@
 # Sourced by quickstart.sh and test.sh: create or reuse .venv and install the project into it.
-# Usage: . scripts/_venv.sh [EXTRAS]   (e.g. "dev")
+# Usage: PEER_EXTRAS=dev . scripts/_venv.sh   (a variable, not $1: a sourced file sees the caller's arguments)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +12,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 spec="."
-[ -n "${1:-}" ] && spec=".[$1]"
+[ -n "${PEER_EXTRAS:-}" ] && spec=".[$PEER_EXTRAS]"
 # torch is pinned to 2.13.0 in pyproject.toml: pip takes the CPU build already on this disk.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # README command 2: install into .venv with the dev extras and run the whole test suite.
 # Extra arguments go to pytest. A run that collects no tests fails (pytest exits 5).
-. "$(dirname "$0")/_venv.sh" dev
+PEER_EXTRAS=dev . "$(dirname "$0")/_venv.sh"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
