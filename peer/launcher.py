@@ -79,13 +79,17 @@ class LocalPeer:
             time.sleep(0.2)
         raise PeerProcessError(f"peer in {self.data_dir} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def leave(self, timeout: float = 60.0) -> int:
-        """Graceful leave through the control socket (what `peer leave` does); returns the exit code."""
+    def request_leave(self) -> None:
+        """Ask for a graceful leave (what `peer leave` does); SIGTERM if the socket is not answering."""
         try:
             request(self.socket, "leave", timeout=5)
         except (NoDaemon, OSError):
-            if self.proc is not None and self.alive:
+            if self.alive:
                 self.proc.send_signal(signal.SIGTERM)
+
+    def leave(self, timeout: float = 60.0) -> int:
+        """Graceful leave; returns the exit code."""
+        self.request_leave()
         return self.wait_exit(timeout)
 
     def kill(self) -> int:
@@ -124,10 +128,7 @@ def start_swarm(root: Path, n: int, args: list[str], first_timeout: float = 90.0
 def stop_all(peers: list[LocalPeer], timeout: float = 60.0) -> None:
     for p in peers:
         if p.alive:
-            try:
-                request(p.socket, "leave", timeout=5)
-            except (NoDaemon, OSError):
-                p.proc.send_signal(signal.SIGTERM)
+            p.request_leave()
     for p in peers:
         try:
             p.wait_exit(timeout)

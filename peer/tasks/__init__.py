@@ -97,10 +97,6 @@ class MNIST1DCNN(nn.Module):
         return self.net(x)
 
 
-def inverse_sqrt(scale: float) -> Callable[[int], float]:
-    return lambda step: (1.0 + step / scale) ** -0.5
-
-
 def _split(x, y, shard, count, split, alpha, seed):
     idx = torch.from_numpy(shard_indices(y.numpy(), shard, count, split, alpha, seed))
     return x[idx], y[idx]
