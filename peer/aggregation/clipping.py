@@ -1,0 +1,100 @@
+"""Clipping rules: centred clipping (server style, stateful) and self-centred clipping (gossip).
+
+clip(z, tau) = z * min(1, tau / ||z||).
+
+- `CenteredClipping` (Karimireddy, He, Jaggi 2021): the centre v persists across rounds (starts
+  at 0, or at the first round's mean when `start="mean"`); each round repeats L times
+  `v <- v + (1/n) sum_i clip(x_i - v, tau)`.
+- `self_centred_clip` (ClippedGossip, He, Karimireddy, Jaggi 2022):
+  `x_i <- x_i + sum_j W_ij clip(x_j - x_i, tau_i)`, centred on the peer's own model, so a
+  Byzantine partner can move it at most W_ij * tau_i per round whatever it sends.
+- `adaptive_radius`: the practical radius of ClippedGossip. Sort partners by distance, drop the
+  farthest until the dropped weight reaches the Byzantine budget delta, then
+  `tau = sqrt(sum_kept W_j d_j^2 / delta)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Sequence
+
+import torch
+
+
+def clip(z: torch.Tensor, tau: float) -> torch.Tensor:
+    n = float(z.norm())
+    return z * (tau / n) if n > tau else z
+
+
+class CenteredClipping:
+    """Server-style centred clipping; the centre `v` is the state carried across rounds."""
+
+    def __init__(self, tau: float = 10.0, iters: int = 3, start: str = "zero"):
+        if tau <= 0 or iters < 1:
+            raise ValueError("centred clipping needs tau > 0 and iters >= 1")
+        self.tau, self.iters, self.start = tau, iters, start
+        self.v: torch.Tensor | None = None
+
+    def __call__(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = xs if isinstance(xs, torch.Tensor) else torch.stack(list(xs))
+        if self.v is None or self.v.shape != x[0].shape:
+            self.v = torch.zeros_like(x[0]) if self.start == "zero" else x.mean(0)
+        v = self.v.clone()
+        n = x.shape[0]
+        for _ in range(self.iters):
+            step = torch.zeros_like(v)
+            for xi in x:
+                step += clip(xi - v, self.tau)
+            v += step / n
+        self.v = v
+        return v.clone()
+
+
+def adaptive_radius(dists: Sequence[float], weights: Sequence[float], budget: float) -> float:
+    """ClippedGossip's radius from partner distances, their mixing weights and the Byzantine budget."""
+    if budget <= 0:
+        return math.inf
+    order = sorted(range(len(dists)), key=lambda j: dists[j], reverse=True)
+    dropped = 0.0
+    kept = list(order)
+    for j in order:
+        if dropped >= budget:
+            break
+        dropped += weights[j]
+        kept.remove(j)
+    total = sum(weights[j] * dists[j] ** 2 for j in kept)
+    return math.sqrt(total / budget)
+
+
+def self_centred_clip(own: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float],
+                      tau: float) -> torch.Tensor:
+    """own + sum_j w_j clip(x_j - own, tau); `weights` are the partners' mixing weights."""
+    out = own.clone()
+    for x, w in zip(others, weights):
+        if w:
+            d = x - own
+            n = float(d.norm())
+            out.add_(d, alpha=w * (tau / n if n > tau else 1.0))
+    return out
+
+
+class RadiusCap:
+    """Caps the adaptive radius at `factor` x the median of the last `window` radii.
+
+    The adaptive radius comes from this round's partners only: if every partner of a round is
+    Byzantine and far away, it would be huge. A peer's honest partners are at similar distances
+    round after round, so a radius far above its recent median is refused.
+    """
+
+    def __init__(self, factor: float = 2.0, window: int = 20, warmup: int = 5):
+        self.factor, self.warmup = factor, warmup
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def __call__(self, tau: float) -> float:
+        if len(self.recent) >= self.warmup:
+            s = sorted(self.recent)
+            tau = min(tau, self.factor * s[len(s) // 2])
+        if math.isfinite(tau):
+            self.recent.append(tau)
+        return tau

@@ -1,0 +1,95 @@
+"""Sybil resistance: FoolsGold scores over update histories, as SybilWall uses them.
+
+A Sybil cluster (one attacker, many identities) pushes the model the same way from every
+identity, so the *histories* of its members (the sum of each one's local updates) point the same
+way, while honest peers with different data drift apart. FoolsGold turns "too similar to someone
+else" into a low weight.
+
+Histories travel as sketches, not vectors: `Sketcher` maps a d-dimensional vector to k numbers
+with a fixed random sign per coordinate and a sum over k contiguous blocks. It is linear and
+preserves inner products in expectation (E<Sa, Sb> = <a, b>), so cosines of sketches estimate
+cosines of histories, to about 1/sqrt(k), at the cost of one pass over the vector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+SKETCH_DIM = 512
+
+
+class Sketcher:
+    """Linear sketch d -> k, identical on every peer of a run (signs drawn from `seed`)."""
+
+    def __init__(self, dim: int, k: int = SKETCH_DIM, seed: int = 0):
+        self.dim, self.k = dim, k
+        self.block = math.ceil(dim / k)
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (self.block * k,), generator=g, dtype=torch.int8).mul_(2).sub_(1)
+        signs[dim:] = 0  # padding contributes nothing
+        self.signs = signs.to(torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.dim:
+            raise ValueError(f"sketch of a {x.numel()}-vector with a {self.dim}-sketcher")
+        if self.block * self.k != self.dim:
+            x = torch.nn.functional.pad(x, (0, self.block * self.k - self.dim))
+        return (x * self.signs).view(self.k, self.block).sum(1)
+
+
+def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of rows (a zero row is similar to nothing)."""
+    h = h.double()
+    norms = h.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, h / norms.clamp_min(1e-300), torch.zeros_like(h))
+    return unit @ unit.T
+
+
+def foolsgold_weights(cs: torch.Tensor) -> torch.Tensor:
+    """FoolsGold (Fung et al.) from a similarity matrix: weights in [0, 1], one per row.
+
+    cs_pp = 0; v_p = max_q cs_pq; pardoning: cs_pq *= v_p / v_q where v_p < v_q;
+    a_p = clip(1 - max_q cs_pq, 0, 1); a /= max a; a[a == 1] = 0.99; a = clip(logit(a) + 0.5, 0, 1).
+    Identical histories give weight 0; a peer with nobody to compare to gets weight 1.
+    """
+    cs = cs.double().clone()
+    n = cs.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    cs.fill_diagonal_(0.0)
+    if n == 1:
+        return torch.ones(1, dtype=torch.float64)
+    v = cs.max(1).values
+    pardon = (v[:, None] < v[None, :]) & (v[None, :] > 0)
+    cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp_min(1e-300), cs)
+    cs.fill_diagonal_(-math.inf)
+    a = (1.0 - cs.max(1).values).clamp(0.0, 1.0)
+    top = float(a.max())
+    if top <= 0:
+        return torch.zeros(n, dtype=torch.float64)
+    a = a / top
+    a[a == 1.0] = 0.99
+    with torch.no_grad():
+        logit = torch.log(a / (1.0 - a)) + 0.5  # a = 0 gives -inf, clipped to 0 below
+    return logit.clamp(0.0, 1.0).nan_to_num(0.0)
+
+
+def similarity(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor], ids: Sequence[str]) -> torch.Tensor:
+    """Pairwise similarity over `ids`: the larger of the cosines of reported and observed histories.
+
+    Reported histories are self-reported (signed, but a liar can add noise); observed ones are
+    built from the models this peer actually received, so a peer must look dissimilar in both.
+    """
+    n = len(ids)
+    cs = torch.full((n, n), -1.0, dtype=torch.float64)
+    for source in (reported, observed):
+        have = [i for i, p in enumerate(ids) if p in source]
+        if len(have) < 2:
+            continue
+        m = cosine_matrix(torch.stack([source[ids[i]] for i in have]))
+        idx = torch.tensor(have)
+        cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], m)
+    return cs
