@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from peer.aggregation import DEFAULT_AGGREGATOR
+from peer.aggregation import help_text as aggregation_help
 from peer.config import default_data_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Peer-to-peer volunteer training daemon.")
@@ -34,7 +36,9 @@ def join(
     initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", help="Multiaddr of a peer already in the run, with /p2p/<id>. Repeatable."),
     listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", help="Multiaddr to listen on. Repeatable. [default: /ip4/0.0.0.0/tcp/0]"),
     announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", help="Multiaddr to announce to others (e.g. a public address). Repeatable."),
-    aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", help="Aggregation rule (see docs/architecture.md). [default: mean]"),
+    aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", help=f"Aggregation rule, one of: {aggregation_help()}. [default: {DEFAULT_AGGREGATOR}]"),
+    byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", help="Fraction of a round's partners the robust rules assume Byzantine. [default: 0.25]"),
+    experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/hostile.py)."),
     shard: Optional[str] = typer.Option(None, "--shard", envvar="PEER_SHARD", help="This peer's data shard i/n. [default: from the peer id]"),
     split: Optional[str] = typer.Option(None, "--split", envvar="PEER_SPLIT", help="iid or dirichlet. [default: iid]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", envvar="PEER_ALPHA", help="Dirichlet concentration for --split dirichlet. [default: 0.5]"),
@@ -52,6 +56,7 @@ def join(
             "data_dir": data_dir, "run_id": run_id, "task": task, "initial_peers": initial_peer,
             "listen": listen, "announce": announce, "aggregator": aggregator, "shard": shard,
             "split": split, "alpha": alpha, "max_steps": max_steps, "log_format": log_format,
+            "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
         },
         config,
     )

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from peer.aggregation import DEFAULT_AGGREGATOR  # torch-free: the CLI imports this module
+
 
 def xdg_data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -34,7 +36,11 @@ class PeerConfig:
     initial_peers: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce: list[str] = field(default_factory=list)
-    aggregator: str = "mean"
+    aggregator: str = DEFAULT_AGGREGATOR
+    # fraction of a round's partners assumed Byzantine (robust rules' f and clipping budget)
+    byzantine_fraction: float = 0.25
+    # EXPERIMENTS ONLY (peer/hostile.py): run this daemon as an attacker
+    experiment_attack: str = ""
     # data: this peer's shard "i/n"; empty means derived from the peer id
     shard: str = ""
     num_shards: int = 4

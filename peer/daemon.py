@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from peer import state as ckpt
-from peer.aggregation import coordinate_median, make_aggregator
+from peer.aggregation import RoundContext, coordinate_median, make_aggregator
+from peer.aggregation.sybil import Sketcher
 from peer.config import PeerConfig
 from peer.control import serve_control
 from peer.tasks import Task, load_task
@@ -32,7 +33,7 @@ from peer.trainer import Trainer
 from peer.validation import reject_reason
 from protocols import gossip
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
-from protocols.discovery import PeerRecord, SwarmView, run_key
+from protocols.discovery import HISTORY_DIM, PeerRecord, SwarmView, run_key
 from protocols.transport.base import CountingStream, Transport, TransportError
 
 log = logging.getLogger("peer.daemon")
@@ -79,12 +80,23 @@ class PeerDaemon:
             config.task, shard=self.shard[0], num_shards=self.shard[1],
             split=config.split, alpha=config.alpha, seed=config.data_seed,
         )
+        # EXPERIMENTS ONLY: a hostile policy turns this daemon into an attacker (peer/hostile.py)
+        self.hostile = None
+        if config.experiment_attack:
+            from peer.hostile import HostilePolicy
+
+            self.hostile = HostilePolicy(config.experiment_attack, seed=hash(self.peer_id) % 2**31)
+            self.hostile.poison(self.task)
+            log.warning("EXPERIMENT: running as an attacker (%s)", config.experiment_attack)
         self.trainer = Trainer(
             self.task, seed=config.data_seed, eval_every_s=config.eval_every_s,
             max_steps=config.max_steps, step_delay_s=config.step_delay_s,
         )
+        if self.hostile is not None and self.hostile.data_seed_override is not None:
+            self.trainer._gen.manual_seed(self.hostile.data_seed_override)
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
-        self.aggregator = make_aggregator(config.aggregator)
+        self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
+        self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
         self.view = SwarmView(self.peer_id, config.task)
         self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
         self.counters: dict[str, Any] = {
@@ -99,6 +111,7 @@ class PeerDaemon:
         self.started = time.time()
         self.last_checkpoint: tuple[int, float] | None = None
         self._serving = 0
+        self.last_round: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
@@ -212,7 +225,26 @@ class PeerDaemon:
             peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), task=self.task.name,
             step=self.trainer.step, samples_per_s=round(self.trainer.samples_per_s, 1),
             version=self.trainer.step, time=self.transport.now(), state=state,
+            history=self._history_sketch().to(torch.float16).numpy().tobytes(),
         )
+
+    def _history_sketch(self) -> torch.Tensor:
+        sketch = self.sketcher(self.trainer.history())
+        return self.hostile.report_history(sketch) if self.hostile else sketch
+
+    def _reported_histories(self, now: float) -> dict[str, torch.Tensor]:
+        """History sketches of every live peer whose record carries a well-formed one."""
+        out = {}
+        for info in self.view.live(now):
+            raw = info.record.history
+            if not raw:
+                continue
+            h = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
+            if bool(torch.isfinite(h).all()):
+                out[info.record.peer_id] = h
+            else:
+                self.view._reject("record_bad_history")
+        return out
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
@@ -268,14 +300,25 @@ class PeerDaemon:
         if not partners:
             return None
         own = self.trainer.snapshot()
+        if self.hostile is not None:
+            self.hostile.round_start(own, self.trainer.history())
         pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own) for p in partners))
-        models = [m for _, m in filter(None, pulled)]
-        if not models:
+        got = [(p, r[1]) for p, r in zip(partners, pulled) if r is not None]
+        if not got:
             self.counters["rounds_failed"] += 1
             return False
-        mixed = await asyncio.to_thread(self.aggregator, own, models)
+        ids, models = [p for p, _ in got], [m for _, m in got]
+        if self.hostile is not None:
+            self.hostile.observe(ids, models)
+        histories = self._reported_histories(now)
+        histories[self.peer_id] = self._history_sketch()
+        ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=histories,
+                           byzantine_fraction=self.config.byzantine_fraction)
+        mixed = await asyncio.to_thread(self.aggregator, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))
         self.counters["rounds_ok"] += 1
+        self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
+                           "tau": getattr(self.aggregator, "last_tau", None)}
         return True
 
     async def _sync_from_swarm(self) -> None:
@@ -310,6 +353,8 @@ class PeerDaemon:
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
             gossip.check_request(header, self.config.run_id, self.task.name)
             step, snap = self.trainer.step, self.trainer.snapshot()
+            if self.hostile is not None:
+                snap = self.hostile.craft(stream.remote_peer, snap).contiguous()
             await write_header(stream, gossip.model_header(step, self.specs))
             await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
             self.counters["serves"] += 1
@@ -375,12 +420,19 @@ class PeerDaemon:
             "serves": self.counters["serves"], "serve_refused": self.counters["serve_refused"],
             "serve_errors": dict(self.serve_errors),
             "record_rejects": dict(self.view.rejected),
+            "last_round": self._last_round_status(),
             "checkpoint": {
                 "step": self.last_checkpoint[0] if self.last_checkpoint else None,
                 "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,
                 "errors": self.counters["checkpoint_errors"],
             },
         }
+
+    def _last_round_status(self) -> dict[str, Any]:
+        r = self.last_round
+        tau = r.get("tau")
+        return {"partners": r.get("partners", []), "weights": r.get("weights", []),
+                "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4)}
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

@@ -40,6 +40,10 @@ class Trainer:
         self.task = task
         self.model = task.make_model()
         self.flat = flatten_parameters(self.model)
+        # history = sum of this peer's own local updates = flat - origin - (everything mixed in);
+        # kept as two vectors so a training step costs nothing extra (SybilWall compares these).
+        self.origin = self.flat.clone()
+        self.mixed_in = torch.zeros_like(self.flat)
         self.optimizer = task.make_optimizer(list(self.model.parameters()))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # Fresh optimizer moments (new peer, restart) take large first steps: ramp the rate up.
@@ -57,6 +61,7 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._gen = torch.Generator().manual_seed(seed)
         self.error: BaseException | None = None
+        self.local_steps = 0  # steps since this trainer started (the warmup counts these)
 
     # --- state shared with the event loop -------------------------------------------------
     def snapshot(self) -> torch.Tensor:
@@ -66,15 +71,23 @@ class Trainer:
     def apply_delta(self, delta: torch.Tensor) -> None:
         with self.lock:
             self.flat.add_(delta)
+            self.mixed_in.add_(delta)
 
     def load_flat(self, values: torch.Tensor) -> None:
         with self.lock:
+            self.mixed_in.add_(values - self.flat)
             self.flat.copy_(values)
+
+    def history(self) -> torch.Tensor:
+        """Sum of the local updates this peer's own training made (not what gossip mixed in)."""
+        with self.lock:
+            return self.flat - self.origin - self.mixed_in
 
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "flat": self.flat.clone(),
+                "history": self.flat - self.origin - self.mixed_in,
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
                 "samples": self.samples,
@@ -84,6 +97,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self.lock:
             self.flat.copy_(state["flat"])
+            history = state.get("history")
+            self.origin = self.flat - history if history is not None and history.shape == self.flat.shape else self.flat.clone()
+            self.mixed_in.zero_()
             self.optimizer.load_state_dict(state["optimizer"])
             for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 g["lr"] = lr  # the schedule sets it each step from the base rate
@@ -128,28 +144,31 @@ class Trainer:
             self.error = e
             log.exception("trainer crashed")
 
-    def _loop(self) -> None:
+    def train_step(self) -> None:
+        """One local step on a random batch of this peer's shard (also used by lock-step simulations)."""
         task = self.task
         n = len(task.y_train)
+        idx = torch.randint(0, n, (min(task.batch_size, n),), generator=self._gen)
+        with self.lock:
+            self._set_lr(self.local_steps)
+            loss = task.loss_fn(self.model(task.x_train[idx]), task.y_train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            self.samples += len(idx)
+        self.local_steps += 1
+        self.last_loss = float(loss.detach())
+
+    def _loop(self) -> None:
         last_eval = 0.0
         window_start, window_samples = time.monotonic(), 0
-        local_steps = 0
         while not self._stop.is_set():
             if self.done:
                 self._stop.wait(0.2)
                 continue
-            idx = torch.randint(0, n, (min(task.batch_size, n),), generator=self._gen)
-            with self.lock:
-                self._set_lr(local_steps)
-                loss = task.loss_fn(self.model(task.x_train[idx]), task.y_train[idx])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                self.samples += len(idx)
-            local_steps += 1
-            self.last_loss = float(loss.detach())
-            window_samples += len(idx)
+            self.train_step()
+            window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()
             if now - window_start >= 1.0:
                 self.samples_per_s = window_samples / (now - window_start)

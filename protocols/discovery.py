@@ -16,6 +16,8 @@ from protocols.transport.base import StoredRecord
 RECORD_VERSION = 1
 MAX_ADDRS = 16
 MAX_STR = 512
+HISTORY_DIM = 512
+HISTORY_BYTES = 2 * HISTORY_DIM
 
 
 def run_key(run_id: str) -> str:
@@ -32,6 +34,9 @@ class PeerRecord:
     version: int
     time: float
     state: str = "up"  # "up" or "left"
+    # sketch of the sum of this peer's local updates (float16 bytes, HISTORY_DIM values, or empty):
+    # what SybilWall compares; the record's DHT signature binds it to the peer's key
+    history: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
@@ -63,10 +68,13 @@ class PeerRecord:
                 raise ValueError(name)
         if raw["state"] not in ("up", "left"):
             raise ValueError("state")
+        history = raw.get("history", b"")
+        if not isinstance(history, bytes) or len(history) not in (0, HISTORY_BYTES):
+            raise ValueError("history")
         return cls(
             peer_id=raw["peer_id"], addrs=tuple(addrs), task=raw["task"], step=raw["step"],
             samples_per_s=float(raw["samples_per_s"]), version=raw["version"], time=float(raw["time"]),
-            state=raw["state"],
+            state=raw["state"], history=history,
         )
 
 

@@ -1,0 +1,228 @@
+"""The aggregation rules a daemon runs, built from the pure functions of this package.
+
+The building blocks are pure functions on flat float32 tensors (`baselines`, `clipping`,
+`sybil`); the rules below wire them into what a gossip round needs. A rule is called as
+`rule(own, others, ctx)` and returns the peer's new model. Stateful rules (centred clipping's
+centre, SybilWall's observed histories, the radius memory) keep their state in the rule object,
+one per daemon.
+
+`AGGREGATORS` (re-exported by `peer.aggregation`) maps every name of `peer.aggregation.DESCRIPTIONS`
+to a factory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from peer.aggregation import baselines
+from peer.aggregation.baselines import coordinate_median
+from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, self_centred_clip
+from peer.aggregation import DESCRIPTIONS
+from peer.aggregation.sybil import SKETCH_DIM, Sketcher, foolsgold_weights, similarity
+
+
+
+@dataclass
+class RoundContext:
+    """What a rule may know besides the vectors: who the partners are and the swarm's histories."""
+
+    self_id: str = "self"
+    partner_ids: Sequence[str] = ()
+    # reported history sketches (peer id -> SKETCH_DIM vector), learned through the DHT
+    histories: dict[str, torch.Tensor] = field(default_factory=dict)
+    # fraction of a round's partners assumed Byzantine (sets f and the clipping budget)
+    byzantine_fraction: float = 0.25
+
+    def f(self, n_inputs: int) -> int:
+        """Inputs assumed faulty among n (own model included, which is never faulty to us)."""
+        return max(1, int(self.byzantine_fraction * n_inputs)) if n_inputs >= 3 else 0
+
+
+class Aggregator(Protocol):
+    name: str
+
+    def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None) -> torch.Tensor: ...
+
+
+def _ctx(ctx: RoundContext | None, others: Sequence[torch.Tensor]) -> RoundContext:
+    if ctx is None:
+        return RoundContext(partner_ids=[f"partner{j}" for j in range(len(others))])
+    return ctx
+
+
+class ServerRule:
+    """A server-style rule applied to own model plus partners (n = k + 1 inputs), optional NNM first."""
+
+    def __init__(self, name: str, fn: Callable[[torch.Tensor, int], torch.Tensor], nnm: bool = False):
+        self.name, self.fn, self.nnm = name, fn, nnm
+
+    def __call__(self, own, others, ctx=None):
+        if not others:
+            return own.clone()
+        ctx = _ctx(ctx, others)
+        x = torch.stack([own, *others])
+        f = ctx.f(len(x))
+        if self.nnm and f:
+            x = baselines.nnm(x, f)
+        return self.fn(x, f)
+
+
+class CenteredClippingRule:
+    """Server-style centred clipping over own + partners; the centre carries over between rounds."""
+
+    def __init__(self, name: str = "cc", tau: float = 10.0, iters: int = 3, nnm: bool = False):
+        self.name, self.nnm = name, nnm
+        self.cc = CenteredClipping(tau=tau, iters=iters, start="mean")
+
+    def __call__(self, own, others, ctx=None):
+        if not others:
+            return own.clone()
+        ctx = _ctx(ctx, others)
+        x = torch.stack([own, *others])
+        if self.nnm:
+            x = baselines.nnm(x, ctx.f(len(x)))
+        return self.cc(x)
+
+
+class SybilWallWeights:
+    """SybilWall: FoolsGold weights over the update histories of partners and every peer learned
+    through the swarm; own model weight 1; normalised over the partners actually mixed.
+
+    Two kinds of history feed the similarity: the sketches peers report in their signed records,
+    and sketches this peer observes itself: the deviation of each received model from this peer's
+    mixed result, summed over rounds. Independent noise a liar adds to what it serves averages
+    out in that sum, while a Sybil's common push adds up. A partner with no history at all is on
+    probation for one round (weight 0, observed), so a fresh identity buys no influence.
+    """
+
+    def __init__(self, max_tracked: int = 1024):
+        self.observed: dict[str, torch.Tensor] = {}
+        self.sketcher: Sketcher | None = None
+        self.max_tracked = max_tracked
+
+    def sketch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sketcher is None or self.sketcher.dim != x.numel():
+            self.sketcher = Sketcher(x.numel())
+        return self.sketcher(x)
+
+    def weights(self, ctx: RoundContext) -> list[float]:
+        reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
+        known = set(reported) | set(self.observed)
+        ids = sorted((known | set(ctx.partner_ids)) - {ctx.self_id})
+        scores = foolsgold_weights(similarity(reported, self.observed, ids)) if ids else []
+        score = dict(zip(ids, (float(s) for s in scores)))
+        return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
+
+    def observe(self, ctx: RoundContext, diff_sketches: Sequence[torch.Tensor], mixed_sketch: torch.Tensor) -> None:
+        """Record each partner's deviation from our mixed model (sketches of x_j - own and mixed - own)."""
+        for p, s in zip(ctx.partner_ids, diff_sketches):
+            dev = s - mixed_sketch
+            self.observed[p] = self.observed[p] + dev if p in self.observed else dev
+            self.observed[p] = self.observed.pop(p)  # most recently seen last
+        while len(self.observed) > self.max_tracked:
+            self.observed.pop(next(iter(self.observed)))
+
+
+class WeightedGossip:
+    """own + sum_j W_j clip(x_j - own, tau) with W_j = w_j / (1 + sum w): the gossip family.
+
+    weighting "uniform" (every partner 1) or "sybilwall"; radius "none" (plain weighted
+    gossip), "adaptive" (ClippedGossip's rule) or "csrg" (CS+-RG: the distance at the weighted
+    quantile total - 2 * delta). Adaptive radii are capped by the peer's recent median (`RadiusCap`).
+    """
+
+    def __init__(self, name: str, weighting: str = "uniform", radius: str = "none"):
+        self.name, self.weighting, self.radius = name, weighting, radius
+        self.sybil = SybilWallWeights() if weighting == "sybilwall" else None
+        self.cap = RadiusCap()
+        self.last_tau: float = math.inf
+        self.last_weights: list[float] = []
+
+    def __call__(self, own, others, ctx=None):
+        if not others:
+            return own.clone()
+        ctx = _ctx(ctx, others)
+        raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        total = 1.0 + sum(raw)
+        w = [r / total for r in raw]
+        self.last_weights = w
+        diffs = [x - own for x in others]
+        dists = [float(d.norm()) for d in diffs]
+        tau = self._radius(dists, w, ctx)
+        self.last_tau = tau
+        out = own.clone()
+        factors = []
+        for d, n, wj in zip(diffs, dists, w):
+            c = wj * (tau / n if n > tau else 1.0)
+            factors.append(c)
+            if c:
+                out.add_(d, alpha=c)
+        if self.sybil is not None:
+            sk = [self.sybil.sketch(d) for d in diffs]
+            mixed = sum((c * s for c, s in zip(factors, sk)), torch.zeros_like(sk[0]))
+            self.sybil.observe(ctx, sk, mixed)
+        return out
+
+    def _radius(self, dists: list[float], w: list[float], ctx: RoundContext) -> float:
+        live = [(d, wj) for d, wj in zip(dists, w) if wj > 0]
+        if self.radius == "none" or not live:
+            return math.inf
+        budget = ctx.byzantine_fraction * sum(wj for _, wj in live)
+        if self.radius == "csrg":
+            tau = _csrg_radius([d for d, _ in live], [wj for _, wj in live], budget)
+        else:
+            tau = adaptive_radius([d for d, _ in live], [wj for _, wj in live], budget)
+            if tau == 0.0 and len(live) == 1:
+                tau = math.inf  # one partner: no spread to estimate from; the cap still applies
+        return self.cap(tau)
+
+
+def _csrg_radius(dists: list[float], w: list[float], budget: float) -> float:
+    """CS+-RG (Gaucher et al. 2025): the distance at the weighted quantile `total - 2 * budget`."""
+    order = sorted(range(len(dists)), key=lambda j: dists[j])
+    target = sum(w) - 2 * budget
+    acc = 0.0
+    for j in order:
+        acc += w[j]
+        if acc >= target:
+            return dists[j]
+    return dists[order[-1]]
+
+
+def _server(name: str, fn, nnm: bool = False) -> Callable[[], Aggregator]:
+    return lambda: ServerRule(name, fn, nnm)
+
+
+_SERVER_RULES = {
+    "median": lambda x, f: baselines.coordinate_median(x),
+    "trimmed-mean": lambda x, f: baselines.trimmed_mean(x, min(f, (len(x) - 1) // 2)),
+    "krum": lambda x, f: baselines.krum(x, f),
+    "multi-krum": lambda x, f: baselines.multi_krum(x, f),
+    "geomed": lambda x, f: baselines.geometric_median(x, iters=8, init=x.mean(0)),
+}
+
+AGGREGATORS: dict[str, Callable[[], Aggregator]] = {
+    "mean": lambda: WeightedGossip("mean"),
+    **{name: _server(name, fn) for name, fn in _SERVER_RULES.items()},
+    **{f"nnm+{name}": _server(f"nnm+{name}", fn, nnm=True) for name, fn in _SERVER_RULES.items()},
+    "cc": lambda: CenteredClippingRule("cc"),
+    "nnm+cc": lambda: CenteredClippingRule("nnm+cc", nnm=True),
+    "scc": lambda: WeightedGossip("scc", radius="adaptive"),
+    "cs+rg": lambda: WeightedGossip("cs+rg", radius="csrg"),
+    "sybilwall": lambda: WeightedGossip("sybilwall", weighting="sybilwall"),
+    "sybilwall+scc": lambda: WeightedGossip("sybilwall+scc", weighting="sybilwall", radius="adaptive"),
+    "sybilwall+cs+rg": lambda: WeightedGossip("sybilwall+cs+rg", weighting="sybilwall", radius="csrg"),
+}
+
+def make_aggregator(name: str) -> Aggregator:
+    try:
+        return AGGREGATORS[name]()
+    except KeyError:
+        raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}") from None
+
+
+assert set(AGGREGATORS) == set(DESCRIPTIONS), "every registry name needs a description and vice versa"

@@ -1,0 +1,124 @@
+"""Hostile policies: attacks a real daemon can run, FOR EXPERIMENTS ONLY.
+
+`peer join --experiment-attack NAME` (hidden from `--help`, used by `scripts/robustness.py` and
+the experiment runner) plugs one of these into an otherwise normal daemon, so every attack
+crosses the real protocol: the attacker discovers peers, pulls their models, trains, publishes
+a signed record, and serves what the policy crafts when an honest peer pulls from it.
+
+Model-space forms of the attacks in the literature (REFERENCE.md section 4). `base` is the
+attacker's model before this round's local steps (it mixes honest models with a plain mean, so
+`base` tracks the swarm), `u` its own local update since then, `mu` and `sigma` the mean and
+per-coordinate standard deviation of the honest models it pulled last round:
+
+- signflip:        base - u                 (the update with its sign flipped)
+- signflip100:     base - 100 u
+- gaussian:        base + N(0, 10^2) per coordinate
+- labelflip:       trains on y -> 9 - y, serves its model
+- targeted:        a Sybil cluster; every member trains on the same data with classes 0 <-> 1
+                   swapped and the same seed, serves its model
+- adaptive-sybil:  targeted, and adds fresh noise (3x the history's norm) to the history it reports
+- alie:            mu - z sigma, z = 0.253 (n = 25, f = 5)
+- ipm:             base - 2 (mu - base)     (inner-product manipulation, eps = 2)
+- dissensus:       x_r - 1.5 (mu - x_r), x_r the requester's last model it saw (or base)
+- replacement:     trains on y -> 9 - y, serves G + 10 (X - G) with G = mu (boosted model replacement)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peer.tasks import Task
+
+ATTACKS = ("signflip", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil",
+           "alie", "ipm", "dissensus", "replacement")
+TARGETED = ("targeted", "adaptive-sybil")
+SOURCE_CLASSES = (0, 1)  # the targeted attack swaps these two
+
+
+def alie_z(n: int, f: int) -> float:
+    """z of 'A little is enough' (Baruch et al.): Phi^-1((n - f - s) / (n - f)), s = floor(n/2 + 1) - f."""
+    from statistics import NormalDist
+
+    s = math.floor(n / 2 + 1) - f
+    return NormalDist().inv_cdf((n - f - s) / (n - f))
+
+
+class HostilePolicy:
+    def __init__(self, attack: str, seed: int = 0, n: int = 25, f: int = 5):
+        if attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+        self.attack = attack
+        self.gen = torch.Generator().manual_seed(seed)
+        self.z = alie_z(n, f)
+        self.base: torch.Tensor | None = None
+        self.update: torch.Tensor | None = None
+        self.mu: torch.Tensor | None = None
+        self.sigma: torch.Tensor | None = None
+        self.seen: dict[str, torch.Tensor] = {}
+        self._last_history: torch.Tensor | None = None
+
+    # --- what the daemon asks --------------------------------------------------------------
+    @property
+    def data_seed_override(self) -> int | None:
+        """Sybils of a targeted attack all train alike: same batches, same init."""
+        return 12345 if self.attack in TARGETED else None
+
+    def poison(self, task: Task) -> None:
+        """Rewrite the training labels (data attacks only). Sybils of the targeted attack are
+        started with the same shard (the experiment tools give them the whole training set), so
+        they all train alike."""
+        if self.attack in ("labelflip", "replacement"):
+            task.y_train = 9 - task.y_train
+        elif self.attack in TARGETED:
+            y = task.y_train.clone()
+            a, b = SOURCE_CLASSES
+            y[task.y_train == a], y[task.y_train == b] = b, a
+            task.y_train = y
+
+    def round_start(self, model: torch.Tensor, history: torch.Tensor) -> None:
+        """Called at each gossip round with the attacker's model and local-update history."""
+        if self._last_history is not None and self._last_history.shape == history.shape:
+            self.update = history - self._last_history
+        self._last_history = history.clone()
+        self.base = model - self.update if self.update is not None else model.clone()
+
+    def observe(self, partner_ids: list[str], models: list[torch.Tensor]) -> None:
+        """Honest models the attacker pulled this round: statistics for the omniscient attacks."""
+        for p, m in zip(partner_ids, models):
+            self.seen[p] = m
+        if models:
+            x = torch.stack(models)
+            self.mu = x.mean(0)
+            self.sigma = x.std(0, unbiased=False) if len(models) > 1 else torch.zeros_like(self.mu)
+
+    def craft(self, requester: str, own: torch.Tensor) -> torch.Tensor:
+        """The model served to `requester` in place of the attacker's real one."""
+        a = self.attack
+        base = self.base if self.base is not None and self.base.shape == own.shape else own
+        u = self.update if self.update is not None and self.update.shape == own.shape else torch.zeros_like(own)
+        mu = self.mu if self.mu is not None and self.mu.shape == own.shape else own
+        sigma = self.sigma if self.sigma is not None and self.sigma.shape == own.shape else torch.zeros_like(own)
+        if a == "signflip":
+            return base - u
+        if a == "signflip100":
+            return base - 100 * u
+        if a == "gaussian":
+            return base + 10 * torch.randn(own.shape, generator=self.gen)
+        if a == "alie":
+            return mu - self.z * sigma
+        if a == "ipm":
+            return base - 2 * (mu - base)
+        if a == "dissensus":
+            x_r = self.seen.get(requester, base)
+            return x_r - 1.5 * (mu - x_r)
+        if a == "replacement":
+            return mu + 10 * (own - mu)
+        return own  # data attacks serve their (poisoned) model as it is
+
+    def report_history(self, sketch: torch.Tensor) -> torch.Tensor:
+        if self.attack == "adaptive-sybil":
+            noise = torch.randn(sketch.shape, generator=self.gen)
+            return sketch + noise * (3 * float(sketch.norm()) / max(float(noise.norm()), 1e-12))
+        return sketch
