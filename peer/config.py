@@ -50,7 +50,7 @@ class PeerConfig:
     # timing
     heartbeat_s: float = 2.0
     gossip_every_s: float = 1.0
-    partners: int = 2
+    partners: int = 4  # robust rules need several partners per round to tell outliers apart
     pull_timeout_s: float = 20.0
     checkpoint_every_s: float = 30.0
     eval_every_s: float = 2.0

@@ -296,6 +296,8 @@ class PeerDaemon:
         """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
         now = self.transport.now()
         live = {i.record.peer_id: i for i in self.view.live(now)}
+        if self.hostile is not None:
+            live = {p: i for p, i in live.items() if p not in self.hostile.colluders}
         partners = self.picker.pick(list(live), now)
         if not partners:
             return None

@@ -14,8 +14,8 @@ per-coordinate standard deviation of the honest models it pulled last round:
 - signflip100:     base - 100 u
 - gaussian:        base + N(0, 10^2) per coordinate
 - labelflip:       trains on y -> 9 - y, serves its model
-- targeted:        a Sybil cluster; every member trains on the same data with classes 0 <-> 1
-                   swapped and the same seed, serves its model
+- targeted:        a Sybil cluster; every member trains on the same data (the examples of
+                   classes 0 and 1 in its shard, labels swapped) with the same seed, serves its model
 - adaptive-sybil:  targeted, and adds fresh noise (3x the history's norm) to the history it reports
 - alie:            mu - z sigma, z = 0.253 (n = 25, f = 5)
 - ipm:             base - 2 (mu - base)     (inner-product manipulation, eps = 2)
@@ -57,6 +57,7 @@ class HostilePolicy:
         self.mu: torch.Tensor | None = None
         self.sigma: torch.Tensor | None = None
         self.seen: dict[str, torch.Tensor] = {}
+        self.colluders: set[str] = set()  # fellow attackers: never pulled, their models are not honest
         self._last_history: torch.Tensor | None = None
 
     # --- what the daemon asks --------------------------------------------------------------
@@ -72,6 +73,8 @@ class HostilePolicy:
         if self.attack in ("labelflip", "replacement"):
             task.y_train = 9 - task.y_train
         elif self.attack in TARGETED:
+            keep = (task.y_train == SOURCE_CLASSES[0]) | (task.y_train == SOURCE_CLASSES[1])
+            task.x_train, task.y_train = task.x_train[keep], task.y_train[keep]
             y = task.y_train.clone()
             a, b = SOURCE_CLASSES
             y[task.y_train == a], y[task.y_train == b] = b, a

@@ -80,21 +80,26 @@ def self_centred_clip(own: torch.Tensor, others: Sequence[torch.Tensor], weights
 
 
 class RadiusCap:
-    """Caps the adaptive radius at `factor` x the median of the last `window` radii.
+    """Remembers recent partner distances; caps a radius at `factor` x their median.
 
-    The adaptive radius comes from this round's partners only: if every partner of a round is
-    Byzantine and far away, it would be huge. A peer's honest partners are at similar distances
-    round after round, so a radius far above its recent median is refused.
+    The adaptive radius comes from this round's partners only: if most partners of a round are
+    Byzantine and far away, it is huge. The median over the last `window` partner distances
+    (weighted or not) stays an honest distance as long as fewer than half of the pulls were
+    Byzantine, and it cannot ratchet itself up the way a median of past radii would.
     """
 
-    def __init__(self, factor: float = 2.0, window: int = 20, warmup: int = 5):
-        self.factor, self.warmup = factor, warmup
+    def __init__(self, factor: float = 1.5, window: int = 64):
+        self.factor = factor
         self.recent: deque[float] = deque(maxlen=window)
 
+    def observe(self, dists: Sequence[float]) -> None:
+        self.recent.extend(d for d in dists if math.isfinite(d))
+
+    def median(self) -> float:
+        if not self.recent:
+            return math.inf
+        s = sorted(self.recent)
+        return s[(len(s) - 1) // 2]
+
     def __call__(self, tau: float) -> float:
-        if len(self.recent) >= self.warmup:
-            s = sorted(self.recent)
-            tau = min(tau, self.factor * s[len(s) // 2])
-        if math.isfinite(tau):
-            self.recent.append(tau)
-        return tau
+        return min(tau, self.factor * self.median())

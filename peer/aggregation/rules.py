@@ -113,7 +113,7 @@ class SybilWallWeights:
         reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
         known = set(reported) | set(self.observed)
         ids = sorted((known | set(ctx.partner_ids)) - {ctx.self_id})
-        scores = foolsgold_weights(similarity(reported, self.observed, ids)) if ids else []
+        scores = foolsgold_weights(similarity(reported, self.observed, ids), normalise="median") if ids else []
         score = dict(zip(ids, (float(s) for s in scores)))
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 
@@ -132,8 +132,13 @@ class WeightedGossip:
 
     weighting "uniform" (every partner 1) or "sybilwall"; radius "none" (plain weighted
     gossip), "adaptive" (ClippedGossip's rule) or "csrg" (CS+-RG: the distance at the weighted
-    quantile total - 2 * delta). Adaptive radii are capped by the peer's recent median (`RadiusCap`).
+    quantile total - 2 * delta). With a radius, partners farther than OUTLIER_FACTOR x the median
+    of recent partner distances get weight 0, and the radius is capped at 1.5 x that median
+    (`RadiusCap`): the per-round radius alone is set by whoever was pulled this round.
     """
+
+    # a partner farther than this many times the recent median distance is not mixed at all
+    OUTLIER_FACTOR = 4.0
 
     def __init__(self, name: str, weighting: str = "uniform", radius: str = "none"):
         self.name, self.weighting, self.radius = name, weighting, radius
@@ -141,17 +146,24 @@ class WeightedGossip:
         self.cap = RadiusCap()
         self.last_tau: float = math.inf
         self.last_weights: list[float] = []
+        self.outliers_dropped = 0
 
     def __call__(self, own, others, ctx=None):
         if not others:
             return own.clone()
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        diffs = [x - own for x in others]
+        dists = [float(d.norm()) for d in diffs]
+        if self.radius != "none":
+            self.cap.observe(dists)
+            far = self.OUTLIER_FACTOR * self.cap.median()
+            dropped = [j for j, d in enumerate(dists) if d > far and raw[j] > 0]
+            self.outliers_dropped += len(dropped)
+            raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
         self.last_weights = w
-        diffs = [x - own for x in others]
-        dists = [float(d.norm()) for d in diffs]
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau
         out = own.clone()
@@ -171,13 +183,17 @@ class WeightedGossip:
         live = [(d, wj) for d, wj in zip(dists, w) if wj > 0]
         if self.radius == "none" or not live:
             return math.inf
-        budget = ctx.byzantine_fraction * sum(wj for _, wj in live)
-        if self.radius == "csrg":
-            tau = _csrg_radius([d for d, _ in live], [wj for _, wj in live], budget)
+        if len(live) == 1:
+            # one weighted partner: no spread to estimate from. Every model we pulled still says
+            # where the swarm is, so take the median distance of all of them (weighted or not).
+            s = sorted(dists)
+            tau = s[(len(s) - 1) // 2] if len(s) > 1 else math.inf
         else:
-            tau = adaptive_radius([d for d, _ in live], [wj for _, wj in live], budget)
-            if tau == 0.0 and len(live) == 1:
-                tau = math.inf  # one partner: no spread to estimate from; the cap still applies
+            budget = ctx.byzantine_fraction * sum(wj for _, wj in live)
+            if self.radius == "csrg":
+                tau = _csrg_radius([d for d, _ in live], [wj for _, wj in live], budget)
+            else:
+                tau = adaptive_radius([d for d, _ in live], [wj for _, wj in live], budget)
         return self.cap(tau)
 
 

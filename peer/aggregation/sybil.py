@@ -48,12 +48,18 @@ def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
-def foolsgold_weights(cs: torch.Tensor) -> torch.Tensor:
+def foolsgold_weights(cs: torch.Tensor, normalise: str = "max") -> torch.Tensor:
     """FoolsGold (Fung et al.) from a similarity matrix: weights in [0, 1], one per row.
 
     cs_pp = 0; v_p = max_q cs_pq; pardoning: cs_pq *= v_p / v_q where v_p < v_q;
     a_p = clip(1 - max_q cs_pq, 0, 1); a /= max a; a[a == 1] = 0.99; a = clip(logit(a) + 0.5, 0, 1).
     Identical histories give weight 0; a peer with nobody to compare to gets weight 1.
+
+    `normalise="median"` divides by the median of a instead of its max (then caps at 0.99). The
+    max assumes honest peers are mutually dissimilar; early in a gossip run every honest history
+    points along the same descent direction, and max-normalisation then gives all the weight to
+    the most dissimilar peer, which is often an attacker (measured: honest partners at weight 0,
+    a sign-flipper at 0.5). The median assumes only an honest majority, as every rule here does.
     """
     cs = cs.double().clone()
     n = cs.shape[0]
@@ -67,10 +73,12 @@ def foolsgold_weights(cs: torch.Tensor) -> torch.Tensor:
     cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp_min(1e-300), cs)
     cs.fill_diagonal_(-math.inf)
     a = (1.0 - cs.max(1).values).clamp(0.0, 1.0)
-    top = float(a.max())
+    top = float(a.max()) if normalise == "max" else float(a.median())
     if top <= 0:
-        return torch.zeros(n, dtype=torch.float64)
-    a = a / top
+        top = float(a.max())
+        if top <= 0:
+            return torch.zeros(n, dtype=torch.float64)
+    a = (a / top).clamp(max=1.0)
     a[a == 1.0] = 0.99
     with torch.no_grad():
         logit = torch.log(a / (1.0 - a)) + 0.5  # a = 0 gives -inf, clipped to 0 below

@@ -10,6 +10,7 @@ of the training set. Shards are computed identically on every peer from the run'
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -63,8 +64,12 @@ def shard_indices(labels: np.ndarray, index: int, count: int, split: str = "iid"
     return np.sort(np.array(parts[index], dtype=np.int64))
 
 
+@functools.lru_cache(maxsize=1)
 def _mnist1d_data():
-    """The standard MNIST-1D benchmark data (mnist1d's default arguments), generated locally."""
+    """The standard MNIST-1D benchmark data (mnist1d's default arguments), generated locally.
+
+    Cached: simulations build many peers in one process. Callers must not modify the tensors.
+    """
     import random
 
     from mnist1d.data import get_dataset_args, make_dataset

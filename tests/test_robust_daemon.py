@@ -1,0 +1,104 @@
+"""Robust aggregation inside the daemon: histories, signed sketches, hostile policies across the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.aggregation import AGGREGATORS, DEFAULT_AGGREGATOR, DESCRIPTIONS
+from peer.config import PeerConfig
+from peer.hostile import ATTACKS, HostilePolicy, alie_z
+from peer.tasks import load_task
+from peer.trainer import Trainer
+from protocols.discovery import HISTORY_BYTES, PeerRecord, SwarmView
+from protocols.transport.base import StoredRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _robustness():
+    spec = importlib.util.spec_from_file_location("robustness", ROOT / "scripts" / "robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_history_counts_local_updates_only():
+    t = Trainer(load_task("digits-mlp"), seed=0)
+    start = t.snapshot()
+    for _ in range(5):
+        t.train_step()
+    local = t.snapshot() - start
+    torch.testing.assert_close(t.history(), local)
+    t.apply_delta(torch.full_like(start, 0.5))       # gossip moves the model...
+    t.load_flat(t.snapshot() + 1.0)                  # ...and so does a join sync
+    torch.testing.assert_close(t.history(), local)   # neither is this peer's own update
+    t.train_step()
+    assert float((t.history() - local).norm()) > 0
+    # a checkpoint keeps it
+    again = Trainer(load_task("digits-mlp"), seed=0)
+    again.load_state_dict(t.state_dict())
+    torch.testing.assert_close(again.history(), t.history())
+
+
+def test_record_history_is_size_checked():
+    rec = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=b"\x00" * HISTORY_BYTES)
+    assert PeerRecord.from_wire(rec.to_wire()).history == rec.history
+    for bad in (b"\x00" * 10, "text", b"\x00" * (HISTORY_BYTES + 2)):
+        wire = rec.to_wire()
+        wire["history"] = bad
+        with pytest.raises(ValueError, match="history"):
+            PeerRecord.from_wire(wire)
+    view = SwarmView("me", "t")
+    wire = rec.to_wire()
+    wire["history"] = b"\x00" * 3
+    view.update([StoredRecord("a", wire, 100.0)], now=1.0)
+    assert view.rejected == {"malformed_record:history": 1} and not view.peers
+
+
+def test_registry_names_cli_and_config_agree():
+    assert set(AGGREGATORS) == set(DESCRIPTIONS)
+    assert PeerConfig().aggregator == DEFAULT_AGGREGATOR == "sybilwall+scc"
+    out = subprocess.run([sys.executable, "-m", "cli.main", "join", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"}).stdout
+    for name in AGGREGATORS:
+        assert name in out
+    assert "--experiment-attack" not in out  # experiments-only flag stays out of the user's help
+
+
+def test_hostile_policy_forms():
+    own = torch.ones(4)
+    p = HostilePolicy("signflip100")
+    p.round_start(own, torch.zeros(4))
+    p.round_start(own + 0.1, torch.full((4,), 0.1))  # it trained: update 0.1
+    torch.testing.assert_close(p.craft("x", own + 0.1), own - 10.0)
+    a = HostilePolicy("alie")
+    a.observe(["h1", "h2"], [torch.zeros(4), torch.full((4,), 2.0)])
+    torch.testing.assert_close(a.craft("x", own), torch.full((4,), 1.0 - alie_z(25, 5)))
+    assert abs(alie_z(25, 5) - 0.2533) < 1e-3
+    s = HostilePolicy("adaptive-sybil")
+    h = torch.ones(512)
+    assert float(torch.nn.functional.cosine_similarity(s.report_history(h), h, dim=0)) < 0.6
+    with pytest.raises(ValueError):
+        HostilePolicy("nonsense")
+    assert {"signflip", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil", "alie", "ipm",
+            "dissensus", "replacement"} == set(ATTACKS)
+
+
+@pytest.mark.parametrize("attack", ["targeted", "signflip100"])
+def test_attacks_cross_the_protocol_and_the_default_resists(attack):
+    """A small lock-step swarm of real daemons: the attack hurts plain gossip, the default holds."""
+    rob = _robustness()
+    kw = dict(honest=8, byzantine=3, rounds=25, local_steps=5, partners=4)
+    mean = asyncio.run(rob.run_swarm("mean", attack, **kw))
+    default = asyncio.run(rob.run_swarm(DEFAULT_AGGREGATOR, attack, **kw))
+    if attack == "targeted":
+        assert mean["attack_success_rate"] > 2 * default["attack_success_rate"] + 0.05, (mean, default)
+    else:
+        assert default["accuracy"] > mean["accuracy"] + 0.2, (mean, default)
