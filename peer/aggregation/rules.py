@@ -22,7 +22,7 @@ from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, self_centred_clip
 from peer.aggregation import DESCRIPTIONS
-from peer.aggregation.sybil import SKETCH_DIM, Sketcher, foolsgold_weights, similarity
+from peer.aggregation.sybil import CHUNK, SKETCH_DIM, Sketcher, foolsgold_weights, similarity
 
 
 
@@ -104,10 +104,13 @@ class SybilWallWeights:
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
 
+    def sketcher_for(self, dim: int) -> Sketcher:
+        if self.sketcher is None or self.sketcher.dim != dim:
+            self.sketcher = Sketcher(dim)
+        return self.sketcher
+
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sketcher is None or self.sketcher.dim != x.numel():
-            self.sketcher = Sketcher(x.numel())
-        return self.sketcher(x)
+        return self.sketcher_for(x.numel())(x)
 
     def weights(self, ctx: RoundContext) -> list[float]:
         reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
@@ -153,8 +156,11 @@ class WeightedGossip:
             return own.clone()
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
-        diffs = [x - own for x in others]
-        dists = [float(d.norm()) for d in diffs]
+        shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
+        sketcher = self.sybil.sketcher_for(own.numel()) if self.sybil is not None else None
+        total = 1.0 + sum(raw)
+        guess = [r / total for r in raw]  # the mixing weights if no partner is dropped or clipped
+        dists, sk, out = _deviations(own, others, guess, sketcher)
         if self.radius != "none":
             self.cap.observe(dists)
             far = self.OUTLIER_FACTOR * self.cap.median()
@@ -166,18 +172,13 @@ class WeightedGossip:
         self.last_weights = w
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau
-        out = own.clone()
-        factors = []
-        for d, n, wj in zip(diffs, dists, w):
-            c = wj * (tau / n if n > tau else 1.0)
-            factors.append(c)
-            if c:
-                out.add_(d, alpha=c)
-        if self.sybil is not None:
-            sk = [self.sybil.sketch(d) for d in diffs]
+        factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
+        if factors != guess:  # a partner was dropped or clipped: mix again (rare among honest partners)
+            out = _mix(own, others, factors)
+        if sk is not None:
             mixed = sum((c * s for c, s in zip(factors, sk)), torch.zeros_like(sk[0]))
             self.sybil.observe(ctx, sk, mixed)
-        return out
+        return out.view(shape)
 
     def _radius(self, dists: list[float], w: list[float], ctx: RoundContext) -> float:
         live = [(d, wj) for d, wj in zip(dists, w) if wj > 0]
@@ -195,6 +196,65 @@ class WeightedGossip:
             else:
                 tau = adaptive_radius([d for d, _ in live], [wj for _, wj in live], budget)
         return self.cap(tau)
+
+
+def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[float],
+                sketcher: Sketcher | None) -> tuple[list[float], list[torch.Tensor] | None, torch.Tensor]:
+    """One pass over the partners' models, slice by slice, returning
+
+    - ||x_j - own|| for every partner,
+    - with a sketcher, the sketch of x_j - own for every partner,
+    - own + sum_j w_j (x_j - own): the result when no partner turns out to need clipping.
+
+    No n x d (not even d) temporaries: a fresh 40 MB tensor costs more in page faults than the
+    arithmetic on it, and own's, the signs' and the result's slices stay in cache while every
+    partner's slice streams through once.
+    """
+    d = own.numel()
+    sq = [0.0] * len(others)
+    out = torch.empty_like(own)
+    if sketcher is None:
+        sk = None
+        slices = [(lo, min(lo + CHUNK, d), 0, 0) for lo in range(0, d, CHUNK)]
+        diff_buf = torch.empty(min(CHUNK, d), dtype=own.dtype)
+    else:
+        b = sketcher.block
+        sk = torch.empty(len(others), sketcher.k, dtype=torch.result_type(own, sketcher.signs))
+        sk[:, -(-d // b):] = 0  # blocks wholly in the padding
+        slices = list(sketcher.slices(CHUNK))
+        signed_buf = torch.zeros(b * max(1, CHUNK // b), dtype=sk.dtype)
+        diff_buf = torch.empty(len(signed_buf), dtype=own.dtype)
+    for lo, hi, first, blocks in slices:
+        o, r, diff = own[lo:hi], out[lo:hi], diff_buf[:hi - lo]
+        r.copy_(o)
+        if sk is not None:
+            signs, signed = sketcher.signs[lo:hi], signed_buf[:blocks * b]
+            signed[hi - lo:].zero_()  # the padding past the model's end contributes nothing
+        for j, x in enumerate(others):
+            torch.sub(x[lo:hi], o, out=diff)
+            sq[j] += float(torch.dot(diff, diff))
+            if sk is not None:
+                torch.mul(diff, signs, out=signed[:hi - lo])
+                torch.sum(signed.view(blocks, b), 1, out=sk[j, first:first + blocks])
+            if w[j]:
+                r.add_(diff, alpha=w[j])
+    return [math.sqrt(v) for v in sq], (list(sk) if sk is not None else None), out
+
+
+def _mix(own: torch.Tensor, others: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
+    """own + sum_j factors[j] (x_j - own), slice by slice (the result's slice stays in cache)."""
+    out = torch.empty_like(own)
+    live = [(x, c) for x, c in zip(others, factors) if c]
+    d = own.numel()
+    buf = torch.empty(min(CHUNK, d), dtype=own.dtype)
+    for lo in range(0, d, CHUNK):
+        hi = min(lo + CHUNK, d)
+        s, o, r = buf[:hi - lo], own[lo:hi], out[lo:hi]
+        r.copy_(o)
+        for x, c in live:
+            torch.sub(x[lo:hi], o, out=s)
+            r.add_(s, alpha=c)
+    return out
 
 
 def _csrg_radius(dists: list[float], w: list[float], budget: float) -> float:

@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 
 SKETCH_DIM = 512
+# Coordinates per slice when a pass over long vectors goes slice by slice: a few slices of this
+# size stay in cache, and no temporary as long as the model is allocated.
+CHUNK = 1 << 18
 
 
 class Sketcher:
@@ -32,12 +35,26 @@ class Sketcher:
         signs[dim:] = 0  # padding contributes nothing
         self.signs = signs.to(torch.float32)
 
+    def slices(self, chunk: int = CHUNK):
+        """(lo, hi, first block, blocks) covering [0, dim) in slices of whole blocks, about `chunk` long."""
+        step = self.block * max(1, chunk // self.block)
+        for lo in range(0, self.dim, step):
+            hi = min(lo + step, self.dim)
+            yield lo, hi, lo // self.block, -(-(hi - lo) // self.block)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.dim:
             raise ValueError(f"sketch of a {x.numel()}-vector with a {self.dim}-sketcher")
-        if self.block * self.k != self.dim:
-            x = torch.nn.functional.pad(x, (0, self.block * self.k - self.dim))
-        return (x * self.signs).view(self.k, self.block).sum(1)
+        x = x.reshape(-1)
+        out = torch.empty(self.k, dtype=torch.result_type(x, self.signs))
+        out[-(-self.dim // self.block):] = 0  # blocks wholly in the padding
+        buf = torch.zeros(min(self.block * max(1, CHUNK // self.block), self.block * self.k), dtype=out.dtype)
+        for lo, hi, first, blocks in self.slices():
+            s = buf[:blocks * self.block]
+            s[hi - lo:].zero_()  # the padding contributes nothing
+            torch.mul(x[lo:hi], self.signs[lo:hi], out=s[:hi - lo])
+            torch.sum(s.view(blocks, self.block), 1, out=out[first:first + blocks])
+        return out
 
 
 def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
