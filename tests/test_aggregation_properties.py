@@ -1,0 +1,411 @@
+"""Properties of the aggregation building blocks and rules (hypothesis; derandomized, so CI-stable)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer.aggregation import AGGREGATORS, DESCRIPTIONS, RoundContext
+from peer.aggregation import baselines
+from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, clip, self_centred_clip
+from peer.aggregation.sybil import SKETCH_DIM, Sketcher, cosine_matrix, foolsgold_weights, similarity
+
+FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+
+
+@st.composite
+def stacks(draw, min_n=1, max_n=12, max_d=16):
+    """(n, d) float32 inputs at a random scale, sometimes with an exact duplicate and an outlier."""
+    n = draw(st.integers(min_n, max_n))
+    d = draw(st.integers(1, max_d))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.normal(0, scale, (n, d))
+    if n >= 3 and draw(st.booleans()):
+        x[-1] = x[0]
+    if n >= 3 and draw(st.booleans()):
+        x[1] *= 1e3
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def close(a, b, scale, rtol=1e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
+def scale_of(x) -> float:
+    return float(x.abs().max())
+
+
+# ------------------------------------------------------------- permutation invariance
+
+
+@FAST
+@given(data=st.data())
+def test_mean_median_trimmed_mean_geomed_ignore_order(data):
+    x = data.draw(stacks())
+    n = len(x)
+    perm = torch.tensor(data.draw(st.permutations(range(n))))
+    f = data.draw(st.integers(0, (n - 1) // 2))
+    s = scale_of(x)
+    close(baselines.mean(x[perm]), baselines.mean(x), s)
+    assert torch.equal(baselines.coordinate_median(x[perm]), baselines.coordinate_median(x))
+    if f:  # the same sorted values: exactly equal (f = 0 is the plain mean, equal up to rounding)
+        assert torch.equal(baselines.trimmed_mean(x[perm], f), baselines.trimmed_mean(x, f))
+    close(baselines.trimmed_mean(x[perm], f), baselines.trimmed_mean(x, f), s)
+    close(baselines.geometric_median(x[perm], iters=5), baselines.geometric_median(x, iters=5), s)
+
+
+@FAST
+@given(data=st.data())
+def test_krum_scores_and_choices_ignore_order(data):
+    x = data.draw(stacks(min_n=2))
+    n = len(x)
+    perm = torch.tensor(data.draw(st.permutations(range(n))))
+    f = data.draw(st.integers(0, n - 1))
+    m = data.draw(st.integers(1, n))
+    scores = baselines.krum_scores(x, f)
+    # same distances summed in the same coordinate order: exactly equal, not just close
+    assert torch.equal(baselines.krum_scores(x[perm], f), scores[perm])
+    # Krum returns a minimiser of the score (which one, on an exact tie, follows input order)
+    best = baselines.krum(x[perm], f)
+    winners = [i for i in range(n) if scores[i] == scores.min()]
+    assert any(torch.equal(best, x[i]) for i in winners)
+    # Multi-Krum's chosen set is order-free whenever the m-th and (m+1)-th scores differ
+    s = scores.sort().values
+    if m == n or s[m - 1] < s[m]:
+        close(baselines.multi_krum(x[perm], f, m), baselines.multi_krum(x, f, m), scale_of(x))
+
+
+def _ids(k):
+    return [f"p{j}" for j in range(k)]
+
+
+@pytest.mark.parametrize("name", ["mean", "scc", "cs+rg", "median", "trimmed-mean", "geomed", "cc"])
+@FAST
+@given(data=st.data())
+def test_registry_rules_ignore_partner_order(name, data):
+    """Same rounds, partners listed in another order each round (ids move with their vectors)."""
+    rule_a, rule_b = AGGREGATORS[name](), AGGREGATORS[name]()
+    for _ in range(3):
+        x = data.draw(stacks(min_n=2, max_n=9))
+        own, others = x[0], list(x[1:])
+        k = len(others)
+        perm = data.draw(st.permutations(range(k)))
+        ids = _ids(k)
+        out_a = rule_a(own, others, RoundContext(self_id="me", partner_ids=ids))
+        out_b = rule_b(own, [others[j] for j in perm], RoundContext(self_id="me", partner_ids=[ids[j] for j in perm]))
+        close(out_b, out_a, scale_of(x), rtol=1e-4)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_sybilwall_weights_follow_ids_not_positions(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    k = data.draw(st.integers(2, 7))
+    d = data.draw(st.integers(1, 40))
+    ids = _ids(k)
+    # reported histories for some partners and a few non-partners; the others start on probation
+    reported = {p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32))
+                for p in ids + ["q0", "q1"] if rng.random() < 0.6}
+    if "p0" in reported and k > 1:
+        reported["p1"] = reported["p0"].clone()  # a Sybil pair
+    a, b = AGGREGATORS["sybilwall"](), AGGREGATORS["sybilwall"]()
+    for _ in range(3):
+        own = torch.from_numpy(rng.normal(size=d).astype(np.float32))
+        others = [torch.from_numpy(rng.normal(size=d).astype(np.float32)) for _ in range(k)]
+        perm = data.draw(st.permutations(range(k)))
+        a(own, others, RoundContext(self_id="me", partner_ids=ids, histories=reported))
+        b(own, [others[j] for j in perm],
+          RoundContext(self_id="me", partner_ids=[ids[j] for j in perm], histories=reported))
+        torch.testing.assert_close(torch.tensor(b.last_weights, dtype=torch.float64),
+                                   torch.tensor([a.last_weights[j] for j in perm], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- clipping
+
+
+@FAST
+@given(x=stacks(min_n=2, max_n=8), data=st.data())
+def test_self_centred_clip_with_infinite_radius_is_weighted_gossip(x, data):
+    own, others = x[0], list(x[1:])
+    w = [data.draw(st.floats(0.0, 1.0)) / len(others) for _ in others]
+    expected = own.double() + sum(wj * (xj.double() - own.double()) for wj, xj in zip(w, others))
+    close(self_centred_clip(own, others, w, math.inf), expected.float(), scale_of(x))
+    # and the registry's plain gossip is the uniform case: the mean of own and partners
+    close(AGGREGATORS["mean"]()(own, others), x.double().mean(0).float(), scale_of(x))
+
+
+@FAST
+@given(x=stacks(), iters=st.integers(1, 4))
+def test_centred_clipping_with_huge_radius_is_the_mean(x, iters):
+    # one clipped step from v = 0 with nothing clipped lands on the mean; later steps stay there
+    close(CenteredClipping(tau=1e30, iters=iters)(x), x.double().mean(0).float(), scale_of(x))
+
+
+@FAST
+@given(own=stacks(min_n=1, max_n=1, max_d=30), direction=stacks(min_n=1, max_n=1, max_d=30),
+       dist=st.floats(1e-3, 1e7), w=st.floats(0.01, 1.0), tau=st.floats(1e-2, 1e3))
+def test_self_centred_clip_moves_own_by_at_most_w_tau(own, direction, dist, w, tau):
+    own = own[0].double()
+    u = torch.ones_like(own) if direction.shape[1] != own.shape[0] else direction[0].double()
+    if float(u.norm()) == 0:
+        u = torch.ones_like(own)
+    partner = own + dist * u / u.norm()
+    out = self_centred_clip(own, [partner], [w], tau)
+    moved = float((out - own).norm())
+    assert moved <= w * tau * (1 + 1e-9) + 1e-12
+    if dist <= tau:  # inside the radius: no clipping, a plain step of w
+        assert math.isclose(moved, w * dist, rel_tol=1e-9)
+    else:  # outside: exactly w * tau, towards the partner
+        assert math.isclose(moved, w * tau, rel_tol=1e-9)
+
+
+def test_self_centred_clip_total_move_is_bounded_by_the_weights():
+    torch.manual_seed(0)
+    own = torch.zeros(20, dtype=torch.float64)
+    others = [torch.randn(20, dtype=torch.float64) * 10 ** e for e in range(-2, 6)]
+    w = [0.1] * len(others)
+    for tau in (0.01, 1.0, 50.0):
+        assert float(self_centred_clip(own, others, w, tau).norm()) <= sum(w) * tau + 1e-12
+    assert float(clip(torch.tensor([3.0, 4.0]), 1.0).norm()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["scc", "cs+rg", "sybilwall+scc"])
+@FAST
+@given(x=stacks(min_n=2, max_n=9))
+def test_clipped_gossip_moves_own_by_at_most_sum_w_tau(name, x):
+    rule = AGGREGATORS[name]()
+    own, others = x[0], list(x[1:])
+    ids = _ids(len(others))
+    hist = {p: torch.randn(SKETCH_DIM, generator=torch.Generator().manual_seed(j)) for j, p in enumerate(ids)}
+    for _ in range(6):  # past RadiusCap's warmup too
+        out = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist))
+        if math.isfinite(rule.last_tau):
+            bound = sum(rule.last_weights) * rule.last_tau
+            assert float((out.double() - own.double()).norm()) <= bound * (1 + 1e-5) + 1e-6 * scale_of(x)
+
+
+@pytest.mark.parametrize("name", ["scc", "cs+rg", "sybilwall+scc"])
+@pytest.mark.parametrize("distance", [3.5, 1e6])
+def test_a_round_where_every_partner_is_far_moves_own_little(name, distance):
+    """After honest rounds (partners at distance ~1), a round whose partners are all at `distance`
+    moves own by at most sum(w) x (cap factor x the recent median distance), not by ~distance:
+    the radius is capped by the partners' history (and far ones may be dropped outright)."""
+    rng = np.random.default_rng(11)
+    d, k = 30, 4
+    own = torch.zeros(d)
+    ids = _ids(k)
+    ctx = RoundContext(self_id="me", partner_ids=ids,
+                       histories={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
+    rule = AGGREGATORS[name]()
+
+    def unit():
+        u = rng.normal(size=d)
+        return torch.from_numpy((u / np.linalg.norm(u)).astype(np.float32))
+
+    for _ in range(5):
+        rule(own, [unit() * float(rng.uniform(0.8, 1.2)) for _ in ids], ctx)
+    moved = float(rule(own, [unit() * distance for _ in ids], ctx).norm())
+    assert 0.8 <= rule.cap.median() <= 1.2  # 20 honest distances, 4 far ones
+    if sum(rule.last_weights) > 0:
+        assert rule.last_tau <= rule.cap.factor * rule.cap.median()
+        assert moved <= sum(rule.last_weights) * rule.last_tau * (1 + 1e-5)
+    else:
+        assert moved == 0.0
+    assert moved <= 2.0
+
+
+@pytest.mark.parametrize("name", ["scc", "cs+rg"])
+def test_clipped_gossip_ignores_a_far_partner_when_the_others_agree(name):
+    """Three partners equal to own model, one far away: the radius is 0 and own does not move."""
+    own = torch.randn(50)
+    far = own + 1e6
+    for k, others in enumerate(([own.clone(), own.clone(), far, own.clone()], [far, own.clone(), own.clone(), own.clone()])):
+        out = AGGREGATORS[name]()(own, others)
+        assert torch.equal(out, own), (name, k, float((out - own).norm()))
+
+
+@FAST
+@given(c=st.floats(1e-3, 1e3), k=st.integers(2, 12), data=st.data())
+def test_adaptive_radius_with_equal_distances(c, k, data):
+    w = 1.0 / (k + 1)
+    q = data.draw(st.integers(0, k - 2))
+    budget = (q + 0.5) * w  # drops the q + 1 farthest (all tied), keeps k - q - 1
+    tau = adaptive_radius([c] * k, [w] * k, budget)
+    assert math.isclose(tau, c * math.sqrt((k - q - 1) * w / budget), rel_tol=1e-9)
+    assert adaptive_radius([c] * k, [w] * k, 0.0) == math.inf
+    assert adaptive_radius([c] * k, [w] * k, 2.0) == 0.0  # the budget covers everyone
+
+
+def test_radius_cap_is_factor_times_the_recent_median_distance():
+    cap = RadiusCap(factor=2.0, window=5)
+    assert cap(1e9) == 1e9  # no distance seen yet: nothing to cap with
+    cap.observe([1.0, 3.0, 2.0])
+    assert cap.median() == 2.0 and cap(math.inf) == 2.0 * 2.0
+    cap.observe([5.0])
+    assert cap(0.5) == 0.5  # under the cap: unchanged
+    assert cap(1e9) == 2.0 * 2.0  # (1, 2, 3, 5): the lower of the two middle distances
+    # inf distances are ignored: (1, 3, 2, 5, 4) -> median 3 (kept, the window would hold 5, inf x 3, 4)
+    cap.observe([math.inf, math.inf, math.inf, 4.0])
+    assert cap(1e9) == 2.0 * 3.0
+    # only the last `window` distances count: (3, 2, 5, 4, 7) -> median 4 (with the 1 it would be 3)
+    cap.observe([7.0])
+    assert cap(1e9) == 2.0 * 4.0
+
+
+# ------------------------------------------------------------- FoolsGold
+
+
+def _histories(rng, n, d=1000):
+    return torch.from_numpy(rng.normal(size=(n, d)))
+
+
+NORMALISE = ["max", "median"]  # "median" is what SybilWall uses
+
+
+@pytest.mark.parametrize("normalise", NORMALISE)
+def test_foolsgold_identical_histories_get_zero_and_a_lone_peer_one(normalise):
+    rng = np.random.default_rng(0)
+    h = _histories(rng, 6)
+    h[4] = h[1]
+    h[5] = h[1] * 3.0  # same direction, other length: cosine 1
+    wts = foolsgold_weights(cosine_matrix(h), normalise=normalise)
+    assert wts[1] == wts[4] == wts[5] == 0.0
+    assert (wts[[0, 2, 3]] > 0.5).all()
+    assert foolsgold_weights(torch.zeros(1, 1), normalise=normalise).tolist() == [1.0]
+    assert foolsgold_weights(torch.zeros(0, 0), normalise=normalise).numel() == 0
+    # everyone identical: nobody is trusted
+    assert foolsgold_weights(cosine_matrix(h[[1, 4, 5]]), normalise=normalise).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_foolsgold_pardons_an_honest_peer_that_merely_resembles_a_sybil():
+    """h resembles the Sybil pair (cosine 0.7) but is not one: its similarity is scaled by
+    v_h / v_s = 0.7 (pardoning), so a_h = 1 - 0.49 and w_h = ln(0.51 / 0.49) + 0.5."""
+    cs = torch.tensor([
+        [1.0, 0.7, 0.7, 0.0],  # h
+        [0.7, 1.0, 1.0, 0.0],  # sybil 1
+        [0.7, 1.0, 1.0, 0.0],  # sybil 2
+        [0.0, 0.0, 0.0, 1.0],  # d, unlike anyone
+    ], dtype=torch.float64)
+    w = foolsgold_weights(cs)
+    expected = torch.tensor([math.log(0.51 / 0.49) + 0.5, 0.0, 0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(w, expected)
+
+
+@FAST
+@given(n=st.integers(1, 12), seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(["histories", "any"]),
+       normalise=st.sampled_from(NORMALISE))
+def test_foolsgold_weights_lie_in_unit_interval(n, seed, mode, normalise):
+    rng = np.random.default_rng(seed)
+    if mode == "histories":
+        h = _histories(rng, n, d=int(rng.integers(1, 50)))
+        if n > 2:
+            h[-1] = h[0]
+        cs = cosine_matrix(h)
+    else:  # any similarity matrix in [-1, 1], even asymmetric
+        cs = torch.from_numpy(rng.uniform(-1, 1, (n, n)))
+    w = foolsgold_weights(cs, normalise=normalise)
+    assert w.shape == (n,) and torch.isfinite(w).all()
+    assert ((w >= 0) & (w <= 1)).all()
+    if w.max() > 0:  # the least similar peer is fully trusted
+        assert w.max() == 1.0
+
+
+@pytest.mark.parametrize("normalise", NORMALISE)
+def test_foolsgold_sybil_cluster_gets_zero_and_diverse_peers_keep_weight(normalise):
+    rng = np.random.default_rng(1)
+    diverse = _histories(rng, 10)
+    base = torch.from_numpy(rng.normal(size=1000))
+    cluster = torch.stack([base + 0.01 * torch.from_numpy(rng.normal(size=1000)) for _ in range(5)])
+    h = torch.cat([diverse, cluster])[torch.from_numpy(rng.permutation(15))]
+    is_sybil = torch.tensor([bool((row == cluster).all(1).any()) for row in h])
+    w = foolsgold_weights(cosine_matrix(h), normalise=normalise)
+    assert (w[is_sybil] < 0.01).all(), w
+    assert (w[~is_sybil] > 0.5).all(), w
+
+
+def test_similarity_takes_the_larger_of_reported_and_observed():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    cs = similarity({"x": a, "y": b}, {"x": a, "y": a}, ["x", "y", "z"])
+    assert cs[0, 1] == pytest.approx(1.0)  # observed says identical, reported says orthogonal
+    assert cs[2, 0] == -1.0 and cs[0, 2] == -1.0  # no history: similar to nothing
+
+
+# ------------------------------------------------------------- sketches
+
+
+@FAST
+@given(d=st.integers(1, 3000), k=st.integers(1, 600), seed=st.integers(0, 1000), data=st.data())
+def test_sketch_is_linear(d, k, seed, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    a, b = (torch.from_numpy(rng.normal(size=d)) for _ in range(2))
+    s = Sketcher(d, k=k, seed=seed)
+    assert s(a).shape == (k,)
+    c = data.draw(st.floats(-1e3, 1e3))
+    torch.testing.assert_close(s(a + b), s(a) + s(b))
+    torch.testing.assert_close(s(c * a), c * s(a))
+    # the same seed gives the same sketch on every peer
+    torch.testing.assert_close(Sketcher(d, k=k, seed=seed)(a), s(a))
+
+
+def test_sketch_padding_and_seed():
+    s = Sketcher(1000, k=512, seed=0)  # 1000 is no multiple of 512: 24 padding slots
+    assert int((s.signs != 0).sum()) == 1000 and set(s.signs[:1000].unique().tolist()) == {-1.0, 1.0}
+    x = torch.randn(1000)
+    assert not torch.allclose(Sketcher(1000, seed=1)(x), s(x))
+    # a sketch keeps the norm in expectation: E||Sx||^2 = ||x||^2
+    norms = [float(Sketcher(1000, seed=i)(x).norm() ** 2) for i in range(200)]
+    assert np.mean(norms) == pytest.approx(float(x.norm() ** 2), rel=0.05)
+    with pytest.raises(ValueError):
+        s(torch.zeros(999))
+
+
+def test_sketch_cosines_approximate_vector_cosines():
+    rng = np.random.default_rng(3)
+    d = 10_000
+    s = Sketcher(d)
+    errors = []
+    for rho in np.linspace(-1, 1, 41):
+        a = rng.normal(size=d)
+        b = rho * a + math.sqrt(max(0.0, 1 - rho**2)) * rng.normal(size=d)
+        h = torch.from_numpy(np.stack([a, b]))
+        true = float(cosine_matrix(h)[0, 1])
+        est = float(cosine_matrix(torch.stack([s(h[0]), s(h[1])]))[0, 1])
+        errors.append(abs(est - true))
+    assert max(errors) < 0.15, max(errors)
+    assert np.mean(errors) < 0.05, np.mean(errors)
+
+
+# ------------------------------------------------------------- every registry rule
+
+
+def test_registry_names_match_the_descriptions():
+    assert set(AGGREGATORS) == set(DESCRIPTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_every_rule_returns_a_finite_vector(name):
+    rng = np.random.default_rng(7)
+    d = 37
+    rule = AGGREGATORS[name]()
+    assert torch.equal(rule(torch.ones(d), []), torch.ones(d))  # nobody to mix with
+    for rnd in range(2):
+        for k in (1, 2, 5):
+            own = torch.from_numpy(rng.normal(size=d).astype(np.float32))
+            others = [torch.from_numpy(rng.normal(size=d).astype(np.float32)) for _ in range(k)]
+            if k == 5:
+                others[3] = others[2].clone()  # a duplicate
+                others[4] = own.clone()  # a partner at distance 0
+            ids = _ids(k)
+            hist = {p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids[: k - 1]}
+            for ctx in (None, RoundContext(self_id="me", partner_ids=ids, histories=hist)):
+                out = rule(own, others, ctx)
+                assert out.shape == (d,) and out.dtype == torch.float32, (name, k, ctx)
+                assert torch.isfinite(out).all(), (name, k, ctx, rnd)
+                assert out.data_ptr() != own.data_ptr()  # never an alias of the caller's model
