@@ -112,6 +112,7 @@ class PeerDaemon:
         self.last_checkpoint: tuple[int, float] | None = None
         self._serving = 0
         self.last_round: dict[str, Any] = {}
+        self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
@@ -289,7 +290,6 @@ class PeerDaemon:
             self.picker.failed(peer_id, self.transport.now())
             log.info("rejected model from %s: %s", peer_id[:12], reason)
             return None
-        self.picker.succeeded(peer_id)
         return step, model
 
     async def gossip_round(self) -> bool | None:
@@ -318,6 +318,13 @@ class PeerDaemon:
                            byzantine_fraction=self.config.byzantine_fraction)
         mixed = await asyncio.to_thread(self.aggregator, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))
+        distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
+        for p in ids:
+            if p in distrusted:
+                self.distrusted[p] = self.distrusted.get(p, 0) + 1
+                self.picker.failed(p, now)
+            else:
+                self.picker.succeeded(p)
         self.counters["rounds_ok"] += 1
         self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
                            "tau": getattr(self.aggregator, "last_tau", None)}
@@ -333,6 +340,9 @@ class PeerDaemon:
                 chosen = random.Random(self.peer_id).sample(live, min(3, len(live)))
                 pulled = await asyncio.gather(*(self._pull_checked(i.record.peer_id, list(i.record.addrs), own) for i in chosen))
                 got = [r for r in pulled if r is not None]
+                for info, r in zip(chosen, pulled):
+                    if r is not None:
+                        self.picker.succeeded(info.record.peer_id)
                 if got:
                     self.trainer.load_flat(coordinate_median([m for _, m in got]))
                     self.trainer.set_step(sorted(s for s, _ in got)[len(got) // 2])
@@ -423,6 +433,7 @@ class PeerDaemon:
             "serve_errors": dict(self.serve_errors),
             "record_rejects": dict(self.view.rejected),
             "last_round": self._last_round_status(),
+            "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
             "checkpoint": {
                 "step": self.last_checkpoint[0] if self.last_checkpoint else None,
                 "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,

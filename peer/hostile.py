@@ -15,7 +15,8 @@ per-coordinate standard deviation of the honest models it pulled last round:
 - gaussian:        base + N(0, 10^2) per coordinate
 - labelflip:       trains on y -> 9 - y, serves its model
 - targeted:        a Sybil cluster; every member trains on the same data (the examples of
-                   classes 0 and 1 in its shard, labels swapped) with the same seed, serves its model
+                   classes 0 and 1 in its shard, labels swapped) with the same seed, and serves
+                   base + 3 u (its poisoned update boosted x3)
 - adaptive-sybil:  targeted, and adds fresh noise (3x the history's norm) to the history it reports
 - alie:            mu - z sigma, z = 0.253 (n = 25, f = 5)
 - ipm:             base - 2 (mu - base)     (inner-product manipulation, eps = 2)
@@ -118,7 +119,9 @@ class HostilePolicy:
             return x_r - 1.5 * (mu - x_r)
         if a == "replacement":
             return mu + 10 * (own - mu)
-        return own  # data attacks serve their (poisoned) model as it is
+        if a in TARGETED:
+            return base + 3 * u  # the poisoned local update, boosted x3 so that plain averaging feels it
+        return own  # label flip serves its (poisoned) model as it is
 
     def report_history(self, sketch: torch.Tensor) -> torch.Tensor:
         if self.attack == "adaptive-sybil":

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--aggregators", help="comma-separated registry names (default: all, or the quick set)")
     ap.add_argument("--attacks", help=f"comma-separated (default: all): {', '.join(ALL_ATTACKS)}")
-    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=None, help="gossip rounds (default 100; 40 with --quick)")
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--partners", type=int, default=None, help="partners per round (default: the daemon's)")
     ap.add_argument("--honest", type=int, default=20)
@@ -156,6 +156,7 @@ def main() -> None:
     for a in attacks:
         if a not in ALL_ATTACKS:
             ap.error(f"unknown attack {a!r}")
+    args.rounds = args.rounds or (40 if args.quick else 100)
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
               byzantine=args.byzantine, seed=args.seed)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]

@@ -101,6 +101,7 @@ class SybilWallWeights:
 
     def __init__(self, max_tracked: int = 1024):
         self.observed: dict[str, torch.Tensor] = {}
+        self.on_probation: set[str] = set()
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
 
@@ -118,6 +119,7 @@ class SybilWallWeights:
         ids = sorted((known | set(ctx.partner_ids)) - {ctx.self_id})
         scores = foolsgold_weights(similarity(reported, self.observed, ids), normalise="median") if ids else []
         score = dict(zip(ids, (float(s) for s in scores)))
+        self.on_probation = {p for p in ctx.partner_ids if p not in known}
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 
     def observe(self, ctx: RoundContext, diff_sketches: Sequence[torch.Tensor], mixed_sketch: torch.Tensor) -> None:
@@ -149,6 +151,7 @@ class WeightedGossip:
         self.cap = RadiusCap()
         self.last_tau: float = math.inf
         self.last_weights: list[float] = []
+        self.last_distrusted: list[str] = []
         self.outliers_dropped = 0
 
     def __call__(self, own, others, ctx=None):
@@ -170,6 +173,11 @@ class WeightedGossip:
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
         self.last_weights = w
+        # partners this rule refused to mix (distance outliers, Sybil weight 0 after probation):
+        # the daemon backs them off, so later rounds spend their pulls on others
+        probation = self.sybil.on_probation if self.sybil is not None else set()
+        self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
+                                if r == 0 and ctx.partner_ids[j] not in probation]
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau
         factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
