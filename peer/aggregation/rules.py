@@ -114,11 +114,25 @@ class SybilWallWeights:
         return self.sketcher_for(x.numel())(x)
 
     def weights(self, ctx: RoundContext) -> list[float]:
+        """FoolsGold weights for this round's partners: the smaller of the reported-history and the
+        observed-history scores, each computed over every peer that channel knows.
+
+        Scored separately because the channels see different things: reported histories (sums of
+        local updates) of honest peers all share the descent direction, so every pair looks alike
+        there and only a true clone stands out; observed deviations of honest peers scatter around
+        our mixed model, while attackers who push the same way (sign flip, ALIE, IPM, dissensus,
+        label flip, Sybils) line up. A peer must look independent in both.
+        """
         reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
         known = set(reported) | set(self.observed)
-        ids = sorted((known | set(ctx.partner_ids)) - {ctx.self_id})
-        scores = foolsgold_weights(similarity(reported, self.observed, ids), normalise="median") if ids else []
-        score = dict(zip(ids, (float(s) for s in scores)))
+        score = {p: 1.0 for p in known}
+        for source in (reported, self.observed):
+            ids = sorted(set(source) - {ctx.self_id})
+            if len(ids) < 2:
+                continue
+            ws = foolsgold_weights(similarity(source, {}, ids), normalise="median")
+            for p, w in zip(ids, ws):
+                score[p] = min(score[p], float(w))
         self.on_probation = {p for p in ctx.partner_ids if p not in known}
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 
