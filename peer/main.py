@@ -53,7 +53,11 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     async def main() -> int:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers)
-        daemon = PeerDaemon(cfg, transport)
+        try:
+            daemon = PeerDaemon(cfg, transport)
+        except ValueError as e:  # a bad setting (aggregator, attack, shard, task...): one line, exit 2
+            log.error("cannot start: %s", e)
+            return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)

@@ -102,3 +102,12 @@ def test_attacks_cross_the_protocol_and_the_default_resists(attack):
         assert mean["attack_success_rate"] > 2 * default["attack_success_rate"] + 0.05, (mean, default)
     else:
         assert default["accuracy"] > mean["accuracy"] + 0.2, (mean, default)
+
+
+def test_unknown_aggregator_or_attack_is_one_line_and_exit_2(tmp_path):
+    for flag, value in (("--aggregator", "bogus"), ("--experiment-attack", "bogus")):
+        r = subprocess.run([sys.executable, "-m", "cli.main", "join", "--data-dir", str(tmp_path / value / flag[2:]),
+                            flag, value, "--listen", "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "cannot start: unknown" in r.stderr and "Traceback" not in r.stderr
