@@ -236,9 +236,9 @@ def test_clipped_gossip_ignores_a_far_partner_when_the_others_agree(name):
 def test_adaptive_radius_with_equal_distances(c, k, data):
     w = 1.0 / (k + 1)
     q = data.draw(st.integers(0, k - 2))
-    budget = (q + 0.5) * w  # drops the q + 1 farthest (all tied), keeps k - q - 1
+    budget = (q + 0.5) * w  # drops q whole partners and half of one (all tied): k - q - 0.5 kept
     tau = adaptive_radius([c] * k, [w] * k, budget)
-    assert math.isclose(tau, c * math.sqrt((k - q - 1) * w / budget), rel_tol=1e-9)
+    assert math.isclose(tau, c * math.sqrt((k - q - 0.5) * w / budget), rel_tol=1e-9)
     assert adaptive_radius([c] * k, [w] * k, 0.0) == math.inf
     assert adaptive_radius([c] * k, [w] * k, 2.0) == 0.0  # the budget covers everyone
 

@@ -111,3 +111,22 @@ def test_unknown_aggregator_or_attack_is_one_line_and_exit_2(tmp_path):
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2, r.stderr
         assert "cannot start: unknown" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_swarm_wide_drift_does_not_isolate_a_peer():
+    """Regression: when every partner's distance jumps (early training, a burst of local steps),
+    the outlier screen compared them with the recent median only, dropped them all, and the peer
+    stopped mixing for good (seen in a 3-peer real swarm stuck below 85 %)."""
+    from peer.aggregation import RoundContext, make_aggregator
+
+    rule = make_aggregator(DEFAULT_AGGREGATOR)
+    gen = torch.Generator().manual_seed(0)
+    own = torch.zeros(1000)
+    ids = ["a", "b", "c"]
+    hist = {p: torch.randn(512, generator=gen) for p in ids}
+    for scale in [0.01] * 20 + [1.0] * 3:
+        others = [own + scale * torch.randn(1000, generator=gen) for _ in ids]
+        out = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=dict(hist)))
+    assert all(w > 0 for w in rule.last_weights), rule.last_weights
+    assert rule.last_distrusted == []
+    assert float((out - own).norm()) > 0.1

@@ -52,18 +52,22 @@ class CenteredClipping:
 
 
 def adaptive_radius(dists: Sequence[float], weights: Sequence[float], budget: float) -> float:
-    """ClippedGossip's radius from partner distances, their mixing weights and the Byzantine budget."""
+    """ClippedGossip's radius from partner distances, their mixing weights and the Byzantine budget.
+
+    The farthest partners are dropped until exactly `budget` weight is gone (the last one only in
+    part), then tau = sqrt(sum_kept W_j d_j^2 / budget). Dropping whole partners instead would
+    overshoot with few partners: with 2 partners and a budget of a quarter of their weight, the
+    farther honest one would always be clipped to the nearer one's distance.
+    """
     if budget <= 0:
         return math.inf
     order = sorted(range(len(dists)), key=lambda j: dists[j], reverse=True)
-    dropped = 0.0
-    kept = list(order)
+    to_drop = budget
+    total = 0.0
     for j in order:
-        if dropped >= budget:
-            break
-        dropped += weights[j]
-        kept.remove(j)
-    total = sum(weights[j] * dists[j] ** 2 for j in kept)
+        gone = min(weights[j], to_drop)
+        to_drop -= gone
+        total += (weights[j] - gone) * dists[j] ** 2
     return math.sqrt(total / budget)
 
 
@@ -88,7 +92,7 @@ class RadiusCap:
     Byzantine, and it cannot ratchet itself up the way a median of past radii would.
     """
 
-    def __init__(self, factor: float = 1.5, window: int = 64):
+    def __init__(self, factor: float = 2.0, window: int = 64):
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=window)
 

@@ -152,7 +152,8 @@ class WeightedGossip:
     weighting "uniform" (every partner 1) or "sybilwall"; radius "none" (plain weighted
     gossip), "adaptive" (ClippedGossip's rule) or "csrg" (CS+-RG: the distance at the weighted
     quantile total - 2 * delta). With a radius, partners farther than OUTLIER_FACTOR x the median
-    of recent partner distances get weight 0, and the radius is capped at 1.5 x that median
+    of recent partner distances (or of this round's, if larger) get weight 0, and the radius is
+    capped at 2 x the recent median
     (`RadiusCap`): the per-round radius alone is set by whoever was pulled this round.
     """
 
@@ -180,7 +181,11 @@ class WeightedGossip:
         dists, sk, out = _deviations(own, others, guess, sketcher)
         if self.radius != "none":
             self.cap.observe(dists)
-            far = self.OUTLIER_FACTOR * self.cap.median()
+            # relative to the recent median *and* this round's: when the whole swarm drifts apart
+            # (early training, a burst of local steps) nobody may become an outlier, or a peer
+            # would stop mixing and drift further still
+            this_round = sorted(dists)[(len(dists) - 1) // 2]
+            far = self.OUTLIER_FACTOR * max(self.cap.median(), this_round)
             dropped = [j for j, d in enumerate(dists) if d > far and raw[j] > 0]
             self.outliers_dropped += len(dropped)
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
