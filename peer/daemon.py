@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class PeerDaemon:
         if config.experiment_attack:
             from peer.hostile import HostilePolicy
 
-            self.hostile = HostilePolicy(config.experiment_attack, seed=hash(self.peer_id) % 2**31)
+            self.hostile = HostilePolicy(config.experiment_attack, seed=zlib.crc32(self.peer_id.encode()))
             self.hostile.poison(self.task)
             log.warning("EXPERIMENT: running as an attacker (%s)", config.experiment_attack)
         self.trainer = Trainer(
