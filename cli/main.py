@@ -7,8 +7,6 @@ or hivemind, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional

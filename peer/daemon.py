@@ -235,18 +235,9 @@ class PeerDaemon:
         return self.hostile.report_history(sketch) if self.hostile else sketch
 
     def _reported_histories(self, now: float) -> dict[str, torch.Tensor]:
-        """History sketches of every live peer whose record carries a well-formed one."""
-        out = {}
-        for info in self.view.live(now):
-            raw = info.record.history
-            if not raw:
-                continue
-            h = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
-            if bool(torch.isfinite(h).all()):
-                out[info.record.peer_id] = h
-            else:
-                self.view._reject("record_bad_history")
-        return out
+        """History sketches of every live peer whose record carries one (checked when parsed)."""
+        return {i.record.peer_id: torch.frombuffer(bytearray(i.record.history), dtype=torch.float16).float()
+                for i in self.view.live(now) if i.record.history}
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
@@ -313,9 +304,7 @@ class PeerDaemon:
         ids, models = [p for p, _ in got], [m for _, m in got]
         if self.hostile is not None:
             self.hostile.observe(ids, models)
-        histories = self._reported_histories(now)
-        histories[self.peer_id] = self._history_sketch()
-        ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=histories,
+        ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self._reported_histories(now),
                            byzantine_fraction=self.config.byzantine_fraction)
         mixed = await asyncio.to_thread(self.aggregator, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+
 from protocols.transport.base import StoredRecord
 
 RECORD_VERSION = 1
@@ -70,6 +72,8 @@ class PeerRecord:
             raise ValueError("state")
         history = raw.get("history", b"")
         if not isinstance(history, bytes) or len(history) not in (0, HISTORY_BYTES):
+            raise ValueError("history")
+        if history and not np.isfinite(np.frombuffer(history, dtype="<f2")).all():
             raise ValueError("history")
         return cls(
             peer_id=raw["peer_id"], addrs=tuple(addrs), task=raw["task"], step=raw["step"],

@@ -130,3 +130,10 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
     assert all(w > 0 for w in rule.last_weights), rule.last_weights
     assert rule.last_distrusted == []
     assert float((out - own).norm()) > 0.1
+
+
+def test_record_with_non_finite_history_is_refused_when_parsed():
+    nan = b"\x00\x7e" * (HISTORY_BYTES // 2)  # float16 NaN, little-endian
+    wire = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=nan).to_wire()
+    with pytest.raises(ValueError, match="history"):
+        PeerRecord.from_wire(wire)

@@ -20,9 +20,9 @@ import torch
 
 from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
-from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, self_centred_clip
+from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius
 from peer.aggregation import DESCRIPTIONS
-from peer.aggregation.sybil import CHUNK, SKETCH_DIM, Sketcher, foolsgold_weights, similarity
+from peer.aggregation.sybil import CHUNK, Sketcher, foolsgold_weights, similarity
 
 
 
@@ -32,7 +32,7 @@ class RoundContext:
 
     self_id: str = "self"
     partner_ids: Sequence[str] = ()
-    # reported history sketches (peer id -> SKETCH_DIM vector), learned through the DHT
+    # reported history sketches (peer id -> sybil.SKETCH_DIM vector), learned through the DHT
     histories: dict[str, torch.Tensor] = field(default_factory=dict)
     # fraction of a round's partners assumed Byzantine (sets f and the clipping budget)
     byzantine_fraction: float = 0.25
@@ -167,7 +167,6 @@ class WeightedGossip:
         self.last_tau: float = math.inf
         self.last_weights: list[float] = []
         self.last_distrusted: list[str] = []
-        self.outliers_dropped = 0
 
     def __call__(self, own, others, ctx=None):
         if not others:
@@ -187,7 +186,6 @@ class WeightedGossip:
             this_round = sorted(dists)[(len(dists) - 1) // 2]
             far = self.OUTLIER_FACTOR * max(self.cap.median(), this_round)
             dropped = [j for j, d in enumerate(dists) if d > far and raw[j] > 0]
-            self.outliers_dropped += len(dropped)
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
