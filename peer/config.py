@@ -58,6 +58,10 @@ class PeerConfig:
     max_steps: int | None = None
     step_delay_s: float = 0.0
     max_concurrent_serves: int = 8
+    max_serves_per_peer: int = 2  # one peer cannot take every serving slot
+    read_timeout_s: float = 10.0  # no byte for this long ends a transfer (slow-loris)
+    # closed run: a file of admitted peer ids, one per line; others' records and requests are dropped
+    allow_peers: str = ""
     log_format: str = "text"
 
     @property
@@ -74,6 +78,23 @@ class PeerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(PeerConfig)}
+
+
+def load_allowed_peers(path: str) -> frozenset[str] | None:
+    """Peer ids admitted to a closed run (one per line, '#' comments), or None for an open run."""
+    if not path:
+        return None
+    try:
+        lines = Path(os.path.expanduser(path)).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"--allow-peers {path}: {e.strerror or e}") from None
+    ids = {line.split("#", 1)[0].strip() for line in lines} - {""}
+    bad = [i for i in ids if not i.isalnum() or len(i) > 128]
+    if bad:
+        raise ValueError(f"--allow-peers {path}: not a peer id: {bad[0][:40]!r}")
+    if not ids:
+        raise ValueError(f"--allow-peers {path}: no peer ids in the file")
+    return frozenset(ids)
 
 
 def _coerce(name: str, value: Any) -> Any:

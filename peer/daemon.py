@@ -27,7 +27,7 @@ import torch
 from peer import state as ckpt
 from peer.aggregation import RoundContext, coordinate_median, make_aggregator
 from peer.aggregation.sybil import Sketcher
-from peer.config import PeerConfig
+from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
@@ -35,6 +35,7 @@ from peer.validation import reject_reason
 from protocols import gossip
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
 from protocols.discovery import HISTORY_DIM, PeerRecord, SwarmView, run_key
+from protocols.reputation import Reputation
 from protocols.transport.base import CountingStream, Transport, TransportError
 
 log = logging.getLogger("peer.daemon")
@@ -70,6 +71,15 @@ def pull_failure_reason(exc: BaseException) -> str:
 NETWORK_FAILURES = {"timeout", "unreachable", "disconnected", "remote_error"}
 
 
+def reputation_event(reason: str) -> str:
+    """The reputation event for a counted failure reason (network trouble costs less than garbage)."""
+    if reason in ("timeout", "unreachable", "disconnected"):
+        return reason
+    if reason == "remote_error":
+        return "busy"  # it answered, politely, that it will not serve us now
+    return "malformed"
+
+
 class PeerDaemon:
     def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None):
         self.config = config
@@ -98,7 +108,9 @@ class PeerDaemon:
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
-        self.view = SwarmView(self.peer_id, config.task)
+        self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
+        self.view = SwarmView(self.peer_id, config.task, allowed=self.allowed)
+        self.reputation = Reputation()
         self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
         self.counters: dict[str, Any] = {
             "rounds_ok": 0, "rounds_failed": 0, "bytes_sent": 0, "bytes_received": 0,
@@ -112,6 +124,7 @@ class PeerDaemon:
         self.started = time.time()
         self.last_checkpoint: tuple[int, float] | None = None
         self._serving = 0
+        self._serving_by_peer: dict[str, int] = {}
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
         self._stop = asyncio.Event()
@@ -244,7 +257,11 @@ class PeerDaemon:
         try:
             now = self.transport.now()
             await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
-            self.view.update(await self.transport.lookup(key), self.transport.now())
+            now = self.transport.now()
+            refused = self.view.update(await self.transport.lookup(key), now, banned=frozenset(self.reputation.banned_peers(now)))
+            for owner, reason in refused:
+                if owner is not None and owner != self.peer_id:
+                    self._penalise(owner, "bad_record", reason, now)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
         self._write_metrics()
@@ -255,7 +272,7 @@ class PeerDaemon:
 
     # --- gossip ----------------------------------------------------------------------------
     async def pull_model(self, peer_id: str, addrs: list[str] | None = None) -> tuple[int, torch.Tensor]:
-        stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters)
+        stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters, self.config.read_timeout_s)
         try:
             await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
             header = await read_header(stream, DEFAULT_LIMITS)
@@ -273,21 +290,35 @@ class PeerDaemon:
             reason = pull_failure_reason(e)
             bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
             bucket[reason] = bucket.get(reason, 0) + 1
-            delay = self.picker.failed(peer_id, self.transport.now())
+            now = self.transport.now()
+            delay = self.picker.failed(peer_id, now)
+            self._penalise(peer_id, reputation_event(reason), reason, now)
             log.info("pull from %s failed: %s (%s); skipping it for %.0fs", peer_id[:12], reason, str(e)[:80], delay)
             return None
         reason = reject_reason(own, model)
         if reason is not None:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            self.picker.failed(peer_id, self.transport.now())
+            now = self.transport.now()
+            self.picker.failed(peer_id, now)
+            self._penalise(peer_id, "rejected_update", reason, now)
             log.info("rejected model from %s: %s", peer_id[:12], reason)
             return None
+        self.view.mark_proven(peer_id)
+        self.reputation.reward(peer_id, self.transport.now())
         return step, model
+
+    def _penalise(self, peer_id: str, event: str, reason: str, now: float) -> None:
+        """Lower a peer's reputation; a banned peer leaves our view and is refused service."""
+        before = self.reputation.bans_total
+        if self.reputation.penalise(peer_id, event, now):
+            self.view.drop(peer_id)
+            if self.reputation.bans_total > before:
+                log.warning("banned %s for %.0fs (last: %s)", peer_id[:12], self.reputation.banned_peers(now).get(peer_id, 0), reason)
 
     async def gossip_round(self) -> bool | None:
         """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
         now = self.transport.now()
-        live = {i.record.peer_id: i for i in self.view.live(now)}
+        live = {i.record.peer_id: i for i in self.view.live(now) if not self.reputation.banned(i.record.peer_id, now)}
         if self.hostile is not None:
             live = {p: i for p, i in live.items() if p not in self.hostile.colluders}
         partners = self.picker.pick(list(live), now)
@@ -313,6 +344,7 @@ class PeerDaemon:
             if p in distrusted:
                 self.distrusted[p] = self.distrusted.get(p, 0) + 1
                 self.picker.failed(p, now)
+                self.reputation.penalise(p, "distrusted", now)
             else:
                 self.picker.succeeded(p)
         self.counters["rounds_ok"] += 1
@@ -344,13 +376,26 @@ class PeerDaemon:
         log.warning("no live peer answered within %.0fs; starting from a fresh model", self.config.join_sync_timeout_s)
 
     async def _serve_model(self, raw_stream) -> None:
-        stream = CountingStream(raw_stream, self.counters)
-        if self._serving >= self.config.max_concurrent_serves:
+        stream = CountingStream(raw_stream, self.counters, self.config.read_timeout_s)
+        remote, now = stream.remote_peer, self.transport.now()
+        refusal = None
+        if self.allowed is not None and remote not in self.allowed:
+            refusal = "not_admitted"
+        elif self.reputation.banned(remote, now):
+            refusal = "banned"
+        elif self._serving_by_peer.get(remote, 0) >= self.config.max_serves_per_peer:
+            refusal = "busy"
+            self._penalise(remote, "flood", "too many concurrent requests", now)
+        elif self._serving >= self.config.max_concurrent_serves:
+            refusal = "busy"
+        if refusal is not None:  # answered without reading the request: refusing costs us nothing
             self.counters["serve_refused"] += 1
+            self.serve_errors[f"refused_{refusal}"] = self.serve_errors.get(f"refused_{refusal}", 0) + 1
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(write_header(stream, gossip.error_header("busy")), timeout=2)
+                await asyncio.wait_for(write_header(stream, gossip.error_header(refusal)), timeout=2)
             return
         self._serving += 1
+        self._serving_by_peer[remote] = self._serving_by_peer.get(remote, 0) + 1
         try:
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
             gossip.check_request(header, self.config.run_id, self.task.name)
@@ -362,15 +407,22 @@ class PeerDaemon:
             self.counters["serves"] += 1
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
+            self._penalise(remote, "malformed", e.reason, self.transport.now())
             log.info("refused request from %s: %s", stream.remote_peer[:12], e)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(write_header(stream, gossip.error_header(e.reason)), timeout=2)
         except Exception as e:
             reason = pull_failure_reason(e)
             self.serve_errors[reason] = self.serve_errors.get(reason, 0) + 1
+            self._penalise(remote, reputation_event(reason), reason, self.transport.now())
             log.info("serving %s failed: %s", stream.remote_peer[:12], reason)
         finally:
             self._serving -= 1
+            left = self._serving_by_peer.get(remote, 1) - 1
+            if left > 0:
+                self._serving_by_peer[remote] = left
+            else:
+                self._serving_by_peer.pop(remote, None)
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
@@ -422,6 +474,10 @@ class PeerDaemon:
             "serves": self.counters["serves"], "serve_refused": self.counters["serve_refused"],
             "serve_errors": dict(self.serve_errors),
             "record_rejects": dict(self.view.rejected),
+            "dht_rejects": dict(getattr(getattr(self.transport, "run_records", None), "rejected", None) or {}),
+            "reputation": self.reputation.summary(now),
+            "banned": self.reputation.banned_peers(now),
+            "closed_run": self.allowed is not None,
             "last_round": self._last_round_status(),
             "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
             "checkpoint": {

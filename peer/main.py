@@ -42,7 +42,9 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     import torch
     import uvloop
 
+    from peer.config import load_allowed_peers
     from peer.daemon import DataDirLocked, PeerDaemon
+    from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
 
     setup_logging(cfg)
@@ -52,8 +54,10 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
 
     async def main() -> int:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers)
         try:
+            allowed = load_allowed_peers(cfg.allow_peers)
+            transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
+                                          run_key=run_key(cfg.run_id), allowed=allowed)
             daemon = PeerDaemon(cfg, transport)
         except ValueError as e:  # a bad setting (aggregator, attack, shard, task...): one line, exit 2
             log.error("cannot start: %s", e)

@@ -20,6 +20,12 @@ MAX_ADDRS = 16
 MAX_STR = 512
 HISTORY_DIM = 512
 HISTORY_BYTES = 2 * HISTORY_DIM
+# A record lives a few heartbeats; one that claims to live longer is refused (it could otherwise sit
+# in every DHT node's storage for years, and a replayed old record would never expire).
+MAX_RECORD_TTL_S = 600.0  # records are published for 3 heartbeats
+# Bounds on what one node keeps of a run (memory, and DHT replies below hivemind's 4 MiB limit).
+MAX_VIEW_PEERS = 1024
+MAX_NEW_PER_HOST = 64  # peers not yet proven (no model pulled from them) advertising one host
 
 
 def run_key(run_id: str) -> str:
@@ -82,43 +88,103 @@ class PeerRecord:
         )
 
 
+def check_stored(owner: str | None, raw: Any, expiration: float, now: float,
+                 allowed: frozenset[str] | None = None) -> tuple[PeerRecord | None, str | None]:
+    """Everything a node can check about one record of the run: (record, None) or (None, reason).
+
+    Run on every record a DHT node is asked to store and on every record a lookup returns. The
+    signature itself was checked by the DHT (only the owner's key can write its slot); here we
+    check that the record speaks for the key that signed it, its schema and sizes, its lifetime,
+    and, in a closed run, that the owner was admitted.
+    """
+    if owner is None:
+        return None, "unsigned_record"
+    if allowed is not None and owner not in allowed:
+        return None, "not_admitted"
+    if expiration > now + MAX_RECORD_TTL_S:
+        return None, "record_ttl_too_long"
+    try:
+        rec = PeerRecord.from_wire(raw)
+    except ValueError as e:
+        return None, f"malformed_record:{e}"
+    if rec.peer_id != owner:
+        return None, "record_owner_mismatch"  # signed by one key, claims another peer
+    return rec, None
+
+
+def addr_host(addr: str) -> str:
+    """The host part of a multiaddr ('/ip4/1.2.3.4/tcp/1/p2p/X' -> '1.2.3.4')."""
+    parts = addr.split("/")
+    return parts[2] if len(parts) > 2 else addr
+
+
 @dataclass
 class PeerInfo:
     record: PeerRecord
     expiration: float
     last_seen: float  # local time we last saw this record change
+    proven: bool = False  # we pulled a valid model from it at least once
 
 
 @dataclass
 class SwarmView:
-    """Live peers of one run as seen from `self_id`, fed by DHT lookups."""
+    """Live peers of one run as seen from `self_id`, fed by DHT lookups.
+
+    Bounded, so a flood of fake records cannot evict real peers: a peer already in the view is
+    only ever removed by its own expiry or leave record, a newcomer is admitted only while there is
+    room (`max_peers`), and newcomers that advertise one host share `max_new_per_host` places
+    until a pulled model proves them real. `banned` (peer id -> until) keeps out peers the
+    reputation table cut off. `update` returns (owner, reason) for each record it refused, so the
+    caller can hold the signing key responsible.
+    """
 
     self_id: str
     task: str
+    allowed: frozenset[str] | None = None  # closed run: only these peer ids
+    max_peers: int = MAX_VIEW_PEERS
+    max_new_per_host: int = MAX_NEW_PER_HOST
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
 
-    def update(self, stored: Iterable[StoredRecord], now: float) -> None:
+    def update(self, stored: Iterable[StoredRecord], now: float, banned: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
+        refused: list[tuple[str | None, str]] = []
+        self.prune(now)
         for item in stored:
-            try:
-                rec = PeerRecord.from_wire(item.value)
-            except ValueError as e:
-                self._reject(f"malformed_record:{e}")
+            rec, reason = check_stored(item.owner, item.value, item.expiration, now, self.allowed)
+            if reason is None and rec.task != self.task:
+                reason = "record_wrong_task"
+            if reason is not None:
+                self._reject(reason)
+                refused.append((item.owner, reason))
                 continue
-            if rec.peer_id != item.owner:
-                self._reject("record_owner_mismatch")  # signed by one key, claims another peer
-                continue
-            if rec.peer_id == self.self_id:
-                continue
-            if rec.task != self.task:
-                self._reject("record_wrong_task")
+            if rec.peer_id == self.self_id or rec.peer_id in banned:
                 continue
             old = self.peers.get(rec.peer_id)
             if old is not None and old.record.time > rec.time:
-                continue  # an older record never replaces a newer one
+                continue  # an older (replayed) record never replaces a newer one
+            if old is None and not self._room_for(rec):
+                self._reject("view_full")
+                continue
             changed = old is None or old.record != rec
-            self.peers[rec.peer_id] = PeerInfo(rec, item.expiration, now if changed else old.last_seen)
+            self.peers[rec.peer_id] = PeerInfo(rec, item.expiration, now if changed else old.last_seen,
+                                               proven=old is not None and old.proven)
         self.prune(now)
+        return refused
+
+    def _room_for(self, rec: PeerRecord) -> bool:
+        if len(self.peers) >= self.max_peers:
+            return False
+        hosts = {addr_host(a) for a in rec.addrs}
+        same_host = sum(1 for i in self.peers.values() if not i.proven and hosts & {addr_host(a) for a in i.record.addrs})
+        return same_host < self.max_new_per_host
+
+    def mark_proven(self, peer_id: str) -> None:
+        info = self.peers.get(peer_id)
+        if info is not None:
+            info.proven = True
+
+    def drop(self, peer_id: str) -> None:
+        self.peers.pop(peer_id, None)
 
     def prune(self, now: float) -> None:
         for pid in [p for p, info in self.peers.items() if info.expiration <= now]:

@@ -70,7 +70,7 @@ class HostilePeer:
         await self.t.start()
         await self.t.set_handler(gossip.PROTOCOL, self.handle)
         rec = PeerRecord(self.t.peer_id, (f"/memory/{self.t.peer_id}",), "digits-mlp", 1, 1.0, 1, self.t.now())
-        await self.t.publish(run_key("test"), rec.to_wire(), self.t.now() + 3600)
+        await self.t.publish(run_key("test"), rec.to_wire(), self.t.now() + 60)  # within MAX_RECORD_TTL_S
 
     async def handle(self, stream):
         await read_header(stream)

@@ -7,6 +7,7 @@ for tests and simulation). The daemon only ever sees this interface.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -62,15 +63,21 @@ class Transport(abc.ABC):
 
 
 class CountingStream:
-    """Wraps a stream and adds the bytes it moves to a stats dict (bytes_sent / bytes_received)."""
+    """Wraps a stream: adds the bytes it moves to a stats dict (bytes_sent / bytes_received), and
+    bounds each read by `read_timeout` seconds, so a peer that stops sending (or sends one byte a
+    second) cannot hold a transfer open past one read's deadline without moving data."""
 
-    def __init__(self, inner: Stream, counters: dict[str, int]):
+    def __init__(self, inner: Stream, counters: dict[str, int], read_timeout: float | None = None):
         self.inner = inner
         self.remote_peer = inner.remote_peer
         self.counters = counters
+        self.read_timeout = read_timeout
 
     async def read_exactly(self, n: int) -> bytes:
-        data = await self.inner.read_exactly(n)
+        if self.read_timeout is None:
+            data = await self.inner.read_exactly(n)
+        else:
+            data = await asyncio.wait_for(self.inner.read_exactly(n), timeout=self.read_timeout)
         self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + len(data)
         return data
 

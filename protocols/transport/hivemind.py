@@ -18,6 +18,9 @@ from protocols.transport.base import StoredRecord, StreamHandler, Transport, Tra
 
 log = logging.getLogger("peer.transport")
 
+# A peer record is about 1.3 KiB (with its 1 KiB history sketch) plus a 256-byte RSA signature.
+MAX_RECORD_BYTES = 4096
+
 
 def load_identity_key(identity_path: str):
     """The RSA key inside p2pd's identity file (libp2p protobuf), as a hivemind RSAPrivateKey."""
@@ -70,18 +73,24 @@ class HivemindTransport(Transport):
         listen: list[str],
         announce: list[str] | None = None,
         initial_peers: list[str] | None = None,
+        run_key: str | None = None,
+        allowed: frozenset[str] | None = None,
     ):
         self.identity_path = identity_path
         self.listen = listen
         self.announce = announce or []
         self.initial_peers = initial_peers or []
+        self.run_key = run_key
+        self.allowed = allowed
         self.p2p = None
         self.dht = None
+        self.run_records = None
         self.peer_id = ensure_identity(identity_path)
 
     async def start(self) -> None:
         from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
+        from hivemind.dht.validation import CompositeValidator
         from hivemind.dht.routing import DHTID
         from hivemind.p2p import P2P
 
@@ -95,14 +104,23 @@ class HivemindTransport(Transport):
             check_if_identity_free=False,
         )
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
+        validators = [self.validator]
+        if self.run_key is not None:
+            self.run_records = RunRecordValidator(self.run_key, self.allowed)
+            validators.append(self.run_records)
         self.dht = await DHTNode.create(
             p2p=self.p2p,
             # Derived from the peer id, not from the global `random` (which libraries reseed).
             node_id=DHTID.generate(source=self.peer_id.encode()),
             initial_peers=self.initial_peers or None,
-            record_validator=self.validator,
+            record_validator=CompositeValidator(validators),
             ensure_bootstrap_success=False,
         )
+        if self.run_records is not None:
+            # hivemind's storage and cache are unbounded: a flood of signed records from fresh keys
+            # would grow memory and push DHT replies past its 4 MiB message limit.
+            self.dht.protocol.storage = bounded_storage(self.run_records)
+            self.dht.protocol.cache = bounded_storage(self.run_records)
         assert self.p2p.peer_id.to_base58() == self.peer_id
 
     async def stop(self) -> None:
@@ -200,3 +218,94 @@ def _owner_peer_id(subkey: Any) -> str | None:
     if len(_owner_cache) < 10_000:
         _owner_cache[subkey] = result
     return result
+
+
+def _unpack_plain(data: bytes) -> Any:
+    """msgpack without extension types (hivemind's serializer has some; our records use none)."""
+    import msgpack
+
+    def refuse(code: int, _data: bytes) -> Any:
+        raise ValueError(f"extension type {code}")
+
+    return msgpack.unpackb(data, raw=False, ext_hook=refuse, strict_map_key=False,
+                           max_bin_len=MAX_RECORD_BYTES, max_str_len=MAX_RECORD_BYTES)
+
+
+def _make_run_record_validator():
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from protocols.discovery import MAX_VIEW_PEERS, check_stored
+
+    class _RunRecordValidator(RecordValidatorBase):
+        """After the signature check: this node keeps only well-formed records of its own run.
+
+        Applied by hivemind to every record another node asks us to store and to every record a
+        lookup returns. A record under another key, bigger than MAX_RECORD_BYTES, speaking for a
+        peer other than its signer, living too long, malformed, or (closed runs) from a peer not
+        admitted is refused and counted in `rejected` by reason.
+        """
+
+        def __init__(self, run_key: str, allowed: frozenset[str] | None = None):
+            self.key_id = DHTID.generate(source=run_key).to_bytes()
+            self.allowed = allowed
+            self.max_records = MAX_VIEW_PEERS
+            self.rejected: dict[str, int] = {}
+
+        def _refuse(self, reason: str) -> bool:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            log.info("refused DHT record: %s", reason)
+            return False
+
+        def validate(self, record: DHTRecord) -> bool:
+            if record.key != self.key_id:
+                return self._refuse("foreign_key")
+            if len(record.value) > MAX_RECORD_BYTES:
+                return self._refuse("record_too_large")
+            try:
+                subkey = _unpack_plain(record.subkey)
+                value = _unpack_plain(record.value)
+            except Exception:
+                return self._refuse("malformed_record:msgpack")
+            _, reason = check_stored(_owner_peer_id(subkey), value, record.expiration_time, get_dht_time(), self.allowed)
+            return True if reason is None else self._refuse(reason)
+
+        @property
+        def priority(self) -> int:
+            return 0  # after RSASignatureValidator (10), which strips the signature first
+
+    return _RunRecordValidator
+
+
+def RunRecordValidator(run_key: str, allowed: frozenset[str] | None = None):
+    return _make_run_record_validator()(run_key, allowed)
+
+
+def bounded_storage(validator) -> Any:
+    """A DHT storage that holds at most `validator.max_records` subkeys per key (new ones refused when full).
+
+    Subkeys already stored are still updated, so a flood from fresh keys cannot evict the records
+    of peers this node already holds.
+    """
+    from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+
+    class _Bounded(DHTLocalStorage):
+        def store(self, key, value, expiration_time, subkey=None) -> bool:
+            if subkey is None:
+                return False  # our run only stores dictionaries of per-peer records
+            return self.store_subkey(key, subkey, value, expiration_time)
+
+        def store_subkey(self, key, subkey, value, expiration_time) -> bool:
+            current = self.get(key)
+            if current is not None and isinstance(current.value, DictionaryDHTValue):
+                entries = current.value
+                if subkey not in entries.data and len(entries.data) >= validator.max_records:
+                    # drop what has expired before deciding the store is over the bound
+                    entries.get(subkey)
+                    if len(entries.data) >= validator.max_records:
+                        validator.rejected["storage_full"] = validator.rejected.get("storage_full", 0) + 1
+                        return False
+            return super().store_subkey(key, subkey, value, expiration_time)
+
+    return _Bounded()
