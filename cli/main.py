@@ -43,6 +43,7 @@ def join(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="PEER_MAX_STEPS", help="Stop training (keep gossiping and serving) after this many steps."),
     threads: int = typer.Option(1, "--threads", envvar="PEER_THREADS", help="Torch threads for training (0: torch's default)."),
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", help="TOML file with any of these settings (flags and PEER_* win)."),
+    allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped. [default: open run]"),
     log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", help="text or json. [default: text]"),
 ) -> None:
     """Start a peer daemon in the foreground and join (or start) a training run."""
@@ -55,6 +56,7 @@ def join(
             "listen": listen, "announce": announce, "aggregator": aggregator, "shard": shard,
             "split": split, "alpha": alpha, "max_steps": max_steps, "log_format": log_format,
             "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
+            "allow_peers": str(allow_peers) if allow_peers else None,
         },
         config,
     )

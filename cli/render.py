@@ -39,14 +39,20 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed; sent {_bytes(s['bytes_sent'])}, received {_bytes(s['bytes_received'])}")
     rej = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **s["pull_failed"]}.items()) or "none"
     head.add_row("rejected / failed", rej)
+    refused = {**s.get("serve_errors", {}), **s.get("record_rejects", {}), **s.get("dht_rejects", {})}
+    head.add_row("refused (serving, records)", ", ".join(f"{k} {v}" for k, v in refused.items()) or "none")
+    banned = s.get("banned", {})
+    head.add_row("banned peers", ", ".join(f"{p[:12]}… {t:.0f}s" for p, t in banned.items()) or "none")
     ck = s["checkpoint"]
     head.add_row("checkpoint", f"step {ck['step']} ({_fmt(ck['age_s'])}s ago), errors {ck['errors']}" if ck["step"] is not None else "none yet")
 
     peers = Table(title=f"live peers in run {s['run_id']}: {len(s['live_peers'])}", title_justify="left")
-    for col in ("peer", "step", "samples/s", "last seen"):
+    for col in ("peer", "step", "samples/s", "last seen", "score"):
         peers.add_column(col)
+    reputation = s.get("reputation", {})
     backing_off = set(s.get("backing_off", ()))
     for p in s["live_peers"]:
         mark = " (backing off)" if p["peer_id"] in backing_off else ""
-        peers.add_row(p["peer_id"] + mark, str(p["step"]), f"{p['samples_per_s']:.0f}", f"{p['last_seen_s']:.0f}s ago")
+        peers.add_row(p["peer_id"] + mark, str(p["step"]), f"{p['samples_per_s']:.0f}", f"{p['last_seen_s']:.0f}s ago",
+                      _fmt(reputation.get(p["peer_id"], {}).get("score", 1.0)))
     return Group(head, peers)

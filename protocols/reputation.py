@@ -62,8 +62,8 @@ class Reputation:
                 self._forget_one(now)
             e = self._peers[peer] = _Entry(updated=now)
         else:
-            e.score = min(INITIAL, e.score + (now - e.updated) * self.recovery_per_s)
-            e.updated = now
+            e.score = min(INITIAL, e.score + max(0.0, now - e.updated) * self.recovery_per_s)
+            e.updated = max(now, e.updated)
         return e
 
     def _forget_one(self, now: float) -> None:
@@ -82,6 +82,7 @@ class Reputation:
             self.bans_total += 1
             e.banned_until = now + min(self.max_ban_s, self.ban_s * 2 ** (e.bans - 1))
             e.score = INITIAL / 2  # after the cool-down it gets another chance, but not a clean slate
+            e.updated = e.banned_until  # and its score starts recovering only then
             return True
         return e.banned_until > now
 
@@ -98,7 +99,7 @@ class Reputation:
         e = self._peers.get(peer)
         if e is None:
             return INITIAL
-        return min(INITIAL, e.score + (now - e.updated) * self.recovery_per_s)
+        return min(INITIAL, e.score + max(0.0, now - e.updated) * self.recovery_per_s)
 
     def banned_peers(self, now: float) -> dict[str, float]:
         """Banned peer id -> seconds left."""

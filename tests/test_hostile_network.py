@@ -1,0 +1,261 @@
+"""Hostile network, without sockets: reputation and bans, the bounded swarm view, DHT record checks,
+closed runs, and hypothesis fuzzing of every decoder and handler a stranger can reach."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from peer.config import load_allowed_peers
+from protocols.codec import ProtocolError
+from protocols.discovery import MAX_RECORD_TTL_S, PeerRecord, SwarmView, check_stored
+from protocols.reputation import Reputation
+from protocols.transport.base import StoredRecord
+from tests import fuzz_targets as ft
+
+
+def rec(peer: str, t: float = 0.0, host: str = "1.2.3.4", task: str = "t") -> PeerRecord:
+    return PeerRecord(peer, (f"/ip4/{host}/tcp/1/p2p/{peer}",), task, 1, 1.0, 1, t)
+
+
+def stored(r: PeerRecord, exp: float = 10.0, owner: str | None = None) -> StoredRecord:
+    return StoredRecord(owner or r.peer_id, r.to_wire(), exp)
+
+
+# --- reputation ---------------------------------------------------------------------------------
+def test_garbage_bans_quickly_network_trouble_slowly():
+    rep = Reputation()
+    assert [rep.penalise("liar", "malformed", now=0) for _ in range(3)] == [False, False, True]
+    assert rep.banned("liar", now=1) and "liar" in rep.banned_peers(now=1)
+    # timeouts cost little: an honest peer on a bad link survives many
+    assert not any(rep.penalise("slow", "timeout", now=0) for _ in range(9))
+    assert not rep.banned("slow", now=0)
+
+
+def test_ban_expires_and_repeat_bans_grow():
+    rep = Reputation(ban_s=60)
+    for _ in range(3):
+        rep.penalise("p", "malformed", now=0)
+    assert rep.banned("p", now=59) and not rep.banned("p", now=61)
+    # back after the ban with half a score: two more lies ban it again, for twice as long
+    rep.penalise("p", "malformed", now=61)
+    assert rep.penalise("p", "malformed", now=61)
+    assert rep.banned("p", now=61 + 119) and not rep.banned("p", now=61 + 121)
+
+
+def test_scores_recover_with_time_and_success():
+    rep = Reputation(recovery_per_s=0.01)
+    rep.penalise("p", "malformed", now=0)
+    assert rep.score("p", now=0) == pytest.approx(0.65)
+    assert rep.score("p", now=10) == pytest.approx(0.75)
+    assert rep.score("p", now=1000) == 1.0
+    rep.penalise("q", "malformed", now=0)
+    rep.reward("q", now=0)
+    assert rep.score("q", now=0) == pytest.approx(0.70)
+
+
+def test_flood_of_identities_cannot_push_a_banned_peer_out_of_memory():
+    rep = Reputation(max_entries=50)
+    for _ in range(3):
+        rep.penalise("attacker", "malformed", now=0)
+    for i in range(500):
+        rep.penalise(f"sybil{i}", "timeout", now=1)
+    assert len(rep._peers) <= 50
+    assert rep.banned("attacker", now=2)
+
+
+# --- the swarm view under a flood of records ----------------------------------------------------
+def test_fake_records_cannot_evict_real_peers():
+    view = SwarmView("me", "t", max_peers=100, max_new_per_host=10)
+    view.update([stored(rec("real1", host="10.0.0.1")), stored(rec("real2", host="10.0.0.2"))], now=0)
+    # 10,000 fake identities from one host, then from 1,000 hosts
+    view.update([stored(rec(f"fake{i}", host="6.6.6.6")) for i in range(10_000)], now=1)
+    assert len(view.peers) == 12  # the two real peers plus the per-host bound
+    view.update([stored(rec(f"spread{i}", host=f"7.7.{i // 250}.{i % 250}")) for i in range(1_000)], now=2)
+    assert len(view.peers) == 100
+    assert {"real1", "real2"} <= set(view.peers)
+    assert view.rejected["view_full"] >= 900
+    # real peers keep heartbeating and stay; their updates are never refused for lack of room
+    view.update([stored(rec("real1", t=5, host="10.0.0.1"), exp=20)], now=5)
+    assert view.peers["real1"].record.time == 5
+
+
+def test_proven_peers_do_not_count_against_their_host():
+    view = SwarmView("me", "t", max_new_per_host=2)
+    view.update([stored(rec("a")), stored(rec("b"))], now=0)
+    view.update([stored(rec("c"))], now=0)
+    assert "c" not in view.peers
+    view.mark_proven("a")
+    view.update([stored(rec("c"))], now=0)
+    assert "c" in view.peers
+
+
+def test_replayed_older_record_does_not_overwrite_newer():
+    view = SwarmView("me", "t")
+    view.update([stored(dataclasses.replace(rec("a", t=10), step=99), exp=20)], now=10)
+    view.update([stored(dataclasses.replace(rec("a", t=3), step=1), exp=20)], now=11)
+    assert view.peers["a"].record.step == 99
+
+
+def test_forged_long_lived_and_unadmitted_records_are_refused_and_attributed():
+    view = SwarmView("me", "t", allowed=frozenset({"a", "b", "mallory"}))
+    refused = view.update([
+        stored(rec("a"), owner="mallory"),  # a record for peer a signed by mallory's key
+        stored(rec("b"), exp=10 + MAX_RECORD_TTL_S + 1),  # lives far too long
+        stored(rec("stranger")),  # not admitted to this closed run
+        StoredRecord("b", {"v": 1, "peer_id": 5}, 10.0),  # malformed
+    ], now=0)
+    assert not view.peers
+    assert refused == [("mallory", "record_owner_mismatch"), ("b", "record_ttl_too_long"),
+                       ("stranger", "not_admitted"), ("b", "malformed_record:addrs")]
+
+
+def test_banned_peers_are_kept_out_of_the_view():
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a")), stored(rec("b"))], now=0, banned=frozenset({"b"}))
+    assert set(view.peers) == {"a"}
+
+
+def test_allow_peers_file(tmp_path):
+    f = tmp_path / "allowed.txt"
+    f.write_text("# run owners\nQmAAA\n\nQmBBB  # second\n")
+    assert load_allowed_peers(str(f)) == frozenset({"QmAAA", "QmBBB"})
+    assert load_allowed_peers("") is None
+    f.write_text("not a/peer id\n")
+    with pytest.raises(ValueError, match="not a peer id"):
+        load_allowed_peers(str(f))
+    with pytest.raises(ValueError, match="allow-peers"):
+        load_allowed_peers(str(tmp_path / "missing"))
+
+
+# --- the DHT validator and bounded storage (hivemind, no network) -------------------------------
+def _dht_record(signer, run_key: str, record: dict, expiration: float, forge_subkey: bytes | None = None):
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    subkey = MSGPackSerializer.dumps(forge_subkey or signer.local_public_key)
+    r = DHTRecord(DHTID.generate(source=run_key).to_bytes(), subkey, MSGPackSerializer.dumps(record), expiration)
+    return dataclasses.replace(r, value=signer.sign_value(r))
+
+
+def test_dht_validator_refuses_forged_malformed_and_foreign_records():
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.validation import CompositeValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from protocols.transport.hivemind import RunRecordValidator, _owner_peer_id
+
+    alice, bob = RSASignatureValidator(RSAPrivateKey()), RSASignatureValidator(RSAPrivateKey())
+    alice_id = _owner_peer_id(alice.local_public_key)
+    bob_id = _owner_peer_id(bob.local_public_key)
+    run = RunRecordValidator("peer/run/x/peers")
+    node = CompositeValidator([RSASignatureValidator(RSAPrivateKey()), run])
+    now = get_dht_time()
+    good = _dht_record(alice, "peer/run/x/peers", ft.valid_record(alice_id), now + 6)
+    assert node.validate(good)
+    # bob signs a record that speaks for alice
+    assert not node.validate(_dht_record(bob, "peer/run/x/peers", ft.valid_record(alice_id), now + 6))
+    # bob writes into alice's slot: the signature check fails
+    assert not node.validate(_dht_record(bob, "peer/run/x/peers", ft.valid_record(bob_id), now + 6, forge_subkey=alice.local_public_key))
+    # a tampered value (signature no longer matches)
+    assert not node.validate(dataclasses.replace(good, value=good.value.replace(b"digits-mlp", b"digits-mlq")))
+    # too long-lived, another key, malformed, oversized
+    assert not node.validate(_dht_record(alice, "peer/run/x/peers", ft.valid_record(alice_id), now + 10_000))
+    assert not node.validate(_dht_record(alice, "some/other/key", ft.valid_record(alice_id), now + 6))
+    assert not node.validate(_dht_record(alice, "peer/run/x/peers", {"v": 1}, now + 6))
+    big = {**ft.valid_record(alice_id), "task": "x" * 5000}
+    assert not node.validate(_dht_record(alice, "peer/run/x/peers", big, now + 6))
+    assert run.rejected == {"record_owner_mismatch": 1, "record_ttl_too_long": 1, "foreign_key": 1,
+                            "malformed_record:addrs": 1, "record_too_large": 1}
+    # a closed run refuses bob's perfectly valid record
+    closed = CompositeValidator([RSASignatureValidator(RSAPrivateKey()), RunRecordValidator("peer/run/x/peers", frozenset({alice_id}))])
+    assert closed.validate(good)
+    assert not closed.validate(_dht_record(bob, "peer/run/x/peers", ft.valid_record(bob_id), now + 6))
+
+
+def test_bounded_dht_storage_keeps_existing_records_when_full():
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from protocols.transport.hivemind import RunRecordValidator, bounded_storage
+
+    v = RunRecordValidator("peer/run/x/peers")
+    v.max_records = 5
+    storage = bounded_storage(v)
+    key, now = DHTID.generate(source="k"), get_dht_time()
+    for i in range(5):
+        assert storage.store_subkey(key, f"real{i}".encode(), b"v", now + 10)
+    assert not storage.store_subkey(key, b"fake", b"v", now + 10)
+    assert storage.store_subkey(key, b"real0", b"v2", now + 20)  # existing records still refresh
+    assert not storage.store(key, b"plain value", now + 10)  # only per-peer dictionaries are stored
+    assert len(storage.get(key).value.data) == 5 and v.rejected["storage_full"] == 1
+
+
+# --- fuzzing: every decoder and handler ---------------------------------------------------------
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=3000), st.integers(0, 2**31), st.sampled_from(["reply", "request"]))
+def test_stream_decoders_raise_only_protocol_errors(data, seed, target):
+    seedmsg = ft.valid_reply() if target == "reply" else ft.valid_request()
+    for payload in (data, ft.mutate(seedmsg, random.Random(seed))):
+        try:
+            asyncio.run(ft.TARGETS[target](payload))
+        except ft.ALLOWED:
+            pass
+
+
+@FUZZ
+@given(st.binary(max_size=3000), st.integers(0, 2**31))
+def test_header_and_record_decoders_raise_only_their_errors(data, seed):
+    rng = random.Random(seed)
+    for payload in (data, ft.mutate(ft.valid_request()[4:], rng)):
+        try:
+            ft.header_decoder(payload)
+        except ProtocolError:
+            pass
+    for payload in (data, ft.mutate(msgpack.packb(ft.valid_record(), use_bin_type=True), rng), ft.record_variants(rng)):
+        ft.record_decoder(payload)  # refusals are return values here; any exception is a bug
+
+
+@pytest.fixture(scope="module")
+def harness():
+    h = ft.DaemonHarness()
+    yield h
+    h.close()
+
+
+@FUZZ
+@given(data=st.binary(max_size=3000), seed=st.integers(0, 2**31))
+def test_model_server_handler_never_raises_and_counts_every_refusal(harness, data, seed):
+    d = harness.daemon
+    before = sum(d.serve_errors.values()) + d.counters["serves"]
+    peer = f"fuzzer{seed % 7}"
+    for payload in (data, ft.mutate(ft.valid_request(), random.Random(seed))):
+        sent = asyncio.run(harness.serve(payload, peer))
+        assert len(sent) <= 4 + 64 * 1024 + d.trainer.flat.numel() * 4
+    after = sum(d.serve_errors.values()) + d.counters["serves"]
+    assert after == before + 2  # every request ends as exactly one serve or one counted error/refusal
+    assert d._serving == 0 and not d._serving_by_peer  # no slot leaks
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12,
+)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["cmd", "args", "x"]), json_like | st.sampled_from(["status", "bogus"]), max_size=3))
+def test_control_handler_answers_every_request(harness, request):
+    reply = asyncio.run(harness.control(request))
+    assert reply["ok"] is (request.get("cmd") in ("status", "leave"))
