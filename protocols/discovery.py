@@ -58,7 +58,7 @@ class PeerRecord:
         if not isinstance(raw, dict):
             raise ValueError("record is not a map")
         if raw.get("v") != RECORD_VERSION:
-            raise ValueError(f"record version {raw.get('v')!r}")
+            raise ValueError("version")  # never echo peer-chosen values into counter names
         addrs = raw.get("addrs")
         if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
             raise ValueError("addrs")

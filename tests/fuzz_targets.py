@@ -96,17 +96,19 @@ def header_decoder(data: bytes) -> None:
     decode_header(data, DEFAULT_LIMITS)
 
 
-def record_decoder(data: bytes) -> None:
-    """A DHT record value, as msgpack bytes, through the same check every node applies."""
+def record_decoder(data: bytes) -> str:
+    """A DHT record value, as msgpack bytes, through the same check every node applies; returns the verdict."""
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except Exception:
-        return  # undecodable bytes never reach the record check (the DHT validator refuses them)
+        return "undecodable"  # never reaches the record check (the DHT validator refuses it)
     rec, reason = check_stored("Qmfuzz", raw, 150.0, 100.0)
     assert (rec is None) != (reason is None)
+    assert reason is None or len(reason) <= 40  # reasons are our own codes, never echoed input
     view = SwarmView("me", TASK)
     view.update([StoredRecord("Qmfuzz", raw, 150.0)], now=100.0)
     assert len(view.peers) <= 1
+    return reason or "accepted"
 
 
 def _refuse_ext(code, data):
