@@ -342,6 +342,8 @@ class PeerDaemon:
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
         for p in ids:
             if p in distrusted:
+                if p not in self.distrusted and len(self.distrusted) >= 1024:
+                    self.distrusted.pop(min(self.distrusted, key=self.distrusted.get))  # bounded
                 self.distrusted[p] = self.distrusted.get(p, 0) + 1
                 self.picker.failed(p, now)
                 self.reputation.penalise(p, "distrusted", now)

@@ -77,6 +77,7 @@ class PartnerPicker:
     rng: random.Random = field(default_factory=random.Random)
     base_backoff: float = 2.0
     max_backoff: float = 60.0
+    max_entries: int = 4096
     _state: dict[str, _Backoff] = field(default_factory=dict)
 
     def pick(self, candidates: list[str], now: float) -> list[str]:
@@ -86,6 +87,11 @@ class PartnerPicker:
 
     def failed(self, peer: str, now: float) -> float:
         """Record a failure; returns how long the peer is skipped for."""
+        if peer not in self._state and len(self._state) >= self.max_entries:
+            # bounded memory under a flood of identities: forget back-offs that have run out
+            self._state = {p: s for p, s in self._state.items() if s.until > now}
+            if len(self._state) >= self.max_entries:
+                self._state.pop(min(self._state, key=lambda p: self._state[p].until))
         st = self._state.setdefault(peer, _Backoff())
         st.failures += 1
         delay = min(self.max_backoff, self.base_backoff * 2 ** (st.failures - 1))

@@ -259,3 +259,13 @@ json_like = st.recursive(
 def test_control_handler_answers_every_request(harness, request):
     reply = asyncio.run(harness.control(request))
     assert reply["ok"] is (request.get("cmd") in ("status", "leave"))
+
+
+def test_partner_backoff_table_is_bounded():
+    from protocols.gossip import PartnerPicker
+
+    picker = PartnerPicker(k=2, max_entries=100)
+    for i in range(1000):
+        picker.failed(f"sybil{i}", now=float(i))
+    assert len(picker._state) <= 100
+    assert "sybil999" in picker.backing_off(now=999.5)
