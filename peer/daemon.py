@@ -35,6 +35,7 @@ from peer.validation import reject_reason
 from protocols import gossip
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
 from protocols.discovery import HISTORY_DIM, PeerRecord, SwarmView, run_key
+from protocols.loglimit import LogLimiter
 from protocols.reputation import Reputation
 from protocols.transport.base import CountingStream, Transport, TransportError
 
@@ -111,6 +112,7 @@ class PeerDaemon:
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
         self.view = SwarmView(self.peer_id, config.task, allowed=self.allowed)
         self.reputation = Reputation()
+        self.peer_log = LogLimiter(log)  # lines about peers' misbehaviour, at most 1/min per peer and reason
         self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
         self.counters: dict[str, Any] = {
             "rounds_ok": 0, "rounds_failed": 0, "bytes_sent": 0, "bytes_received": 0,
@@ -393,6 +395,7 @@ class PeerDaemon:
         if refusal is not None:  # answered without reading the request: refusing costs us nothing
             self.counters["serve_refused"] += 1
             self.serve_errors[f"refused_{refusal}"] = self.serve_errors.get(f"refused_{refusal}", 0) + 1
+            self.peer_log.info((remote, refusal), "refused request from %s: %s", remote[:12], refusal)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(write_header(stream, gossip.error_header(refusal)), timeout=2)
             return
@@ -410,14 +413,14 @@ class PeerDaemon:
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
             self._penalise(remote, "malformed", e.reason, self.transport.now())
-            log.info("refused request from %s: %s", stream.remote_peer[:12], e)
+            self.peer_log.info((remote, e.reason), "refused request from %s: %s", remote[:12], e)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(write_header(stream, gossip.error_header(e.reason)), timeout=2)
         except Exception as e:
             reason = pull_failure_reason(e)
             self.serve_errors[reason] = self.serve_errors.get(reason, 0) + 1
             self._penalise(remote, reputation_event(reason), reason, self.transport.now())
-            log.info("serving %s failed: %s", stream.remote_peer[:12], reason)
+            self.peer_log.info((remote, reason), "serving %s failed: %s", remote[:12], reason)
         finally:
             self._serving -= 1
             left = self._serving_by_peer.get(remote, 1) - 1

@@ -172,8 +172,9 @@ class Mallory:
         await self.p2p.shutdown()
 
 
-async def trudy_attacks(p2p, victim: str, run_id: str) -> dict[str, int]:
-    """Attack the victim's model server; returns how the 200 concurrent requests were answered."""
+async def trudy_attacks(p2p, victim: str, run_id: str, flood_from=None) -> dict[str, int]:
+    """Attack the victim's model server: malformed and slow requests, or (`flood_from` set)
+    200 concurrent valid requests, whose answers are returned by kind."""
     from hivemind.p2p import PeerID
 
     pid = PeerID.from_base58(victim)
@@ -198,11 +199,13 @@ async def trudy_attacks(p2p, victim: str, run_id: str) -> dict[str, int]:
             writer.close()
 
     valid = encode_header(gossip.model_request(run_id, TASK))
-    await exchange(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # garbage msgpack
-    await exchange(os.urandom(1000))  # random bytes
-    await exchange(valid[:10], close_early=True)  # truncated request
-    await exchange(struct.pack(">I", 2**31) + b"\x80")  # oversized header claim
-    await exchange(valid, trickle=1.0)  # slow-loris: one byte a second
+    if flood_from is None:
+        await exchange(valid, trickle=1.0)  # slow-loris first: one byte a second
+        await exchange(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # garbage msgpack
+        await exchange(valid[:10], close_early=True)  # truncated request
+        await exchange(struct.pack(">I", 2**31) + b"\x80")  # oversized header claim
+        await exchange(os.urandom(1000))  # random bytes (by now trudy is banned: answered unread)
+        return {}
     replies = await asyncio.gather(*(exchange(valid) for _ in range(200)), return_exceptions=True)
     answers: dict[str, int] = {}
     for r in replies:
@@ -228,7 +231,7 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
     common = ["--run-id", RUN, "--task", TASK, "--config", str(config)]
     p0 = LocalPeer(tmp_path / "p0", [*common, "--shard", "0/2"]).start()
     peers = [p0]
-    mallory = trudy = None
+    mallory = trudy = flooder = None
     try:
         await asyncio.to_thread(p0.wait_ready, 90)
         p1 = LocalPeer(tmp_path / "p1", [*common, "--shard", "1/2", "--initial-peer", p0.addrs[0]]).start()
@@ -243,13 +246,18 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         stores = await mallory.pollute([p0.peer_id, p1.peer_id], p1.peer_id, [str(a) for a in await mallory.p2p.get_visible_maddrs()])
         trudy = await P2P.create(initial_peers=[p0.addrs[0]], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         trudy_id = trudy.peer_id.to_base58()
+        flooder = await P2P.create(initial_peers=[p0.addrs[0]], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+        async def attacks():
+            await trudy_attacks(trudy, p0.peer_id, RUN)
+            return await trudy_attacks(flooder, p0.peer_id, RUN, flood_from=True)
 
         answers, s = await asyncio.gather(
-            trudy_attacks(trudy, p0.peer_id, RUN),
+            attacks(),
             poll(p0, lambda s: {"non_finite", "too_large", "bad_header"} <= set(s["rejected"]) and mallory.peer_id in s["banned"],
                  120, "p0 to meet every bad reply and ban mallory"),
         )
-        assert trudy_id in s["banned"] or s["serve_errors"].get("refused_banned", 0) > 0
+        assert trudy_id in s["banned"] and flooder.peer_id.to_base58() in s["banned"], s["banned"]
         rss1 = max(rss0, rss_mb(p0.proc.pid))
 
         # the DHT nodes refused what they could check, counted by reason; the rest was stored (at p1
@@ -270,7 +278,7 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         assert {"bad_header", "disconnected", "header_too_large", "timeout"} <= set(s["serve_errors"]), s["serve_errors"]
         refused = answers.get("busy", 0) + answers.get("banned", 0)
         assert refused >= 190 and answers.get("model", 0) <= 10, answers
-        assert s["serve_errors"].get("refused_busy", 0) + s["serve_errors"].get("refused_banned", 0) >= 190
+        assert s["serve_errors"].get("refused_busy", 0) >= 1 and s["serve_errors"].get("refused_banned", 0) >= 150, s["serve_errors"]
         # ...and logged, one line each, with a reason
         log = (p0.data_dir / "daemon.log").read_text()
         for line in ("refused DHT record: record_owner_mismatch", "rejected model from", "non_finite", "banned "):
@@ -287,8 +295,9 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         assert growth < 100, growth
         assert load_checkpoint(p0.data_dir / "checkpoint.pt")["step"] > 0
     finally:
-        if trudy is not None:
-            await trudy.shutdown()
+        for p2p in (trudy, flooder):
+            if p2p is not None:
+                await p2p.shutdown()
         if mallory is not None:
             await mallory.stop()
         await asyncio.to_thread(stop_all, peers)

@@ -269,3 +269,19 @@ def test_partner_backoff_table_is_bounded():
         picker.failed(f"sybil{i}", now=float(i))
     assert len(picker._state) <= 100
     assert "sybil999" in picker.backing_off(now=999.5)
+
+
+def test_misbehaviour_log_lines_are_rate_limited(caplog):
+    import logging
+
+    from protocols.loglimit import LogLimiter
+
+    lim = LogLimiter(logging.getLogger("peer.test"), period=3600)
+    with caplog.at_level(logging.INFO, logger="peer.test"):
+        written = [lim.info(("p", "bad_header"), "refused %s", "p") for _ in range(1000)]
+        lim.info(("q", "bad_header"), "refused %s", "q")
+    assert sum(written) == 1 and len(caplog.records) == 2
+    lim._last[("p", "bad_header")] -= 7200  # an hour later: one line, saying what was held back
+    with caplog.at_level(logging.INFO, logger="peer.test"):
+        assert lim.info(("p", "bad_header"), "refused %s", "p")
+    assert "+999 like it not logged" in caplog.records[-1].getMessage()

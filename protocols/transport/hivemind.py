@@ -237,6 +237,7 @@ def _make_run_record_validator():
     from hivemind.utils.timed_storage import get_dht_time
 
     from protocols.discovery import MAX_VIEW_PEERS, check_stored
+    from protocols.loglimit import LogLimiter
 
     class _RunRecordValidator(RecordValidatorBase):
         """After the signature check: this node keeps only well-formed records of its own run.
@@ -252,10 +253,11 @@ def _make_run_record_validator():
             self.allowed = allowed
             self.max_records = MAX_VIEW_PEERS
             self.rejected: dict[str, int] = {}
+            self.log = LogLimiter(log)
 
         def _refuse(self, reason: str) -> bool:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            log.info("refused DHT record: %s", reason)
+            self.log.info((reason,), "refused DHT record: %s", reason)
             return False
 
         def validate(self, record: DHTRecord) -> bool:
