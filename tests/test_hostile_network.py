@@ -285,3 +285,21 @@ def test_misbehaviour_log_lines_are_rate_limited(caplog):
     with caplog.at_level(logging.INFO, logger="peer.test"):
         assert lim.info(("p", "bad_header"), "refused %s", "p")
     assert "+999 like it not logged" in caplog.records[-1].getMessage()
+
+
+def test_status_view_shows_refusals_bans_and_scores():
+    from rich.console import Console
+
+    from cli.render import render_status
+
+    s = {"peer_id": "QmSelf", "addrs": [], "run_id": "r", "task": "t", "shard": "0/2", "aggregator": "a",
+         "phase": "training", "uptime_s": 3.0, "step": 5, "loss": 0.5, "accuracy": 0.9, "samples_per_s": 100.0,
+         "rounds_ok": 1, "rounds_failed": 0, "bytes_sent": 10, "bytes_received": 10, "rejected": {}, "pull_failed": {},
+         "checkpoint": {"step": None, "age_s": None, "errors": 0},
+         "live_peers": [{"peer_id": "QmHonest", "step": 3, "samples_per_s": 5.0, "last_seen_s": 1.0, "addrs": []}],
+         "serve_errors": {"bad_header": 2}, "record_rejects": {}, "dht_rejects": {"record_owner_mismatch": 1},
+         "banned": {"QmMallory": 55.0}, "reputation": {"QmHonest": {"score": 0.65}}}
+    console = Console(width=160, record=True)
+    console.print(render_status(s))
+    text = console.export_text()
+    assert "bad_header 2, record_owner_mismatch 1" in text and "QmMallory" in text and "0.65" in text
