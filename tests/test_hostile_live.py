@@ -276,8 +276,10 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         assert mallory.served.get(p0.peer_id, [])[:5] == Mallory.BEHAVIOURS
         # every attack on the model server was refused and counted
         assert {"bad_header", "disconnected", "header_too_large", "timeout"} <= set(s["serve_errors"]), s["serve_errors"]
-        refused = answers.get("busy", 0) + answers.get("banned", 0)
-        assert refused >= 190 and answers.get("model", 0) <= 10, answers
+        # of the 200 concurrent requests only the per-peer limit's worth were served; the rest were
+        # refused (a refusal written just before the server closes its end may be lost by p2pd's
+        # stream reset: the client then sees the stream end with nothing, "nothing")
+        assert answers.get("model", 0) <= 10 and sum(answers.values()) == 200 and not answers.get("exception"), answers
         assert s["serve_errors"].get("refused_busy", 0) >= 1 and s["serve_errors"].get("refused_banned", 0) >= 150, s["serve_errors"]
         # ...and logged, one line each, with a reason
         log = (p0.data_dir / "daemon.log").read_text()
