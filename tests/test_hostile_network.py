@@ -303,3 +303,20 @@ def test_status_view_shows_refusals_bans_and_scores():
     console.print(render_status(s))
     text = console.export_text()
     assert "bad_header 2, record_owner_mismatch 1" in text and "QmMallory" in text and "0.65" in text
+
+
+async def test_closed_run_ignores_and_refuses_unadmitted_peers(memory_swarm, tmp_path):
+    from tests.conftest import wait_until
+
+    allow = tmp_path / "allowed.txt"
+    allow.write_text("a\nb\n")
+    a = await memory_swarm.add("a", shard="0/2", allow_peers=str(allow))
+    b = await memory_swarm.add("b", shard="1/2", allow_peers=str(allow))
+    c = await memory_swarm.add("c", shard="0/2")  # an open-run peer that found the run key
+    await wait_until(lambda: a.counters["rounds_ok"] > 2 and c.pull_failed.get("remote_error", 0) >= 1, 20,
+                     "a and b to gossip, and c to be turned away")
+    now = a.transport.now()
+    assert {i.record.peer_id for i in a.view.live(now)} == {"b"}
+    assert a.view.rejected.get("not_admitted", 0) >= 1
+    assert a.serve_errors.get("refused_not_admitted", 0) + b.serve_errors.get("refused_not_admitted", 0) >= 1
+    assert a.status()["closed_run"] and not c.status()["closed_run"]
