@@ -34,7 +34,7 @@ from peer.trainer import Trainer
 from peer.validation import reject_reason
 from protocols import gossip
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
-from protocols.discovery import HISTORY_DIM, PeerRecord, SwarmView, run_key
+from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, SwarmView, run_key
 from protocols.loglimit import LogLimiter
 from protocols.reputation import Reputation
 from protocols.transport.base import CountingStream, Transport, TransportError
@@ -109,6 +109,8 @@ class PeerDaemon:
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
+        if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
+            raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
         self.view = SwarmView(self.peer_id, config.task, allowed=self.allowed)
         self.reputation = Reputation()
@@ -262,7 +264,9 @@ class PeerDaemon:
             now = self.transport.now()
             refused = self.view.update(await self.transport.lookup(key), now, banned=frozenset(self.reputation.banned_peers(now)))
             for owner, reason in refused:
-                if owner is not None and owner != self.peer_id:
+                # only what an honest peer running our code never publishes costs reputation
+                # (not a wrong task or a closed run's admissions: those are settings, not lies)
+                if owner is not None and owner != self.peer_id and reason.startswith(("malformed_record", "record_owner_mismatch")):
                     self._penalise(owner, "bad_record", reason, now)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)

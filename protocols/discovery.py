@@ -88,21 +88,17 @@ class PeerRecord:
         )
 
 
-def check_stored(owner: str | None, raw: Any, expiration: float, now: float,
-                 allowed: frozenset[str] | None = None) -> tuple[PeerRecord | None, str | None]:
-    """Everything a node can check about one record of the run: (record, None) or (None, reason).
+def check_record(owner: str | None, raw: Any) -> tuple[PeerRecord | None, str | None]:
+    """What every node can check about a record, whatever its clock and settings: (record, None)
+    or (None, reason). The DHT checked the signature (only the owner's key can write its slot);
+    here: the record speaks for the key that signed it, and its schema and sizes are right.
 
-    Run on every record a DHT node is asked to store and on every record a lookup returns. The
-    signature itself was checked by the DHT (only the owner's key can write its slot); here we
-    check that the record speaks for the key that signed it, its schema and sizes, its lifetime,
-    and, in a closed run, that the owner was admitted.
+    This is all a DHT node may apply to records a lookup *returns*: hivemind drops a node's whole
+    reply when one record in it fails, so anything that depends on the local clock or local
+    settings (lifetime, a closed run's admissions) would let one record hide every peer.
     """
     if owner is None:
         return None, "unsigned_record"
-    if allowed is not None and owner not in allowed:
-        return None, "not_admitted"
-    if expiration > now + MAX_RECORD_TTL_S:
-        return None, "record_ttl_too_long"
     try:
         rec = PeerRecord.from_wire(raw)
     except ValueError as e:
@@ -112,10 +108,40 @@ def check_stored(owner: str | None, raw: Any, expiration: float, now: float,
     return rec, None
 
 
-def addr_host(addr: str) -> str:
-    """The host part of a multiaddr ('/ip4/1.2.3.4/tcp/1/p2p/X' -> '1.2.3.4')."""
+def check_admission(owner: str | None, expiration: float, now: float, allowed: frozenset[str] | None = None) -> str | None:
+    """The local checks, applied where one record can be refused alone (a store, the view): None or a reason."""
+    if allowed is not None and owner not in allowed:
+        return "not_admitted"
+    if expiration > now + MAX_RECORD_TTL_S:
+        return "record_ttl_too_long"
+    return None
+
+
+def check_stored(owner: str | None, raw: Any, expiration: float, now: float,
+                 allowed: frozenset[str] | None = None) -> tuple[PeerRecord | None, str | None]:
+    """Both: what a node checks before storing a record."""
+    reason = check_admission(owner, expiration, now, allowed)
+    return (None, reason) if reason is not None else check_record(owner, raw)
+
+
+def public_host(addr: str) -> str | None:
+    """The host of a multiaddr if it is a public address ('/ip4/1.2.3.4/tcp/1/p2p/X' -> '1.2.3.4').
+
+    Loopback, private and link-local addresses are None: every peer lists some (p2pd reports all
+    interfaces), so grouping by them would put every newcomer in one group that fakes can fill.
+    """
+    import ipaddress
+
     parts = addr.split("/")
-    return parts[2] if len(parts) > 2 else addr
+    if len(parts) < 3:
+        return None
+    if parts[1] in ("dns", "dns4", "dns6"):
+        return parts[2].lower()
+    try:
+        ip = ipaddress.ip_address(parts[2])
+    except ValueError:
+        return None
+    return None if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified) else str(ip)
 
 
 @dataclass
@@ -132,10 +158,12 @@ class SwarmView:
 
     Bounded, so a flood of fake records cannot evict real peers: a peer already in the view is
     only ever removed by its own expiry or leave record, a newcomer is admitted only while there is
-    room (`max_peers`), and newcomers that advertise one host share `max_new_per_host` places
-    until a pulled model proves them real. `banned` (peer id -> until) keeps out peers the
-    reputation table cut off. `update` returns (owner, reason) for each record it refused, so the
-    caller can hold the signing key responsible.
+    room (`max_peers`), and newcomers that advertise one public host share `max_new_per_host`
+    places until a pulled model proves them real. A lookup is processed known peers first and at
+    most `max_per_update` records, so a huge merged reply cannot starve them or stall the loop.
+    Records that claim to live longer than MAX_RECORD_TTL_S are kept only that long. `banned`
+    keeps out peers the reputation table cut off. `update` returns (owner, reason) for each record
+    it refused, so the caller can hold the signing key responsible.
     """
 
     self_id: str
@@ -143,14 +171,27 @@ class SwarmView:
     allowed: frozenset[str] | None = None  # closed run: only these peer ids
     max_peers: int = MAX_VIEW_PEERS
     max_new_per_host: int = MAX_NEW_PER_HOST
+    max_per_update: int = 4 * MAX_VIEW_PEERS
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
 
     def update(self, stored: Iterable[StoredRecord], now: float, banned: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
         refused: list[tuple[str | None, str]] = []
         self.prune(now)
+        stored = sorted(stored, key=lambda r: r.owner not in self.peers)  # known peers first (stable)
+        if len(stored) > self.max_per_update:
+            self.rejected["lookup_truncated"] = self.rejected.get("lookup_truncated", 0) + len(stored) - self.max_per_update
+            stored = stored[: self.max_per_update]
+        unproven_by_host: dict[str, int] = {}
+        for info in self.peers.values():
+            if not info.proven:
+                for h in {public_host(a) for a in info.record.addrs} - {None}:
+                    unproven_by_host[h] = unproven_by_host.get(h, 0) + 1
         for item in stored:
-            rec, reason = check_stored(item.owner, item.value, item.expiration, now, self.allowed)
+            if self.allowed is not None and item.owner not in self.allowed:
+                reason, rec = "not_admitted", None
+            else:
+                rec, reason = check_record(item.owner, item.value)
             if reason is None and rec.task != self.task:
                 reason = "record_wrong_task"
             if reason is not None:
@@ -162,21 +203,19 @@ class SwarmView:
             old = self.peers.get(rec.peer_id)
             if old is not None and old.record.time > rec.time:
                 continue  # an older (replayed) record never replaces a newer one
-            if old is None and not self._room_for(rec):
-                self._reject("view_full")
-                continue
+            hosts = {public_host(a) for a in rec.addrs} - {None}
+            if old is None:
+                if len(self.peers) >= self.max_peers or any(unproven_by_host.get(h, 0) >= self.max_new_per_host for h in hosts):
+                    self._reject("view_full")
+                    continue
+                for h in hosts:
+                    unproven_by_host[h] = unproven_by_host.get(h, 0) + 1
             changed = old is None or old.record != rec
-            self.peers[rec.peer_id] = PeerInfo(rec, item.expiration, now if changed else old.last_seen,
+            expiration = min(item.expiration, now + MAX_RECORD_TTL_S)  # a long-lived claim is cut short
+            self.peers[rec.peer_id] = PeerInfo(rec, expiration, now if changed else old.last_seen,
                                                proven=old is not None and old.proven)
         self.prune(now)
         return refused
-
-    def _room_for(self, rec: PeerRecord) -> bool:
-        if len(self.peers) >= self.max_peers:
-            return False
-        hosts = {addr_host(a) for a in rec.addrs}
-        same_host = sum(1 for i in self.peers.values() if not i.proven and hosts & {addr_host(a) for a in i.record.addrs})
-        return same_host < self.max_new_per_host
 
     def mark_proven(self, peer_id: str) -> None:
         info = self.peers.get(peer_id)

@@ -9,8 +9,8 @@ Scores start at 1.0 (`INITIAL`). Each event subtracts its penalty; a success add
 Scores recover linearly toward 1.0 with time, so an honest peer that timed out a few times during
 a bad minute is forgiven, while a peer that keeps sending garbage stays under the threshold. A ban
 lasts `ban_s`, doubling for each repeat ban up to `max_ban_s`. The table is bounded: when it is
-full, the entry closest to a clean record is forgotten first, so a flood of fresh identities
-cannot push a banned peer out of memory.
+full, the tenth closest to a clean record is forgotten in one pass, so a flood of fresh
+identities cannot push a banned peer out of memory (unless every entry is banned).
 """
 
 from __future__ import annotations
@@ -59,17 +59,24 @@ class Reputation:
         e = self._peers.get(peer)
         if e is None:
             if len(self._peers) >= self.max_entries:
-                self._forget_one(now)
+                self._forget_some(now)
             e = self._peers[peer] = _Entry(updated=now)
         else:
             e.score = min(INITIAL, e.score + max(0.0, now - e.updated) * self.recovery_per_s)
             e.updated = max(now, e.updated)
         return e
 
-    def _forget_one(self, now: float) -> None:
-        # forget whoever is least worth remembering: not banned, highest score, oldest
-        victim = max(self._peers, key=lambda p: (self._peers[p].banned_until <= now, self._peers[p].score, -self._peers[p].updated))
-        del self._peers[victim]
+    def _forget_some(self, now: float) -> None:
+        """Forget the tenth least worth remembering (not banned, highest score, oldest) in one
+        sorting pass, so a flood of identities costs O(log n) per newcomer, not O(n)."""
+        order = sorted(self._peers, key=lambda p: (self._peers[p].banned_until <= now, self._peers[p].score, -self._peers[p].updated),
+                       reverse=True)
+        for p in order[: max(1, len(order) // 10)]:
+            if self._peers[p].banned_until > now:
+                break  # never forget a banned peer to make room
+            del self._peers[p]
+        if len(self._peers) >= self.max_entries:  # all banned: the oldest ban goes
+            del self._peers[min(self._peers, key=lambda p: self._peers[p].banned_until)]
 
     def penalise(self, peer: str, reason: str, now: float) -> bool:
         """Record misbehaviour (`reason` is a PENALTIES key or a protocol error code); True if now banned."""

@@ -10,6 +10,7 @@ Targets (tests/fuzz_targets.py, the same ones the hypothesis tests drive briefly
   record   a DHT peer record through the check every node applies, and the swarm view
   serve    the daemon's real model-server handler (reputation, limits, counters included)
   control  the daemon's control-API handler
+  dht      our DHT node's real record validator (RSA signature + RunRecordValidator)
 Inputs are, in turn, random bytes, mutations of a valid message (bit flips, inserts, deletes,
 truncation, tampered length prefixes, msgpack edge markers) and records with one field replaced by
 a wrong type or size. A case fails if it raises anything but the target's own refusal, or breaks
@@ -59,14 +60,24 @@ async def run(cases: int, seed: int) -> dict:
         "header": ft.valid_request()[4:], "reply": ft.valid_reply(), "request": ft.valid_request(),
         "record": msgpack.packb(ft.valid_record(), use_bin_type=True), "serve": ft.valid_request(),
     }
-    names = ["header", "reply", "request", "record", "serve", "control"]
+    names = ["header", "reply", "request", "record", "serve", "control", "dht"]
+    validator = ft.ValidatorHarness()
     outcomes: dict[str, Counter] = {n: Counter() for n in names}
     failures: list[dict] = []
     started = time.perf_counter()
     try:
         for i in range(cases):
             name = names[i % len(names)]
-            if name == "control":
+            if name == "dht":
+                v = validator.valid
+                parts = [v.key, v.subkey, v.value]
+                which = rng.randrange(4)
+                if which < 3:
+                    parts[which] = _input(rng, parts[which])
+                else:
+                    parts[1], parts[2] = rng.randbytes(rng.randrange(300)), rng.randbytes(rng.randrange(3000))
+                payload = tuple(parts)
+            elif name == "control":
                 payload = rng.choice([{"cmd": rng.choice(["status", "bogus", None, 1, "x" * 300])}, {}, {"cmd": "status", "x": [1] * 50}])
             elif name == "record" and rng.random() < 0.4:
                 payload = ft.record_variants(rng)
@@ -79,6 +90,12 @@ async def run(cases: int, seed: int) -> dict:
                     await ft.TARGETS[name](payload)
                 elif name == "record":
                     outcomes[name][ft.record_decoder(payload)] += 1
+                    continue
+                elif name == "dht":
+                    before = dict(validator.run.rejected)
+                    ok = validator.validate(*payload, v.expiration_time)
+                    changed = [k for k in validator.run.rejected if validator.run.rejected[k] != before.get(k, 0)]
+                    outcomes[name]["accepted" if ok else (changed[0] if changed else "bad_signature")] += 1
                     continue
                 elif name == "serve":
                     if i % 6000 == 4:  # forget old fuzzer identities, so bans do not hide the parser
@@ -103,7 +120,7 @@ async def run(cases: int, seed: int) -> dict:
             except Exception as e:  # noqa: BLE001 -- a bug: anything else, including a broken allocation bound
                 outcomes[name]["FAILURE"] += 1
                 if len(failures) < 20:
-                    failures.append({"target": name, "input": payload.hex()[:400] if isinstance(payload, bytes) else repr(payload)[:400],
+                    failures.append({"target": name, "input": payload.hex()[:400] if isinstance(payload, bytes) else repr(payload)[:400],  # noqa: E501
                                      "error": "".join(traceback.format_exception_only(e)).strip()})
     finally:
         harness.close()

@@ -142,6 +142,38 @@ class DaemonHarness:
         self._tmp.cleanup()
 
 
+class ValidatorHarness:
+    """Our DHT node's real record validator (RSA signature, then `RunRecordValidator`), fed
+    records whose key, subkey, value and expiry a stranger controls."""
+
+    RUN_KEY = "peer/run/fuzz/peers"
+
+    def __init__(self):
+        from hivemind.dht.crypto import RSASignatureValidator
+        from hivemind.dht.routing import DHTID
+        from hivemind.dht.validation import DHTRecord
+        from hivemind.utils.crypto import RSAPrivateKey
+        from hivemind.utils.serializer import MSGPackSerializer
+
+        from protocols.transport.hivemind import RunRecordValidator, _owner_peer_id, safe_validator
+
+        self.DHTRecord = DHTRecord
+        self.signer = RSASignatureValidator(RSAPrivateKey())
+        self.run = RunRecordValidator(self.RUN_KEY)
+        self.node = safe_validator([RSASignatureValidator(RSAPrivateKey()), self.run], self.run)
+        self.key = DHTID.generate(source=self.RUN_KEY).to_bytes()
+        self.subkey = MSGPackSerializer.dumps(self.signer.local_public_key)
+        value = MSGPackSerializer.dumps(valid_record(_owner_peer_id(self.signer.local_public_key)))
+        self.valid = DHTRecord(self.key, self.subkey, value, 1e12)
+        self.valid = DHTRecord(self.key, self.subkey, self.signer.sign_value(self.valid), 1e12)
+        assert self.node.validate(self.valid)
+
+    def validate(self, key: bytes, subkey: bytes, value: bytes, expiration: float) -> bool:
+        verdict = self.node.validate(self.DHTRecord(key, subkey, value, expiration))
+        assert isinstance(verdict, bool)
+        return verdict
+
+
 # --- mutation -----------------------------------------------------------------------------------
 def mutate(data: bytes, rng: random.Random) -> bytes:
     """A few random edits of a valid message: flips, inserts, deletes, truncation, length tampering."""

@@ -104,16 +104,38 @@ def test_replayed_older_record_does_not_overwrite_newer():
 
 
 def test_forged_long_lived_and_unadmitted_records_are_refused_and_attributed():
-    view = SwarmView("me", "t", allowed=frozenset({"a", "b", "mallory"}))
+    view = SwarmView("me", "t", allowed=frozenset({"a", "b", "c", "mallory"}))
     refused = view.update([
         stored(rec("a"), owner="mallory"),  # a record for peer a signed by mallory's key
-        stored(rec("b"), exp=10 + MAX_RECORD_TTL_S + 1),  # lives far too long
+        stored(rec("b"), exp=10 * MAX_RECORD_TTL_S),  # claims to live far too long
         stored(rec("stranger")),  # not admitted to this closed run
-        StoredRecord("b", {"v": 1, "peer_id": 5}, 10.0),  # malformed
+        StoredRecord("c", {"v": 1, "peer_id": 5}, 10.0),  # malformed
     ], now=0)
-    assert not view.peers
-    assert refused == [("mallory", "record_owner_mismatch"), ("b", "record_ttl_too_long"),
-                       ("stranger", "not_admitted"), ("b", "malformed_record:addrs")]
+    assert set(view.peers) == {"b"} and view.peers["b"].expiration == MAX_RECORD_TTL_S  # kept, cut short
+    assert refused == [("mallory", "record_owner_mismatch"), ("stranger", "not_admitted"), ("c", "malformed_record:addrs")]
+
+
+def test_newcomers_on_private_addresses_are_not_locked_out_by_fakes():
+    # p2pd lists every interface, so honest records carry 127.0.0.1 and private addresses too
+    view = SwarmView("me", "t", max_new_per_host=64)
+    fakes = [PeerRecord(f"fake{i}", (f"/ip4/127.0.0.1/tcp/9/p2p/fake{i}", f"/ip4/6.6.6.6/tcp/{i}/p2p/fake{i}"), "t", 1, 1.0, 1, 0.0)
+             for i in range(64)]
+    view.update([stored(r) for r in fakes], now=0)
+    honest = PeerRecord("honest", ("/ip4/127.0.0.1/tcp/5/p2p/honest", "/ip4/192.168.1.5/tcp/5/p2p/honest",
+                                   "/ip4/203.0.113.9/tcp/5/p2p/honest"), "t", 1, 1.0, 1, 0.0)
+    view.update([stored(honest)], now=0)
+    assert "honest" in view.peers  # the fakes' shared public host is full, not the honest one's
+    more = PeerRecord("fake64", ("/ip4/6.6.6.6/tcp/99/p2p/fake64",), "t", 1, 1.0, 1, 0.0)
+    view.update([stored(more)], now=0)
+    assert "fake64" not in view.peers
+
+
+def test_known_peers_are_processed_first_in_a_huge_lookup():
+    view = SwarmView("me", "t", max_per_update=100)
+    view.update([stored(rec("real", t=0, host="10.0.0.1"))], now=0)
+    flood = [stored(rec(f"f{i}", host=f"8.8.{i // 200}.{i % 200}")) for i in range(5000)]
+    view.update([*flood, stored(rec("real", t=5, host="10.0.0.1"), exp=20)], now=5)
+    assert view.peers["real"].record.time == 5 and view.rejected["lookup_truncated"] == 4901
 
 
 def test_banned_peers_are_kept_out_of_the_view():
@@ -167,18 +189,51 @@ def test_dht_validator_refuses_forged_malformed_and_foreign_records():
     assert not node.validate(_dht_record(bob, "peer/run/x/peers", ft.valid_record(bob_id), now + 6, forge_subkey=alice.local_public_key))
     # a tampered value (signature no longer matches)
     assert not node.validate(dataclasses.replace(good, value=good.value.replace(b"digits-mlp", b"digits-mlq")))
-    # too long-lived, another key, malformed, oversized
-    assert not node.validate(_dht_record(alice, "peer/run/x/peers", ft.valid_record(alice_id), now + 10_000))
+    # another key, malformed, oversized
     assert not node.validate(_dht_record(alice, "some/other/key", ft.valid_record(alice_id), now + 6))
     assert not node.validate(_dht_record(alice, "peer/run/x/peers", {"v": 1}, now + 6))
     big = {**ft.valid_record(alice_id), "task": "x" * 5000}
     assert not node.validate(_dht_record(alice, "peer/run/x/peers", big, now + 6))
-    assert run.rejected == {"record_owner_mismatch": 1, "record_ttl_too_long": 1, "foreign_key": 1,
-                            "malformed_record:addrs": 1, "record_too_large": 1}
-    # a closed run refuses bob's perfectly valid record
-    closed = CompositeValidator([RSASignatureValidator(RSAPrivateKey()), RunRecordValidator("peer/run/x/peers", frozenset({alice_id}))])
-    assert closed.validate(good)
-    assert not closed.validate(_dht_record(bob, "peer/run/x/peers", ft.valid_record(bob_id), now + 6))
+    assert run.rejected == {"record_owner_mismatch": 1, "foreign_key": 1, "malformed_record:addrs": 1, "record_too_large": 1}
+
+
+def test_clock_or_settings_dependent_checks_never_drop_a_whole_lookup_reply():
+    """hivemind drops another node's whole reply if one record fails validation: a record that
+    claims a long life, or comes from a peer our closed run did not admit, must pass validation
+    (and be refused only where it is refused alone: when storing, and in the view)."""
+    from types import SimpleNamespace
+
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.protocol import DHTProtocol
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.dht.validation import CompositeValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.serializer import MSGPackSerializer
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from protocols.transport.hivemind import RunRecordValidator, _owner_peer_id, bounded_storage
+
+    key = "peer/run/x/peers"
+    alice, bob = RSASignatureValidator(RSAPrivateKey()), RSASignatureValidator(RSAPrivateKey())
+    alice_id = _owner_peer_id(alice.local_public_key)
+    bob_id = _owner_peer_id(bob.local_public_key)
+    run = RunRecordValidator(key, allowed=frozenset({alice_id}))
+    node = CompositeValidator([RSASignatureValidator(RSAPrivateKey()), run])
+    now = get_dht_time()
+    reply = DictionaryDHTValue()
+    records = {alice: (ft.valid_record(alice_id), now + 6), bob: (ft.valid_record(bob_id), now + 10 * 600)}
+    for signer, (value, exp) in records.items():
+        reply.store(signer.local_public_key, _dht_record(signer, key, value, exp).value, exp)
+    protocol = SimpleNamespace(record_validator=node, serializer=MSGPackSerializer)
+    assert DHTProtocol._validate_dictionary(protocol, DHTID.generate(source=key).to_bytes(), reply)
+    # storing is where they are refused, one by one
+    storage = bounded_storage(run)
+    key_id = DHTID.generate(source=key)
+    assert storage.store_subkey(key_id, alice.local_public_key, b"v", now + 6)
+    assert not storage.store_subkey(key_id, bob.local_public_key, b"v", now + 6)  # not admitted
+    assert not storage.store_subkey(key_id, alice.local_public_key, b"v", now + 10 * 600)  # too long-lived
+    assert run.rejected == {"not_admitted": 1, "record_ttl_too_long": 1}
 
 
 def test_bounded_dht_storage_keeps_existing_records_when_full():
@@ -192,9 +247,9 @@ def test_bounded_dht_storage_keeps_existing_records_when_full():
     storage = bounded_storage(v)
     key, now = DHTID.generate(source="k"), get_dht_time()
     for i in range(5):
-        assert storage.store_subkey(key, f"real{i}".encode(), b"v", now + 10)
-    assert not storage.store_subkey(key, b"fake", b"v", now + 10)
-    assert storage.store_subkey(key, b"real0", b"v2", now + 20)  # existing records still refresh
+        assert storage.store_subkey(key, f"[owner:real{i}]".encode(), b"v", now + 10)
+    assert not storage.store_subkey(key, b"[owner:fake]", b"v", now + 10)
+    assert storage.store_subkey(key, b"[owner:real0]", b"v2", now + 20)  # existing records still refresh
     assert not storage.store(key, b"plain value", now + 10)  # only per-peer dictionaries are stored
     assert len(storage.get(key).value.data) == 5 and v.rejected["storage_full"] == 1
 
@@ -246,6 +301,29 @@ def test_model_server_handler_never_raises_and_counts_every_refusal(harness, dat
     after = sum(d.serve_errors.values()) + d.counters["serves"]
     assert after == before + 2  # every request ends as exactly one serve or one counted error/refusal
     assert d._serving == 0 and not d._serving_by_peer  # no slot leaks
+
+
+@pytest.fixture(scope="module")
+def validator():
+    return ft.ValidatorHarness()
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.integers(0, 2**31), st.sampled_from(["key", "subkey", "value", "raw"]))
+def test_dht_record_validator_only_answers_true_or_false(validator, data, seed, part):
+    v, rng = validator.valid, random.Random(seed)
+    key, subkey, value = v.key, v.subkey, v.value
+    if part == "key":
+        key = ft.mutate(key, rng)
+    elif part == "subkey":
+        subkey = ft.mutate(subkey, rng)
+    elif part == "value":
+        value = ft.mutate(value, rng)
+    else:
+        subkey, value = data[:300], data[300:]
+    verdict = validator.validate(key, subkey, value, v.expiration_time)
+    if (key, subkey, value) != (v.key, v.subkey, v.value):
+        assert not verdict or part == "value"  # a changed key or subkey breaks the signature
 
 
 json_like = st.recursive(

@@ -90,7 +90,6 @@ class HivemindTransport(Transport):
     async def start(self) -> None:
         from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
-        from hivemind.dht.validation import CompositeValidator
         from hivemind.dht.routing import DHTID
         from hivemind.p2p import P2P
 
@@ -113,7 +112,7 @@ class HivemindTransport(Transport):
             # Derived from the peer id, not from the global `random` (which libraries reseed).
             node_id=DHTID.generate(source=self.peer_id.encode()),
             initial_peers=self.initial_peers or None,
-            record_validator=CompositeValidator(validators),
+            record_validator=safe_validator(validators, self.run_records),
             ensure_bootstrap_success=False,
         )
         if self.run_records is not None:
@@ -236,16 +235,18 @@ def _make_run_record_validator():
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
     from hivemind.utils.timed_storage import get_dht_time
 
-    from protocols.discovery import MAX_VIEW_PEERS, check_stored
+    from protocols.discovery import MAX_VIEW_PEERS, check_record
     from protocols.loglimit import LogLimiter
 
     class _RunRecordValidator(RecordValidatorBase):
-        """After the signature check: this node keeps only well-formed records of its own run.
+        """After the signature check: this node accepts only well-formed records of its own run.
 
-        Applied by hivemind to every record another node asks us to store and to every record a
-        lookup returns. A record under another key, bigger than MAX_RECORD_BYTES, speaking for a
-        peer other than its signer, living too long, malformed, or (closed runs) from a peer not
-        admitted is refused and counted in `rejected` by reason.
+        Applied by hivemind to every record another node asks us to store *and* to every record a
+        lookup returns; in the second case one refusal drops the other node's whole reply. So it
+        checks only what every node agrees on whatever its clock and settings: the run key, the
+        size, plain msgpack, the schema, and that the record speaks for its signer. Lifetime and
+        closed-run admission are checked when storing (`bounded_storage`) and in the swarm view,
+        where a refusal costs only that record. Refusals are counted in `rejected` by reason.
         """
 
         def __init__(self, run_key: str, allowed: frozenset[str] | None = None):
@@ -270,7 +271,7 @@ def _make_run_record_validator():
                 value = _unpack_plain(record.value)
             except Exception:
                 return self._refuse("malformed_record:msgpack")
-            _, reason = check_stored(_owner_peer_id(subkey), value, record.expiration_time, get_dht_time(), self.allowed)
+            _, reason = check_record(_owner_peer_id(subkey), value)
             return True if reason is None else self._refuse(reason)
 
         @property
@@ -280,17 +281,42 @@ def _make_run_record_validator():
     return _RunRecordValidator
 
 
+def safe_validator(validators: list, counters=None):
+    """hivemind's CompositeValidator, but a validator that raises refuses the record instead.
+
+    hivemind's RSASignatureValidator raises ValueError on a malformed public key in a subkey
+    (found by scripts/fuzz.py); hivemind would then fail the whole RPC. Here it is a counted
+    refusal, like any other bad record.
+    """
+    from hivemind.dht.validation import CompositeValidator
+
+    class _Safe(CompositeValidator):
+        def validate(self, record) -> bool:
+            try:
+                return super().validate(record)
+            except Exception:
+                if counters is not None:
+                    counters.rejected["bad_signature_format"] = counters.rejected.get("bad_signature_format", 0) + 1
+                return False
+
+    return _Safe(validators)
+
+
 def RunRecordValidator(run_key: str, allowed: frozenset[str] | None = None):
     return _make_run_record_validator()(run_key, allowed)
 
 
 def bounded_storage(validator) -> Any:
-    """A DHT storage that holds at most `validator.max_records` subkeys per key (new ones refused when full).
+    """A DHT storage that holds at most `validator.max_records` subkeys per key (new ones refused when full),
+    and refuses records that claim to live too long or (closed runs) come from peers not admitted.
 
     Subkeys already stored are still updated, so a flood from fresh keys cannot evict the records
-    of peers this node already holds.
+    of peers this node already holds. The bound is per node: a lookup merges several nodes' replies.
     """
     from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from protocols.discovery import check_admission
 
     class _Bounded(DHTLocalStorage):
         def store(self, key, value, expiration_time, subkey=None) -> bool:
@@ -299,6 +325,10 @@ def bounded_storage(validator) -> Any:
             return self.store_subkey(key, subkey, value, expiration_time)
 
         def store_subkey(self, key, subkey, value, expiration_time) -> bool:
+            reason = check_admission(_owner_peer_id(subkey), expiration_time, get_dht_time(), validator.allowed)
+            if reason is not None:
+                validator.rejected[reason] = validator.rejected.get(reason, 0) + 1
+                return False
             current = self.get(key)
             if current is not None and isinstance(current.value, DictionaryDHTValue):
                 entries = current.value
