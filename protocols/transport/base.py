@@ -74,6 +74,17 @@ class CountingStream:
         self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + len(data)
         return data
 
+    def __getattr__(self, name: str):
+        if name != "read_into" or not hasattr(self.inner, "read_into"):
+            raise AttributeError(name)
+
+        async def read_into(view: memoryview) -> int:
+            n = await self.inner.read_into(view)
+            self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + n
+            return n
+
+        return read_into
+
     async def write(self, data: bytes | memoryview) -> None:
         await self.inner.write(data)
         self.counters["bytes_sent"] = self.counters.get("bytes_sent", 0) + len(data)
