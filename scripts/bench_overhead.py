@@ -1,13 +1,16 @@
 """Overhead benchmark: one peer's training samples/s with gossip on versus off, interleaved in one run.
 
-A few partner peers (real `peer join` processes that stop training after one step but keep
-gossiping and serving, so they load the measured peer through the network and not through the
-CPU) form a run. The measured peer is then started alternately:
+A few partner peers (real `peer join` processes, training and gossiping as usual) form a run.
+The measured peer is then started alternately:
 
 - gossip on: in the partners' run, so every round it pulls and mixes their models (default
   rule) and they pull its model;
 - gossip off: alone in a run of its own, so there is nobody to pull from and nobody pulls it;
-  everything else (heartbeats to the DHT, evaluation, checkpoints) is the same.
+  everything else (heartbeats to the DHT, evaluation, checkpoints) is the same, and so is the
+background: the partners train and gossip among themselves in both phases, so on 2 cores the
+measured peer gets the same share of the CPU either way. (Partners that stop training, tried
+first, drift away from the measured peer's model; the default rule then distrusts them and backs
+off, so only about one round in ten happened and the "on" phase hardly gossiped.)
 
 Rate = training samples over a fixed window read from the daemon's own status (its `samples`
 counter), after a settling period. The ratio is median(on) / median(off).
@@ -55,11 +58,11 @@ def run(task: str = "mnist1d-cnn", partners: int = 3, repeats: int = 3, settle_s
         common = ["--task", task]
         started: list[LocalPeer] = []
         try:
-            first = LocalPeer(root / "partner0", [*common, "--run-id", "bench-on", "--max-steps", "1"]).start()
+            first = LocalPeer(root / "partner0", [*common, "--run-id", "bench-on"]).start()
             started.append(first)
             first.wait_ready(120)
             for i in range(1, partners):
-                started.append(LocalPeer(root / f"partner{i}", [*common, "--run-id", "bench-on", "--max-steps", "1",
+                started.append(LocalPeer(root / f"partner{i}", [*common, "--run-id", "bench-on",
                                                                 "--initial-peer", first.addrs[0]]).start())
             for p in started[1:]:
                 p.wait_ready(120)
