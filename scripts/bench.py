@@ -132,6 +132,9 @@ def table(name: str, r: dict) -> str:
                 continue
             lines.append(f"{label:<22} {'yes' if c['reached'] else 'no':>7} {_f(c['time_s'], '.1f'):>7} {_f(c['samples'], 'd'):>8} "
                          f"{_f(c['best_min_accuracy'], '.3f'):>6}" + "".join(f" {_f(c['accuracy_at'].get(a), '.3f'):>9}" for a in at))
+        lines.append("peers' mean accuracy first >= threshold: " + "; ".join(
+            f"{label} {_f(c.get('mean_time_s'), '.1f')} s / {_f(c.get('mean_samples'), 'd')} samples"
+            for label, c in rows if "error" not in c))
         lines.append(f"samples_ratio_vs_central {_f(r['samples_ratio_vs_central'])}; time_ratio_vs_hivemind "
                      f"{_f(r['time_ratio_vs_hivemind'])} (best hivemind: {r['hivemind_best']}, reached: {r['hivemind_reached']})")
     elif name == "overhead":

@@ -56,6 +56,7 @@ def timeline(logs: list[list[dict]], t0: float) -> list[dict]:
 def summarize(tl: list[dict], threshold: float, at: list[float]) -> dict:
     """Time and samples when the lowest peer first reaches `threshold`; accuracies at the times `at`."""
     hit = next((p for p in tl if p["min_accuracy"] >= threshold), None)
+    mean_hit = next((p for p in tl if p["mean_accuracy"] >= threshold), None)
     acc_at = {}
     for t in at:
         before = [p for p in tl if p["t"] <= t]
@@ -64,6 +65,9 @@ def summarize(tl: list[dict], threshold: float, at: list[float]) -> dict:
         "reached": hit is not None,
         "time_s": None if hit is None else round(hit["t"], 2),
         "samples": None if hit is None else hit["samples"],
+        # the same for the peers' mean accuracy (a looser reading of "the swarm reached it")
+        "mean_time_s": None if mean_hit is None else round(mean_hit["t"], 2),
+        "mean_samples": None if mean_hit is None else mean_hit["samples"],
         "best_min_accuracy": max((p["min_accuracy"] for p in tl), default=None),
         "final_min_accuracy": tl[-1]["min_accuracy"] if tl else None,
         "final_t": round(tl[-1]["t"], 2) if tl else None,
