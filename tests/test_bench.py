@@ -73,3 +73,35 @@ def test_bench_rejects_an_unknown_benchmark_and_hivemind_config():
     bad = subprocess.run([sys.executable, str(SCRIPT), "convergence", "--hivemind", "no-such"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no-such" in bad.stderr
+
+
+class _TrickleStream:
+    """Offers `read_into` and hands out at most 7 bytes per call, as a slow socket would."""
+
+    remote_peer = "trickle"
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    async def read_into(self, view: memoryview) -> int:
+        n = min(7, len(view), len(self.data) - self.pos)
+        view[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    async def read_exactly(self, n: int) -> bytes:  # pragma: no cover - read_payload must prefer read_into
+        raise AssertionError("read_into was available")
+
+
+async def test_read_payload_fills_straight_from_read_into_and_refuses_a_short_stream():
+    """The transfer fix: payloads are read into the destination array in whatever pieces arrive."""
+    import numpy as np
+
+    from protocols.codec import Limits, TensorSpec, read_payload
+
+    spec = [TensorSpec("flat", "float32", (25,))]
+    values = np.arange(25, dtype="<f4")
+    (got,) = await read_payload(_TrickleStream(values.tobytes()), spec, Limits(chunk_bytes=16))
+    assert got.dtype == np.dtype("<f4") and np.array_equal(got, values)
+    with pytest.raises(EOFError):  # counted as "disconnected" by the daemon
+        await read_payload(_TrickleStream(values.tobytes()[:-1]), spec, Limits(chunk_bytes=16))
