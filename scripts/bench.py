@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="hivemind.Optimizer configurations to run (default: all of bench_convergence.HIVEMIND_CONFIGS)")
     ap.add_argument("--min-seconds", type=float, default=60.0, help="convergence: run ours at least this long")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="convergence: stop ours (and central) after this long")
-    ap.add_argument("--hivemind-max-seconds", type=float, default=240.0, help="convergence: cap per hivemind configuration")
+    ap.add_argument("--hivemind-max-seconds", type=float, default=180.0, help="convergence: cap per hivemind configuration")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")

@@ -210,8 +210,8 @@ def run_hivemind(root: Path, peers: int, knobs: dict, threshold: float, min_s: f
 
 # --- all three -----------------------------------------------------------------------------
 
-def run(peers: int = 4, threshold: float = 0.88, min_s: float = 30.0, max_s: float = 120.0,
-        hivemind_configs: list[str] | None = None, hivemind_max_s: float = 240.0, tiny: bool = False) -> dict:
+def run(peers: int = 4, threshold: float = 0.88, min_s: float = 45.0, max_s: float = 120.0,
+        hivemind_configs: list[str] | None = None, hivemind_max_s: float = 180.0, tiny: bool = False) -> dict:
     """Run central, ours and each hivemind configuration; the figures the issue asks for."""
     task, probe = ("digits-mlp", "bench_probe:digits") if tiny else ("mnist1d-cnn", "bench_probe:mnist1d")
     batch = 64 if tiny else 100
