@@ -60,6 +60,21 @@ class Stream(Protocol):
     async def close(self) -> None: ...
 
 
+async def _fill(stream: Stream, view: memoryview, chunk: int) -> None:
+    """Fill `view` from the stream: straight into it where the stream can (`read_into`), else by chunks."""
+    read_into = getattr(stream, "read_into", None)
+    pos, size = 0, len(view)
+    while pos < size:
+        if read_into is not None:
+            n = await read_into(view[pos : pos + chunk])
+            if n == 0:
+                raise EOFError(f"stream ended after {pos} of {size} payload bytes")
+        else:
+            n = min(chunk, size - pos)
+            view[pos : pos + n] = await stream.read_exactly(n)
+        pos += n
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("bad_header", f"msgpack extension type {code} refused")
 
@@ -171,12 +186,8 @@ async def read_payload(stream: Stream, specs: list[TensorSpec], limits: Limits =
     """Read the raw bytes announced by `specs` (already checked against limits) into new arrays."""
     out = []
     for spec in specs:
-        buf = bytearray(spec.nbytes)
-        view = memoryview(buf)
-        pos = 0
-        while pos < spec.nbytes:
-            n = min(limits.chunk_bytes, spec.nbytes - pos)
-            view[pos : pos + n] = await stream.read_exactly(n)
-            pos += n
-        out.append(np.frombuffer(buf, dtype=DTYPES[spec.dtype]).reshape(spec.shape))
+        # np.empty, not bytearray: no zero-fill pass, and numpy asks for huge pages on large arrays
+        arr = np.empty(spec.shape, dtype=DTYPES[spec.dtype])
+        await _fill(stream, memoryview(arr).cast("B"), limits.chunk_bytes)
+        out.append(arr)
     return out

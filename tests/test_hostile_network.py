@@ -398,3 +398,28 @@ async def test_closed_run_ignores_and_refuses_unadmitted_peers(memory_swarm, tmp
     assert a.view.rejected.get("not_admitted", 0) >= 1
     assert a.serve_errors.get("refused_not_admitted", 0) + b.serve_errors.get("refused_not_admitted", 0) >= 1
     assert a.status()["closed_run"] and not c.status()["closed_run"]
+
+
+async def test_read_timeout_applies_to_the_payload_fast_path():
+    """A partner that goes quiet mid-payload is cut off by the per-read deadline (read_into path too)."""
+    from protocols.transport.base import CountingStream
+
+    class Quiet:
+        remote_peer = "q"
+
+        async def read_exactly(self, n):
+            await asyncio.Event().wait()
+
+        async def read_into(self, view):
+            await asyncio.Event().wait()
+
+        async def write(self, data):
+            pass
+
+        async def close(self):
+            pass
+
+    stream = CountingStream(Quiet(), {}, read_timeout=0.05)
+    for call in (stream.read_exactly(4), stream.read_into(memoryview(bytearray(8)))):
+        with pytest.raises(asyncio.TimeoutError):
+            await call

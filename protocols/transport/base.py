@@ -81,6 +81,20 @@ class CountingStream:
         self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + len(data)
         return data
 
+    def __getattr__(self, name: str):
+        if name != "read_into" or not hasattr(self.inner, "read_into"):
+            raise AttributeError(name)
+
+        async def read_into(view: memoryview) -> int:
+            if self.read_timeout is None:
+                n = await self.inner.read_into(view)
+            else:  # the same per-read deadline as read_exactly: a trickling peer cannot stall us
+                n = await asyncio.wait_for(self.inner.read_into(view), timeout=self.read_timeout)
+            self.counters["bytes_received"] = self.counters.get("bytes_received", 0) + n
+            return n
+
+        return read_into
+
     async def write(self, data: bytes | memoryview) -> None:
         await self.inner.write(data)
         self.counters["bytes_sent"] = self.counters.get("bytes_sent", 0) + len(data)

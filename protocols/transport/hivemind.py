@@ -54,6 +54,12 @@ class _P2PStream:
     async def read_exactly(self, n: int) -> bytes:
         return await self.reader.readexactly(n)
 
+    async def read_into(self, view: memoryview) -> int:
+        """Up to len(view) bytes, whatever has arrived (0 at the end): no waiting for a whole chunk."""
+        data = await self.reader.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
     async def write(self, data: bytes | memoryview) -> None:
         self.writer.write(data)
         await self.writer.drain()
