@@ -281,6 +281,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="override the scenario's duration_s")
     ap.add_argument("--seed", type=int, help="override the scenario's seed (the churn schedule)")
     ap.add_argument("--collect", type=Path, metavar="DIR", help="only summarise DIR (data dirs from a run or gathered elsewhere)")
+    ap.add_argument("--print-schedule", action="store_true",
+                    help='print the churn schedule as "SECONDS ACTION SLOT" lines (for deploy/k8s/churn.sh) and exit')
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no live display; a progress line every 30 s on stderr")
     args = ap.parse_args()
@@ -304,6 +306,11 @@ def main() -> int:
         sc.duration_s = args.duration
     if args.seed is not None:
         sc.seed = args.seed
+    if args.print_schedule:
+        print(f"# {sc.name}: seed {sc.seed}, {sc.duration_s:.0f} s; slot K is pod peer-K")
+        for ev in churn_schedule(sc):
+            print(f"{ev.at:.2f} {ev.action} {ev.peer}")
+        return 0
     out = args.out or Path("runs/experiments") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()):
         print(f"experiment: {out} exists and is not empty; choose another --out", file=sys.stderr)
