@@ -46,7 +46,7 @@ def netem_available() -> str | None:
         r = subprocess.run([tc, "qdisc", "add", "dev", name, "root", "netem", "delay", "1ms"], capture_output=True, text=True)
         if r.returncode:
             return f"tc netem not available in this kernel ({r.stderr.strip()[:60]})"
-        return "netns runner not implemented for this kernel yet"  # see docs/experiments.md
+        return "tc netem works here, but per-peer namespaces are not implemented in this runner yet"
     finally:
         subprocess.run([ip, "link", "del", name], capture_output=True)
 

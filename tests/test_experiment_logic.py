@@ -176,3 +176,15 @@ async def test_daemon_writes_join_and_leave_lines_and_rotates_metrics(memory_swa
     lines = read_peer_dir(d.data_dir)
     assert lines[-1]["event"] == "leave" and lines[-1]["exit_code"] == 0
     assert [r["time"] for r in lines] == sorted(r["time"] for r in lines)
+
+
+def test_heterogeneous_runs_are_grouped_by_throttle():
+    scenario = {"name": "h", "step_delay_s": 0.0, "heterogeneity": [
+        {"peers": [0, 1], "step_delay_s": 0.01}, {"peers": [2], "step_delay_s": 0.07}, {"peers": [1], "step_delay_s": 0.03}]}
+    lines = {"p0": honest_peer(0, 60, acc=0.9), "p1": honest_peer(0, 60, acc=0.8), "p2": honest_peer(0, 60, acc=0.7),
+             "p3": honest_peer(0, 60, acc=0.6)}
+    g = summarize(lines, [], scenario)["by_step_delay"]
+    assert list(g) == ["0", "0.01", "0.03", "0.07"]
+    assert g["0.01"]["peers"] == ["p0"] and g["0.03"]["peers"] == ["p1"], "the last group naming a slot wins"
+    assert g["0.07"]["final_accuracy_mean"] == pytest.approx(0.7) and g["0"]["final_accuracy_mean"] == pytest.approx(0.6)
+    assert summarize(lines, [], {"name": "plain"})["by_step_delay"] is None

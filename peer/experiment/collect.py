@@ -195,6 +195,7 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
 
     honest = [p for p in peers if p["role"] == "honest"]
     finals = [p["final_accuracy"] for p in honest if p["final_accuracy"] is not None]
+    by_speed = _by_speed(scenario, honest)
     secs = [c["seconds"] for c in catchups]
     done = [x for x in secs if x is not None]
     return {
@@ -210,12 +211,42 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
         "join_catchup_median": _median(done),
         "join_catchup_worst": (None if None in secs else max(done)) if secs else None,
         "joins_detail": catchups,
+        "by_step_delay": by_speed,
         "churn_events": [{"t": round(e["time"] - run_start, 1), "action": e["action"], "peer": e.get("peer")}
                          for e in events if e.get("action") in ("kill", "leave", "start", "crash", "attack_start")
                          and not (e["action"] == "start" and e["time"] < run_start)],  # the initial starts are not churn
         "honest_mean_timeline": timeline,
         "runner": next((e for e in events if e.get("action") == "run_start"), {}),
     }
+
+
+def _by_speed(scenario: dict, honest: list[dict]) -> dict[str, dict] | None:
+    """Honest peers grouped by their training throttle (the scenario's step_delay_s per slot
+    `pK`): mean final accuracy and steps per group, for heterogeneous runs."""
+    groups = scenario.get("heterogeneity") or []
+    if not groups:
+        return None
+    delay = {}
+    for g in groups:  # the last group naming a slot wins, as in the runner
+        for k in g.get("peers", []):
+            delay[k] = float(g.get("step_delay_s", 0.0))
+    out: dict[str, dict] = {}
+    for p in honest:
+        head = p["id"].split(".")[0]
+        if not (head.startswith("p") and head[1:].isdigit()):
+            continue
+        d = delay.get(int(head[1:]), float(scenario.get("step_delay_s", 0.0)))
+        g = out.setdefault(f"{d:g}", {"peers": [], "accuracies": [], "steps": []})
+        g["peers"].append(p["id"])
+        if p["final_accuracy"] is not None:
+            g["accuracies"].append(p["final_accuracy"])
+        if p["final_step"] is not None:
+            g["steps"].append(p["final_step"])
+    for g in out.values():
+        acc, steps = g.pop("accuracies"), g.pop("steps")
+        g["final_accuracy_mean"] = round(sum(acc) / len(acc), 4) if acc else None
+        g["final_step_mean"] = round(sum(steps) / len(steps)) if steps else None
+    return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
 
 
 def _launch_time(peer_events: list[dict], session_start: float) -> float:
@@ -266,6 +297,10 @@ def markdown(summary: dict[str, Any]) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(p["rejected"].items())) or "-"
         lines.append(f"| {p['id']} | {role} | {_pct(p['final_accuracy'])} | {p['final_step']} | {p['joins']} | {p['leaves']} | "
                      f"{p['kills']} | {'YES' if p['crashed'] else 'no'} | {p['bytes_sent'] / 1e6:.1f} | {rej} |")
+    if summary.get("by_step_delay"):
+        lines += ["", "| step delay (s) | peers | final accuracy mean | final step mean |", "| --- | --- | --- | --- |"]
+        for d, g in summary["by_step_delay"].items():
+            lines.append(f"| {d} | {', '.join(g['peers'])} | {_pct(g['final_accuracy_mean'])} | {g['final_step_mean']} |")
     if summary["joins_detail"]:
         lines += ["", "| join of | at (s) | swarm accuracy then | caught up after (s) |", "| --- | --- | --- | --- |"]
         for c in summary["joins_detail"]:
