@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -27,28 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from peer.experiment import network  # noqa: E402
 from peer.experiment.collect import collect  # noqa: E402
 from peer.experiment.scenario import Scenario, ScenarioError, churn_schedule, load_scenario  # noqa: E402
 from peer.launcher import LocalPeer, PeerProcessError  # noqa: E402
-
-
-def netem_available() -> str | None:
-    """None if `tc netem` works here, else the one-line reason it does not."""
-    tc, ip = shutil.which("tc") or "/usr/sbin/tc", shutil.which("ip") or "/usr/sbin/ip"
-    if not (os.path.exists(tc) and os.path.exists(ip)):
-        return "tc/ip not found"
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
-    name = f"pxprobe{os.getpid() % 10000}"
-    try:
-        if subprocess.run([ip, "link", "add", name, "type", "veth", "peer", "name", name + "b"], capture_output=True).returncode:
-            return "cannot create veth pairs"
-        r = subprocess.run([tc, "qdisc", "add", "dev", name, "root", "netem", "delay", "1ms"], capture_output=True, text=True)
-        if r.returncode:
-            return f"tc netem not available in this kernel ({r.stderr.strip()[:60]})"
-        return "tc netem works here, but per-peer namespaces are not implemented in this runner yet"
-    finally:
-        subprocess.run([ip, "link", "del", name], capture_output=True)
 
 
 class Slot:
@@ -67,8 +48,20 @@ class Slot:
 
 
 class Runner:
-    def __init__(self, sc: Scenario, out: Path, quiet: bool = False):
+    def __init__(self, sc: Scenario, out: Path, quiet: bool = False, shaped: bool = False):
         self.sc, self.out, self.quiet = sc, out, quiet
+        self.netns: network.Namespaces | None = None
+        self.where: dict[int, tuple[list[str], str]] = {}  # slot -> (command prefix, listen address)
+        if shaped:
+            self.netns = network.Namespaces()
+            try:
+                self.netns.up()
+                for i in range(sc.total_peers):
+                    g = sc.settings_for(i)
+                    self.where[i] = self.netns.add(i, g.delay_ms, g.rate_mbit, g.loss_pct)
+            except RuntimeError:
+                self.netns.down()
+                raise
         self.events_file = open(out / "events.jsonl", "a")
         self.t0 = time.time()
         self.counts = {"joins": 0, "leaves": 0, "kills": 0, "crashes": 0}
@@ -118,7 +111,8 @@ class Runner:
             data = slot.base_dir.with_name(f"{slot.base_dir.name}.{slot.lives}")  # a fresh identity and no checkpoint
         else:
             data = slot.base_dir
-        slot.peer = LocalPeer(data, slot.args)
+        prefix, addr = self.where.get(slot.index, ([], "127.0.0.1"))
+        slot.peer = LocalPeer(data, slot.args, listen=f"/ip4/{addr}/tcp/0", prefix=prefix)
         boot = self.bootstrap_addrs(slot)
         slot.peer.start([a for b in boot for a in ("--initial-peer", b)])
         slot.lives += 1
@@ -238,6 +232,8 @@ class Runner:
             s.state = "down"
         self.log("run_end")
         self.events_file.close()
+        if self.netns is not None:
+            self.netns.down()
 
     def display(self):
         """A rich progress bar with live counts; a line every 30 s when not on a terminal."""
@@ -319,12 +315,19 @@ def main() -> int:
     shutil.copy(args.scenario, out / "scenario.toml")
 
     wants_net = any(g.delay_ms or g.rate_mbit or g.loss_pct for g in sc.heterogeneity)
-    notice = netem_available() if wants_net else None
+    notice = network.probe(need_netem=any(g.delay_ms or g.loss_pct for g in sc.heterogeneity)) if wants_net else None
     if notice:
         print(f"network conditions skipped: {notice}; every peer runs on 127.0.0.1 unshaped", file=sys.stderr)
     print(f"experiment {sc.name}: {sc.peers} honest + {sc.attack.count} attackers, {sc.duration_s:.0f} s, data in {out}",
           file=sys.stderr)
-    runner = Runner(sc, out, quiet=args.quiet)
+    try:
+        runner = Runner(sc, out, quiet=args.quiet, shaped=wants_net and notice is None)
+    except RuntimeError as e:
+        print(f"experiment: setting up network namespaces failed: {e}", file=sys.stderr)
+        return 1
+    if runner.netns is not None:
+        notice = "applied: " + ", ".join(f"p{i} {g.delay_ms}ms {g.rate_mbit}mbit {g.loss_pct}%" for i in range(sc.total_peers)
+                                         for g in [sc.settings_for(i)] if g.delay_ms or g.rate_mbit or g.loss_pct)
     try:
         runner.run(notice)
     except KeyboardInterrupt:
