@@ -126,6 +126,7 @@ def test_summary_counts_kills_joins_crashes_and_catchup():
     # not its join line at 42); p1 reads 0.85 at t = 49 and 0.9 at t = 50, the first >= 0.88
     assert s["join_catchup_seconds"] == [10.0]
     assert s["join_catchup_median"] == 10.0 and s["join_catchup_worst"] == 10.0
+    assert s["joins_detail"][0]["startup_s"] == 2.0 and s["join_catchup_after_startup_worst"] == 8.0
     assert s["time_to_accuracy"] == 2.0  # the first grid point (2 s) with an honest reading >= 0.85
     # bytes are summed over p1's two lives (the counter restarts with each process)
     assert peers["p1"]["bytes_sent"] == 29000 + 100000

@@ -191,7 +191,10 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
                 continue
             hit = next((r["time"] for r in s.lines if r.get("accuracy") is not None and r["accuracy"] >= swarm - tol), None)
             catchups.append({"peer": name, "at": round(started - run_start, 1), "swarm_accuracy": round(swarm, 4),
-                             "seconds": None if hit is None else round(hit - started, 1)})
+                             "seconds": None if hit is None else round(hit - started, 1),
+                             # of which process start-up: launch -> the daemon's first heartbeat (its join line)
+                             "startup_s": round(s.start - started, 1),
+                             "after_startup_s": None if hit is None else round(hit - s.start, 1)})
 
     honest = [p for p in peers if p["role"] == "honest"]
     finals = [p["final_accuracy"] for p in honest if p["final_accuracy"] is not None]
@@ -210,6 +213,9 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
         "join_catchup_seconds": secs,
         "join_catchup_median": _median(done),
         "join_catchup_worst": (None if None in secs else max(done)) if secs else None,
+        "join_startup_median": _median([c["startup_s"] for c in catchups]),
+        "join_catchup_after_startup_median": _median([c["after_startup_s"] for c in catchups if c["after_startup_s"] is not None]),
+        "join_catchup_after_startup_worst": (None if None in secs else max(c["after_startup_s"] for c in catchups)) if secs else None,
         "joins_detail": catchups,
         "by_step_delay": by_speed,
         "churn_events": [{"t": round(e["time"] - run_start, 1), "action": e["action"], "peer": e.get("peer")}
@@ -286,7 +292,9 @@ def markdown(summary: dict[str, Any]) -> str:
     secs = summary["join_catchup_seconds"]
     if secs:
         lines.append(f"- joins to catch up: {len(secs)}; catch-up median {summary['join_catchup_median']} s, "
-                     f"worst {summary['join_catchup_worst'] if summary['join_catchup_worst'] is not None else 'never caught up'} s")
+                     f"worst {summary['join_catchup_worst'] if summary['join_catchup_worst'] is not None else 'never caught up'} s "
+                     f"from launch; process start-up median {summary['join_startup_median']} s; after start-up median "
+                     f"{summary['join_catchup_after_startup_median']} s, worst {summary['join_catchup_after_startup_worst']} s")
     r = summary.get("runner") or {}
     if r.get("load"):
         lines.append(f"- machine load (1/5/15 min) at start {r['load']}; {r.get('cpus', '?')} CPUs")
@@ -302,9 +310,11 @@ def markdown(summary: dict[str, Any]) -> str:
         for d, g in summary["by_step_delay"].items():
             lines.append(f"| {d} | {', '.join(g['peers'])} | {_pct(g['final_accuracy_mean'])} | {g['final_step_mean']} |")
     if summary["joins_detail"]:
-        lines += ["", "| join of | at (s) | swarm accuracy then | caught up after (s) |", "| --- | --- | --- | --- |"]
+        lines += ["", "| join of | launched at (s) | swarm accuracy then | caught up after (s) | of which start-up (s) |",
+                  "| --- | --- | --- | --- | --- |"]
         for c in summary["joins_detail"]:
-            lines.append(f"| {c['peer']} | {c['at']} | {_pct(c['swarm_accuracy'])} | {'never' if c['seconds'] is None else c['seconds']} |")
+            lines.append(f"| {c['peer']} | {c['at']} | {_pct(c['swarm_accuracy'])} | {'never' if c['seconds'] is None else c['seconds']} "
+                         f"| {c['startup_s']} |")
     return "\n".join(lines) + "\n"
 
 
