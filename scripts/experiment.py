@@ -326,8 +326,11 @@ def main() -> int:
         print(f"experiment: setting up network namespaces failed: {e}", file=sys.stderr)
         return 1
     if runner.netns is not None:
-        notice = "applied: " + ", ".join(f"p{i} {g.delay_ms}ms {g.rate_mbit}mbit {g.loss_pct}%" for i in range(sc.total_peers)
-                                         for g in [sc.settings_for(i)] if g.delay_ms or g.rate_mbit or g.loss_pct)
+        shaped = [(i, sc.settings_for(i)) for i in range(sc.total_peers)]
+        notice = "applied: " + ", ".join(
+            f"p{i}" + "".join(f" {v:g}{unit}" for v, unit in ((g.delay_ms, "ms delay"), (g.rate_mbit, "Mbit/s"), (g.loss_pct, "% loss")) if v)
+            for i, g in shaped if g.delay_ms or g.rate_mbit or g.loss_pct)
+        print(f"network conditions {notice}; every peer in its own namespace on 10.231.0.0/16", file=sys.stderr)
     try:
         runner.run(notice)
     except KeyboardInterrupt:
