@@ -223,6 +223,7 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
                          and not (e["action"] == "start" and e["time"] < run_start)],  # the initial starts are not churn
         "honest_mean_timeline": timeline,
         "runner": next((e for e in events if e.get("action") == "run_start"), {}),
+        "load_at_stop": next((e.get("load") for e in events if e.get("action") == "stop"), None),
     }
 
 
@@ -297,7 +298,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{summary['join_catchup_after_startup_median']} s, worst {summary['join_catchup_after_startup_worst']} s")
     r = summary.get("runner") or {}
     if r.get("load"):
-        lines.append(f"- machine load (1/5/15 min) at start {r['load']}; {r.get('cpus', '?')} CPUs")
+        lines.append(f"- machine load (1/5/15 min) at start {r['load']}, at the end {summary.get('load_at_stop')}; "
+                     f"{r.get('cpus', '?')} CPUs; network conditions: {r.get('network')}")
     lines += ["", "| peer | role | final accuracy | final step | joins | leaves | kills | crashed | MB sent | rejected |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in summary["peers"]:
