@@ -122,6 +122,10 @@ def test_summary_counts_kills_joins_crashes_and_catchup():
     assert s["honest_crashed"] == 1
     assert peers["p0"]["final_accuracy"] == pytest.approx(0.9)
     assert s["honest_accuracy_mean"] == pytest.approx(0.9)  # p3's 10 % does not count
+    # a data dir whose last life ended before the stop (a fresh rejoin leaves one behind) is not in the mean
+    gone = honest_peer(0, 40, acc=0.5)
+    s2 = summarize({"p0": p0, "gone": gone}, events, {"name": "t"})
+    assert [p["at_end"] for p in s2["peers"]] == [False, True] and s2["honest_accuracy_mean"] == pytest.approx(0.9)
     # the swarm (p0 and p2) was at 0.9 when p1 was relaunched at t = 40 (its runner `start` event,
     # not its join line at 42); p1 reads 0.85 at t = 49 and 0.9 at t = 50, the first >= 0.88
     assert s["join_catchup_seconds"] == [10.0]

@@ -172,11 +172,13 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
         accs = [r["accuracy"] for r in last if r.get("accuracy") is not None and r["time"] >= (last[-1]["time"] - FINAL_WINDOW_S if last else 0)]
         final = round(sum(accs) / len(accs), 4) if accs else None
         bytes_sent = sum(s.lines[-1].get("bytes_sent", 0) for s in ss if s.lines)
+        # still in the swarm when the run ended (a data dir left behind by a fresh rejoin is not)
+        at_end = bool(ss) and ss[-1].end >= (stop_at if stop_at is not None else run_end) - 2 * STALE_S
         peers.append({
             "id": name, "peer_ids": sorted({s.peer_id for s in ss if s.peer_id}), "role": roles[name],
             "attack": next((s.attack for s in ss if s.attack), None),
             "final_accuracy": final, "final_step": last[-1].get("step") if last else None,
-            "crashed": crashed, "joins": len(ss), "leaves": leaves, "kills": kills,
+            "crashed": crashed, "at_end": at_end, "joins": len(ss), "leaves": leaves, "kills": kills,
             "bytes_sent": bytes_sent, "rounds_ok": sum(s.lines[-1].get("rounds_ok", 0) for s in ss if s.lines),
             "rejected": _sum_dicts(s.lines[-1].get("rejected") or {} for s in ss if s.lines),
         })
@@ -197,7 +199,7 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
                              "after_startup_s": None if hit is None else round(hit - s.start, 1)})
 
     honest = [p for p in peers if p["role"] == "honest"]
-    finals = [p["final_accuracy"] for p in honest if p["final_accuracy"] is not None]
+    finals = [p["final_accuracy"] for p in honest if p["final_accuracy"] is not None and p["at_end"]]
     by_speed = _by_speed(scenario, honest)
     secs = [c["seconds"] for c in catchups]
     done = [x for x in secs if x is not None]
