@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -331,6 +332,10 @@ def main() -> int:
             f"p{i}" + "".join(f" {v:g}{unit}" for v, unit in ((g.delay_ms, "ms delay"), (g.rate_mbit, "Mbit/s"), (g.loss_pct, "% loss")) if v)
             for i, g in shaped if g.delay_ms or g.rate_mbit or g.loss_pct)
         print(f"network conditions {notice}; every peer in its own namespace on 10.231.0.0/16", file=sys.stderr)
+    def terminated(*_):  # `kill`, a CI timeout: stop the peers as Ctrl-C does, leave nothing behind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         runner.run(notice)
     except KeyboardInterrupt:
