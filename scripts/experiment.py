@@ -212,10 +212,10 @@ class Runner:
                 self.poll()
                 update(now)
                 time.sleep(0.5)
-        self.log("stop", load=[round(x, 2) for x in os.getloadavg()])
 
     def shutdown(self) -> None:
         """Every peer still running leaves gracefully (SIGKILL after 60 s); nobody is left behind."""
+        self.log("stop", load=[round(x, 2) for x in os.getloadavg()])  # leaves after this are not churn
         for s in self.slots:
             if s.peer is not None and s.peer.alive and s.state != "leaving":
                 s.expected_exit = True
