@@ -129,6 +129,7 @@ class PeerDaemon:
         self.last_checkpoint: tuple[int, float] | None = None
         self._serving = 0
         self._serving_by_peer: dict[str, int] = {}
+        self._metrics_joined = False  # the "join" line goes before this process's first metrics
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
         self._stop = asyncio.Event()
@@ -176,6 +177,7 @@ class PeerDaemon:
             self.phase = "leaving"
             self.trainer.stop()
             await self._checkpoint()
+            self._write_metrics("leave")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._withdraw(), timeout=5)
             if control is not None:
@@ -446,11 +448,30 @@ class PeerDaemon:
         self.counters["checkpoints"] += 1
         self.last_checkpoint = (state["step"], time.time())
 
-    def _write_metrics(self) -> None:
-        line = {"time": time.time(), "event": "metrics", **self._metrics()}
+    METRICS_ROTATE_BYTES = 8 << 20  # metrics.jsonl is renamed to .1 (.1 to .2, .2 to .3) past this size
+    METRICS_KEEP = 3
+
+    def _write_metrics(self, event: str = "metrics") -> None:
+        """Append one JSON line to DATA_DIR/metrics.jsonl: a "join" event before the first
+        heartbeat's metrics of this process, "leave" on a graceful exit (the experiment runner and
+        `scripts/experiment.py --collect` read these); rotated so it never grows without bound."""
+        path = self.data_dir / "metrics.jsonl"
+        lines = []
+        if not self._metrics_joined:
+            self._metrics_joined = True
+            lines.append({"time": time.time(), "event": "join", "peer_id": self.peer_id, "pid": os.getpid(),
+                          "attack": self.config.experiment_attack or None})
+        extra = {"exit_code": self.exit_code} if event == "leave" else {}
+        lines.append({"time": time.time(), "event": event, **self._metrics(), **extra})
         try:
-            with open(self.data_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            if path.exists() and path.stat().st_size > self.METRICS_ROTATE_BYTES:
+                for i in range(self.METRICS_KEEP - 1, 0, -1):
+                    old = path.with_name(f"metrics.jsonl.{i}")
+                    if old.exists():
+                        os.replace(old, path.with_name(f"metrics.jsonl.{i + 1}"))
+                os.replace(path, path.with_name("metrics.jsonl.1"))
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
         except OSError as e:
             log.warning("metrics not written: %s", e)
 

@@ -22,10 +22,15 @@ class PeerProcessError(RuntimeError):
 
 
 class LocalPeer:
-    def __init__(self, data_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None,
+                 listen: str = "/ip4/127.0.0.1/tcp/0", prefix: list[str] | None = None):
+        """`prefix` runs the daemon through another command, e.g. `ip netns exec NS` (experiments
+        with network conditions, peer/experiment/network.py); `listen` is then that namespace's address."""
         self.data_dir = Path(data_dir)
         self.args = list(args or [])
         self.env = env
+        self.listen = listen
+        self.prefix = list(prefix or [])
         self.proc: subprocess.Popen | None = None
         self.peer_id: str | None = None
         self.addrs: list[str] = []
@@ -36,8 +41,8 @@ class LocalPeer:
 
     def start(self, extra: list[str] | None = None) -> "LocalPeer":
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cmd = [sys.executable, "-m", "cli.main", "join", "--data-dir", str(self.data_dir),
-               "--listen", "/ip4/127.0.0.1/tcp/0", *self.args, *(extra or [])]
+        cmd = [*self.prefix, sys.executable, "-m", "cli.main", "join", "--data-dir", str(self.data_dir),
+               "--listen", self.listen, *self.args, *(extra or [])]
         out = open(self.data_dir / "stdout.log", "ab")
         err = open(self.data_dir / "stderr.log", "ab")
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
