@@ -354,7 +354,7 @@ class PeerDaemon:
                     self.distrusted.pop(min(self.distrusted, key=self.distrusted.get))  # bounded
                 self.distrusted[p] = self.distrusted.get(p, 0) + 1
                 self.picker.failed(p, now)
-                self.reputation.penalise(p, "distrusted", now)
+                self._penalise(p, "distrusted", "refused by the aggregation rule", now)
             else:
                 self.picker.succeeded(p)
         self.counters["rounds_ok"] += 1

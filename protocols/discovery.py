@@ -117,13 +117,6 @@ def check_admission(owner: str | None, expiration: float, now: float, allowed: f
     return None
 
 
-def check_stored(owner: str | None, raw: Any, expiration: float, now: float,
-                 allowed: frozenset[str] | None = None) -> tuple[PeerRecord | None, str | None]:
-    """Both: what a node checks before storing a record."""
-    reason = check_admission(owner, expiration, now, allowed)
-    return (None, reason) if reason is not None else check_record(owner, raw)
-
-
 def public_host(addr: str) -> str | None:
     """The host of a multiaddr if it is a public address ('/ip4/1.2.3.4/tcp/1/p2p/X' -> '1.2.3.4').
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from protocols import gossip
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, decode_header, encode_header, read_header, read_payload
-from protocols.discovery import PeerRecord, SwarmView, check_stored
+from protocols.discovery import PeerRecord, SwarmView, check_admission, check_record
 from protocols.transport.base import StoredRecord
 
 NUMEL = 1000
@@ -102,7 +102,8 @@ def record_decoder(data: bytes) -> str:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except Exception:
         return "undecodable"  # never reaches the record check (the DHT validator refuses it)
-    rec, reason = check_stored("Qmfuzz", raw, 150.0, 100.0)
+    reason = check_admission("Qmfuzz", 150.0, 100.0)  # what a node checks before storing it
+    rec, reason = (None, reason) if reason else check_record("Qmfuzz", raw)
     assert (rec is None) != (reason is None)
     assert reason is None or len(reason) <= 40  # reasons are our own codes, never echoed input
     view = SwarmView("me", TASK)

@@ -11,34 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocols import gossip
+from tests.fuzz_targets import BytesStream  # a stream over fixed bytes, shared with the fuzz targets
 from protocols.codec import (
     DEFAULT_LIMITS, Limits, ProtocolError, TensorSpec, decode_header, encode_header, parse_tensor_specs,
     read_header, read_payload, write_header, write_payload,
 )
-
-
-class BytesStream:
-    """A stream over fixed bytes; counts how much a reader asked for in one call."""
-
-    remote_peer = "test"
-
-    def __init__(self, data: bytes = b""):
-        self.data, self.pos, self.sent = data, 0, bytearray()
-        self.largest_read = 0
-
-    async def read_exactly(self, n: int) -> bytes:
-        self.largest_read = max(self.largest_read, n)
-        if self.pos + n > len(self.data):
-            raise asyncio.IncompleteReadError(self.data[self.pos :], n)
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    async def write(self, data) -> None:
-        self.sent += bytes(data)
-
-    async def close(self) -> None:
-        pass
 
 
 SPEC = [TensorSpec("flat", "float32", (1000,))]

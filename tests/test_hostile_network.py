@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from peer.config import load_allowed_peers
 from protocols.codec import ProtocolError
-from protocols.discovery import MAX_RECORD_TTL_S, PeerRecord, SwarmView, check_stored
+from protocols.discovery import MAX_RECORD_TTL_S, PeerRecord, SwarmView
 from protocols.reputation import Reputation
 from protocols.transport.base import StoredRecord
 from tests import fuzz_targets as ft
