@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from peer.aggregation import AGGREGATORS, DESCRIPTIONS, RoundContext
 from peer.aggregation import baselines
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, clip, self_centred_clip
-from peer.aggregation.sybil import SKETCH_DIM, Sketcher, cosine_matrix, foolsgold_weights, similarity
+from peer.aggregation.sybil import (SKETCH_DIM, Sketcher, alignment_factors, consistency_factors, cosine_matrix,
+                                   foolsgold_weights, similarity)
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
@@ -335,6 +336,52 @@ def test_similarity_takes_the_larger_of_reported_and_observed():
     cs = similarity({"x": a, "y": b}, {"x": a, "y": a}, ["x", "y", "z"])
     assert cs[0, 1] == pytest.approx(1.0)  # observed says identical, reported says orthogonal
     assert cs[2, 0] == -1.0 and cs[0, 2] == -1.0  # no history: similar to nothing
+
+
+def test_consistency_zeroes_a_peer_whose_served_models_move_against_its_report():
+    g = torch.Generator().manual_seed(1)
+    h = {p: torch.randn(64, generator=g) for p in "abc"}
+    observed = {"a": h["a"] + 0.3 * torch.randn(64, generator=g),   # serves what it trains
+                "b": -h["b"] + 0.3 * torch.randn(64, generator=g),  # sign flip of what it reports
+                "c": torch.randn(64, generator=g)}                   # unrelated to its report
+    f = consistency_factors(h, observed)
+    assert f["a"] == 1.0 and f["b"] == 0.0
+    assert f["c"] < 1.0
+    assert consistency_factors(h, {}) == {}  # nothing observed yet: nothing to check
+
+
+def test_alignment_zeroes_a_history_turned_against_the_run_and_spares_scattered_runs():
+    g = torch.Generator().manual_seed(2)
+    common = torch.randn(64, generator=g)
+    h = {f"h{i}": common + 1.5 * torch.randn(64, generator=g) for i in range(8)}  # non-IID but one task
+    h["flip"] = -common + 1.5 * torch.randn(64, generator=g)
+    f = alignment_factors(h)
+    assert f["flip"] == 0.0
+    assert sorted(f[f"h{i}"] for i in range(8))[1] > 0.5  # at most one honest peer is down-weighted
+    scattered = {f"s{i}": torch.randn(64, generator=g) for i in range(8)}
+    assert min(alignment_factors(scattered).values()) >= 0.0
+    assert alignment_factors({p: h[p] for p in ["h0", "h1", "flip"]}) == {"h0": 1.0, "h1": 1.0, "flip": 1.0}
+
+
+def test_default_rule_stops_mixing_a_sign_flipper_that_reports_its_real_training():
+    """The plain sign flip sits inside the honest spread, so distance rules pass it; its served
+    model moving against its own reported history gives it away."""
+    from peer.aggregation import make_aggregator
+
+    rule = make_aggregator("sybilwall+scc")
+    g = torch.Generator().manual_seed(3)
+    d, ids = 2000, ["h1", "h2", "h3", "flip"]
+    way = {p: torch.randn(d, generator=g) for p in ids}
+    history = {p: torch.zeros(d) for p in ids}
+    own = torch.zeros(d)
+    for _ in range(6):
+        for p in ids:
+            history[p] += way[p]
+        served = [own + (-1 if p == "flip" else 1) * 0.1 * way[p] + 0.02 * torch.randn(d, generator=g) for p in ids]
+        ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: rule.sybil.sketch(history[p]) for p in ids})
+        rule(own, served, ctx)
+    assert rule.last_weights[-1] == 0.0 and "flip" in rule.last_distrusted
+    assert all(w > 0 for w in rule.last_weights[:-1])
 
 
 # ------------------------------------------------------------- sketches

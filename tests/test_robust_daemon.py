@@ -123,9 +123,11 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
     gen = torch.Generator().manual_seed(0)
     own = torch.zeros(1000)
     ids = ["a", "b", "c"]
-    hist = {p: torch.randn(512, generator=gen) for p in ids}
+    # each partner trains its own way and reports it truthfully (served models follow the history)
+    way = {p: torch.randn(1000, generator=gen) for p in ids}
+    hist = {p: rule.sybil.sketch(way[p]) for p in ids}
     for scale in [0.01] * 20 + [1.0] * 3:
-        others = [own + scale * torch.randn(1000, generator=gen) for _ in ids]
+        others = [own + scale * (way[p] + 0.5 * torch.randn(1000, generator=gen)) for p in ids]
         out = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=dict(hist)))
     assert all(w > 0 for w in rule.last_weights), rule.last_weights
     assert rule.last_distrusted == []

@@ -22,7 +22,7 @@ from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius
 from peer.aggregation import DESCRIPTIONS
-from peer.aggregation.sybil import CHUNK, Sketcher, foolsgold_weights, similarity
+from peer.aggregation.sybil import CHUNK, Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
 
 
@@ -133,6 +133,11 @@ class SybilWallWeights:
             ws = foolsgold_weights(similarity(source, {}, ids), normalise="median")
             for p, w in zip(ids, ws):
                 score[p] = min(score[p], float(w))
+        # what can be checked of a self-reported history: that served models follow it, and that
+        # it points where the run's histories point
+        for factors in (consistency_factors(reported, self.observed), alignment_factors(reported)):
+            for p, f in factors.items():
+                score[p] *= f
         self.on_probation = {p for p in ctx.partner_ids if p not in known}
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 

@@ -118,3 +118,54 @@ def similarity(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tens
         idx = torch.tensor(have)
         cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], m)
     return cs
+
+
+# A partner's served models must move the way its reported history says it trained: the cosine
+# of what we observed (its deviations from our mix, summed) with what it reports. Honest peers
+# score about +0.8 (never below +0.25 measured); a sign flipper that reports its real training
+# scores about -0.8. At or below 0 the weight is 0, full weight from CONSISTENT_AT on.
+CONSISTENT_AT = 0.2
+# A reported history must point roughly where the run's histories point: its cosine with the
+# coordinate-wise median of the others'. Honest Dirichlet(0.5) peers score +0.2..+0.3 (above
+# +0.03 measured after the first rounds), label flippers about -0.05. Full weight from
+# ALIGNED_AT x the median score of all peers, 0 at or below 0.
+ALIGNED_AT = 0.5
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Weight factor in [0, 1] per peer with both histories: does what it serves follow what it reports?
+
+    Catches a peer that trains honestly and reports it, but serves something else (sign flip). A
+    peer that lies in its report to pass this check moves its reported history away from what it
+    trains, which `alignment_factors` or FoolsGold on the observed channel then see instead.
+    """
+    return {p: min(1.0, max(0.0, _cos(observed[p], h) / CONSISTENT_AT)) for p, h in reported.items() if p in observed}
+
+
+def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Weight factor in [0, 1] per reported history: does it point where the run's histories point?
+
+    Catches poisoned training that is reported truthfully (label flip): y -> 9 - y pushes the
+    model against what every honest peer's data teaches, so its history turns away from the
+    coordinate-wise median of the others' (robust while fewer than half of the peers lie). Needs
+    at least 4 histories. Relative to the median score, so a run whose histories all scatter
+    (very non-IID data, late training) does not lose its honest peers.
+    """
+    ids = list(reported)
+    if len(ids) < 4:
+        return {p: 1.0 for p in ids}
+    h = torch.stack([reported[p] for p in ids]).double()
+    score = {}
+    for i, p in enumerate(ids):
+        others = torch.cat([h[:i], h[i + 1:]])
+        score[p] = _cos(h[i], others.median(0).values)
+    ref = ALIGNED_AT * sorted(score.values())[(len(ids) - 1) // 2]
+    if ref <= 0:
+        return {p: 1.0 for p in ids}
+    return {p: min(1.0, max(0.0, s / ref)) for p, s in score.items()}
