@@ -12,6 +12,8 @@ per-coordinate standard deviation of the honest models it pulled last round:
 
 - signflip:        base - u                 (the update with its sign flipped)
 - signflip100:     base - 100 u
+- signflip-liar:   base - u, and reports the history of what it serves (minus its real history),
+                   so that its served models agree with its report
 - gaussian:        base + N(0, 10^2) per coordinate
 - labelflip:       trains on y -> 9 - y, serves its model
 - targeted:        a Sybil cluster; every member trains on the same data (the examples of
@@ -32,7 +34,7 @@ import torch
 
 from peer.tasks import Task
 
-ATTACKS = ("signflip", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil",
+ATTACKS = ("signflip", "signflip100", "signflip-liar", "gaussian", "labelflip", "targeted", "adaptive-sybil",
            "alie", "ipm", "dissensus", "replacement")
 TARGETED = ("targeted", "adaptive-sybil")
 SOURCE_CLASSES = (0, 1)  # the targeted attack swaps these two
@@ -104,7 +106,7 @@ class HostilePolicy:
         u = self.update if self.update is not None and self.update.shape == own.shape else torch.zeros_like(own)
         mu = self.mu if self.mu is not None and self.mu.shape == own.shape else own
         sigma = self.sigma if self.sigma is not None and self.sigma.shape == own.shape else torch.zeros_like(own)
-        if a == "signflip":
+        if a in ("signflip", "signflip-liar"):
             return base - u
         if a == "signflip100":
             return base - 100 * u
@@ -124,6 +126,8 @@ class HostilePolicy:
         return own  # label flip serves its (poisoned) model as it is
 
     def report_history(self, sketch: torch.Tensor) -> torch.Tensor:
+        if self.attack == "signflip-liar":
+            return -sketch
         if self.attack == "adaptive-sybil":
             noise = torch.randn(sketch.shape, generator=self.gen)
             return sketch + noise * (3 * float(sketch.norm()) / max(float(noise.norm()), 1e-12))

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 QUICK_AGGREGATORS = ["mean", "scc", "sybilwall+scc"]
-ALL_ATTACKS = ["none", "signflip", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil",
+ALL_ATTACKS = ["none", "signflip", "signflip-liar", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil",
                "alie", "ipm", "dissensus", "replacement"]
 
 

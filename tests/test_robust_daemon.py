@@ -85,9 +85,11 @@ def test_hostile_policy_forms():
     s = HostilePolicy("adaptive-sybil")
     h = torch.ones(512)
     assert float(torch.nn.functional.cosine_similarity(s.report_history(h), h, dim=0)) < 0.6
+    liar = HostilePolicy("signflip-liar")
+    torch.testing.assert_close(liar.report_history(h), -h)  # reports what it serves, not what it trains
     with pytest.raises(ValueError):
         HostilePolicy("nonsense")
-    assert {"signflip", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil", "alie", "ipm",
+    assert {"signflip", "signflip-liar", "signflip100", "gaussian", "labelflip", "targeted", "adaptive-sybil", "alie", "ipm",
             "dissensus", "replacement"} == set(ATTACKS)
 
 

@@ -126,10 +126,11 @@ def similarity(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tens
 # scores about -0.8. At or below 0 the weight is 0, full weight from CONSISTENT_AT on.
 CONSISTENT_AT = 0.2
 # A reported history must point roughly where the run's histories point: its cosine with the
-# coordinate-wise median of the others'. Honest Dirichlet(0.5) peers score +0.2..+0.3 (above
-# +0.03 measured after the first rounds), label flippers about -0.05. Full weight from
-# ALIGNED_AT x the median score of all peers, 0 at or below 0.
-ALIGNED_AT = 0.5
+# coordinate-wise median of the others', relative to the median peer's. Measured over 100 rounds
+# (20 honest Dirichlet(0.5) peers + 5 label flippers): honest peers score +0.13..+0.26 (falling
+# as histories drift apart), label flippers +0.04..+0.06, i.e. about a third of the median.
+# Weight 0 at or below ALIGNED_ZERO x the median score, full from ALIGNED_FULL x, linear between.
+ALIGNED_ZERO, ALIGNED_FULL = 0.4, 0.8
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +166,7 @@ def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
     for i, p in enumerate(ids):
         others = torch.cat([h[:i], h[i + 1:]])
         score[p] = _cos(h[i], others.median(0).values)
-    ref = ALIGNED_AT * sorted(score.values())[(len(ids) - 1) // 2]
-    if ref <= 0:
+    median = sorted(score.values())[(len(ids) - 1) // 2]
+    if median <= 0:
         return {p: 1.0 for p in ids}
-    return {p: min(1.0, max(0.0, s / ref)) for p, s in score.items()}
+    return {p: min(1.0, max(0.0, (s / median - ALIGNED_ZERO) / (ALIGNED_FULL - ALIGNED_ZERO))) for p, s in score.items()}
