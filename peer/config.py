@@ -57,6 +57,9 @@ class PeerConfig:
     join_sync_timeout_s: float = 15.0
     max_steps: int | None = None
     step_delay_s: float = 0.0
+    # niceness of the training thread (0-19; 0: the process's own): the daemon's networking and
+    # the rest of the machine go first, as BOINC-style volunteer computing does (peer/trainer.py)
+    train_nice: int = 10
     max_concurrent_serves: int = 8
     max_serves_per_peer: int = 2  # one peer cannot take every serving slot
     read_timeout_s: float = 10.0  # no byte for this long ends a transfer (slow-loris)

@@ -102,7 +102,7 @@ class PeerDaemon:
             log.warning("EXPERIMENT: running as an attacker (%s)", config.experiment_attack)
         self.trainer = Trainer(
             self.task, seed=config.data_seed, eval_every_s=config.eval_every_s,
-            max_steps=config.max_steps, step_delay_s=config.step_delay_s,
+            max_steps=config.max_steps, step_delay_s=config.step_delay_s, nice=config.train_nice,
         )
         if self.hostile is not None and self.hostile.data_seed_override is not None:
             self.trainer._gen.manual_seed(self.hostile.data_seed_override)
@@ -493,7 +493,7 @@ class PeerDaemon:
             "peer_id": self.peer_id, "addrs": self.addrs, "run_id": self.config.run_id,
             "task": self.task.name, "shard": f"{self.shard[0]}/{self.shard[1]}",
             "aggregator": self.config.aggregator, "phase": self.phase, "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,

@@ -9,6 +9,8 @@ local steps taken meanwhile.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -33,9 +35,31 @@ def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
     return flat
 
 
+def lower_thread_priority(nice: int) -> int | None:
+    """Run the calling thread at niceness `nice` (never raising its priority); returns the niceness
+    it now has, or None where per-thread priorities are not supported.
+
+    Volunteer computing runs its compute at low priority (as BOINC does) so the machine's owner,
+    the daemon's own networking, and a peer that is starting up are served first; on Linux a
+    thread is a task with its own nice value. Training throughput on an otherwise idle core is
+    unchanged: niceness only matters when something else wants the CPU.
+    """
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere PRIO_PROCESS with a thread id would name a process, or nothing
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, tid, min(nice, 19))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as e:  # a sandbox forbidding it: train at the normal priority
+        log.info("training thread priority unchanged: %s", e)
+        return None
+
+
 class Trainer:
     def __init__(self, task: Task, seed: int = 0, eval_every_s: float = 2.0, max_steps: int | None = None,
-                 step_delay_s: float = 0.0, warmup_steps: int = 50):
+                 step_delay_s: float = 0.0, warmup_steps: int = 50, nice: int = 0):
         torch.manual_seed(seed)  # every peer of a run starts from the same weights
         self.task = task
         self.model = task.make_model()
@@ -62,6 +86,8 @@ class Trainer:
         self._gen = torch.Generator().manual_seed(seed)
         self.error: BaseException | None = None
         self.local_steps = 0  # steps since this trainer started (the warmup counts these)
+        self.requested_nice = nice  # the training thread's niceness (0: the process's own)
+        self.nice: int | None = None  # what it got, once the thread runs
 
     # --- state shared with the event loop -------------------------------------------------
     def snapshot(self) -> torch.Tensor:
@@ -139,6 +165,8 @@ class Trainer:
 
     def _run(self) -> None:
         try:
+            if self.requested_nice:
+                self.nice = lower_thread_priority(self.requested_nice)
             self._loop()
         except BaseException as e:  # surfaced by the daemon, which logs it and stops cleanly
             self.error = e

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.experiment.collect import collect, load_run, read_peer_dir, summarize
+from peer.experiment.collect import collect, load_run, markdown, read_peer_dir, summarize
 from peer.experiment.scenario import ScenarioError, churn_schedule, load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +131,15 @@ def test_summary_counts_kills_joins_crashes_and_catchup():
     assert s["join_catchup_seconds"] == [10.0]
     assert s["join_catchup_median"] == 10.0 and s["join_catchup_worst"] == 10.0
     assert s["joins_detail"][0]["startup_s"] == 2.0 and s["join_catchup_after_startup_worst"] == 8.0
+    assert s["join_catchup_own_eval_worst"] == 10.0  # p1 had no restored reading: the same figure
+    # a returner whose first heartbeat reports its checkpoint's 0.9 counts at once (target figure),
+    # but the stricter own-evaluations view waits for a reading after its first local step (t = 46)
+    p1r = honest_peer(0, 30, left=False) + [{"time": 42, "event": "join", "peer_id": "Qm0", "attack": None},
+                                            {**metrics(42, 0.9), "step": 29}, {**metrics(43, 0.8), "step": 29}]
+    p1r += [metrics(t, 0.8 if t < 46 else 0.9) for t in range(44, 50)] + honest_peer(49, 100)[1:]
+    r = summarize({"p0": p0, "p1": p1r, "p2": p2}, events, {"name": "t", "catchup_tolerance": 0.02})
+    assert r["join_catchup_seconds"] == [2.0] and r["join_catchup_own_eval_worst"] == 6.0
+    assert "own evaluations only" in markdown(r)
     assert s["time_to_accuracy"] == 2.0  # the first grid point (2 s) with an honest reading >= 0.85
     # bytes are summed over p1's two lives (the counter restarts with each process)
     assert peers["p1"]["bytes_sent"] == 29000 + 100000

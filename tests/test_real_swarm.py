@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +37,15 @@ def wait_for(peers: list[LocalPeer], predicate, timeout: float, what: str) -> li
         time.sleep(0.5)
 
 
+def _thread_nices(pid: int) -> dict[int, int]:
+    """Niceness of every thread of a process, from /proc (field 19 of each task's stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        out[int(task.name)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
 @pytest.mark.timeout(400)
 def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
     config = tmp_path / "peer.toml"
@@ -51,7 +61,12 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
         peers += [p1, p2]
         for p in (p1, p2):
             p.wait_ready(90)
-        wait_for(peers, lambda ss: all(len(s["live_peers"]) == 2 and s["rounds_ok"] > 0 for s in ss), 60, "3 peers gossiping")
+        statuses = wait_for(peers, lambda ss: all(len(s["live_peers"]) == 2 and s["rounds_ok"] > 0 for s in ss), 60, "3 peers gossiping")
+        if sys.platform.startswith("linux"):  # training runs niced (train_nice = 10), the rest of the daemon does not
+            assert all(s["train_nice"] == max(10, os.nice(0)) for s in statuses)
+            nices = _thread_nices(statuses[0]["pid"])
+            assert nices[statuses[0]["pid"]] == os.nice(0)  # the main thread: the event loop
+            assert max(10, os.nice(0)) in nices.values()  # the trainer thread
 
         # 1. graceful leave through the CLI: final checkpoint, exit 0, gone from the others' view
         left = cli("leave", "--data-dir", str(p2.data_dir))

@@ -192,11 +192,18 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
             if swarm is None:
                 continue
             hit = next((r["time"] for r in s.lines if r.get("accuracy") is not None and r["accuracy"] >= swarm - tol), None)
+            # stricter extra view: only accuracies this process measured itself. A returner's first
+            # heartbeat reports the accuracy stored in its checkpoint (of the very weights it resumes
+            # with); readings before its first local step are skipped here.
+            first_step = next((r.get("step") for r in s.lines if r.get("event", "metrics") == "metrics"), None)
+            hit_own = next((r["time"] for r in s.lines if r.get("accuracy") is not None and r.get("step") != first_step
+                            and r["accuracy"] >= swarm - tol), None)
             catchups.append({"peer": name, "at": round(started - run_start, 1), "swarm_accuracy": round(swarm, 4),
                              "seconds": None if hit is None else round(hit - started, 1),
                              # of which process start-up: launch -> the daemon's first heartbeat (its join line)
                              "startup_s": round(s.start - started, 1),
-                             "after_startup_s": None if hit is None else round(hit - s.start, 1)})
+                             "after_startup_s": None if hit is None else round(hit - s.start, 1),
+                             "own_eval_s": None if hit_own is None else round(hit_own - started, 1)})
 
     honest = [p for p in peers if p["role"] == "honest"]
     finals = [p["final_accuracy"] for p in honest if p["final_accuracy"] is not None and p["at_end"]]
@@ -218,6 +225,8 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
         "join_startup_median": _median([c["startup_s"] for c in catchups]),
         "join_catchup_after_startup_median": _median([c["after_startup_s"] for c in catchups if c["after_startup_s"] is not None]),
         "join_catchup_after_startup_worst": (None if None in secs else max(c["after_startup_s"] for c in catchups)) if secs else None,
+        "join_catchup_own_eval_median": _median([c["own_eval_s"] for c in catchups if c["own_eval_s"] is not None]),
+        "join_catchup_own_eval_worst": (None if any(c["own_eval_s"] is None for c in catchups) else max(c["own_eval_s"] for c in catchups)) if catchups else None,
         "joins_detail": catchups,
         "by_step_delay": by_speed,
         "churn_events": [{"t": round(e["time"] - run_start, 1), "action": e["action"], "peer": e.get("peer")}
@@ -297,7 +306,9 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- joins to catch up: {len(secs)}; catch-up median {summary['join_catchup_median']} s, "
                      f"worst {summary['join_catchup_worst'] if summary['join_catchup_worst'] is not None else 'never caught up'} s "
                      f"from launch; process start-up median {summary['join_startup_median']} s; after start-up median "
-                     f"{summary['join_catchup_after_startup_median']} s, worst {summary['join_catchup_after_startup_worst']} s")
+                     f"{summary['join_catchup_after_startup_median']} s, worst {summary['join_catchup_after_startup_worst']} s; "
+                     f"counting only its own evaluations: median {summary.get('join_catchup_own_eval_median')} s, "
+                     f"worst {summary.get('join_catchup_own_eval_worst')} s")
     r = summary.get("runner") or {}
     if r.get("load"):
         lines.append(f"- machine load (1/5/15 min) at start {r['load']}, at the end {summary.get('load_at_stop')}; "
@@ -314,11 +325,12 @@ def markdown(summary: dict[str, Any]) -> str:
         for d, g in summary["by_step_delay"].items():
             lines.append(f"| {d} | {', '.join(g['peers'])} | {_pct(g['final_accuracy_mean'])} | {g['final_step_mean']} |")
     if summary["joins_detail"]:
-        lines += ["", "| join of | launched at (s) | swarm accuracy then | caught up after (s) | of which start-up (s) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| join of | launched at (s) | swarm accuracy then | caught up after (s) | of which start-up (s) | own evaluations only (s) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for c in summary["joins_detail"]:
+            own = c.get("own_eval_s")
             lines.append(f"| {c['peer']} | {c['at']} | {_pct(c['swarm_accuracy'])} | {'never' if c['seconds'] is None else c['seconds']} "
-                         f"| {c['startup_s']} |")
+                         f"| {c['startup_s']} | {'never' if own is None else own} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,14 +10,23 @@ of the training set. Shards are computed identically on every peer from the run'
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import importlib
+import importlib.metadata
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger("peer.tasks")
 
 
 @dataclass
@@ -64,12 +73,59 @@ def shard_indices(labels: np.ndarray, index: int, count: int, split: str = "iid"
     return np.sort(np.array(parts[index], dtype=np.int64))
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist1d_data():
-    """The standard MNIST-1D benchmark data (mnist1d's default arguments), generated locally.
+def cache_dir() -> Path:
+    """Where generated datasets are kept between runs: $XDG_CACHE_HOME/peer (~/.cache/peer)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peer"
 
-    Cached: simulations build many peers in one process. Callers must not modify the tensors.
-    """
+
+MNIST1D_SHAPES = {"x": (4000, 40), "y": (4000,), "x_test": (1000, 40), "y_test": (1000,)}
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(MNIST1D_SHAPES):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the file is whole and its checksum matches; None otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in MNIST1D_SHAPES}
+            stored = str(f["sha256"])
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # truncated, not a zip, a missing array: regenerate, never trust it
+        log.warning("dataset cache %s unreadable (%s); regenerating it", path, str(e)[:80])
+        return None
+    if any(arrays[n].shape != shape for n, shape in MNIST1D_SHAPES.items()) or _digest(arrays) != stored:
+        log.warning("dataset cache %s does not match its checksum; regenerating it", path)
+        return None
+    return arrays
+
+
+def _store_cached(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (a temp file renamed into place): concurrent peers never read half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, sha256=np.array(_digest(arrays)), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:  # a read-only home: generate every time, nothing else changes
+        log.info("dataset cache not written (%s)", e)
+
+
+def _generate_mnist1d() -> dict[str, np.ndarray]:
+    """The standard MNIST-1D benchmark data (mnist1d's default arguments), generated locally."""
     import random
 
     from mnist1d.data import get_dataset_args, make_dataset
@@ -82,8 +138,25 @@ def _mnist1d_data():
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+    return {name: np.asarray(d[name]) for name in MNIST1D_SHAPES}
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_data():
+    """MNIST-1D as tensors, generated once per machine and then read from the user cache dir.
+
+    Generating it means importing mnist1d (matplotlib, scipy: ~1.4 s) and ~1 s of work: over half
+    of a peer's start-up when alone, and several times that on a loaded machine. The cache file is
+    named by the mnist1d version and checked against its own SHA-256 before use. Cached in memory
+    too: simulations build many peers in one process. Callers must not modify the tensors.
+    """
+    path = cache_dir() / f"mnist1d-{importlib.metadata.version('mnist1d')}-v1.npz"
+    arrays = _load_cached(path)
+    if arrays is None:
+        arrays = _generate_mnist1d()
+        _store_cached(path, arrays)
     f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)
-    return f(d["x"]), torch.tensor(d["y"]), f(d["x_test"]), torch.tensor(d["y_test"])
+    return f(arrays["x"]), torch.tensor(arrays["y"]), f(arrays["x_test"]), torch.tensor(arrays["y_test"])
 
 
 class MNIST1DCNN(nn.Module):
