@@ -55,7 +55,8 @@ class Stream(Protocol):
 
     async def read_exactly(self, n: int) -> bytes: ...
 
-    async def write(self, data: bytes | memoryview) -> None: ...
+    async def write(self, data: bytes | memoryview) -> None:
+        """Returns once the stream keeps no reference to `data` (the caller may then overwrite it)."""
 
     async def close(self) -> None: ...
 

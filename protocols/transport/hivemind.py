@@ -50,6 +50,11 @@ class _P2PStream:
     def __init__(self, remote_peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.remote_peer = remote_peer
         self.reader, self.writer = reader, writer
+        # write() returns only once everything is in the kernel: uvloop queues what the socket
+        # does not take at once *by reference*, and drain() with the default 64 KiB high-water mark
+        # would return with the tail still queued, so a caller reusing the buffer (the served
+        # model snapshot) would corrupt what is still to be sent
+        writer.transport.set_write_buffer_limits(high=0)
 
     async def read_exactly(self, n: int) -> bytes:
         return await self.reader.readexactly(n)
@@ -61,6 +66,7 @@ class _P2PStream:
         return len(data)
 
     async def write(self, data: bytes | memoryview) -> None:
+        """Send `data`; once this returns the stream holds no reference to it (the caller may reuse it)."""
         self.writer.write(data)
         await self.writer.drain()
 
