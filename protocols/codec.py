@@ -66,8 +66,8 @@ async def _fill(stream: Stream, view: memoryview, chunk: int) -> None:
     read_into = getattr(stream, "read_into", None)
     pos, size = 0, len(view)
     while pos < size:
-        if read_into is not None:
-            n = await read_into(view[pos : pos + chunk])
+        if read_into is not None:  # whatever has arrived, up to the rest of the payload
+            n = await read_into(view[pos:])
             if n == 0:
                 raise EOFError(f"stream ended after {pos} of {size} payload bytes")
         else:
