@@ -174,10 +174,11 @@ def parse_tensor_specs(raw: Any, limits: Limits = DEFAULT_LIMITS) -> list[Tensor
 async def write_payload(stream: Stream, buffers: list[np.ndarray], limits: Limits = DEFAULT_LIMITS) -> int:
     """Send contiguous arrays as raw bytes in chunks; returns the bytes written."""
     sent = 0
+    step = getattr(stream, "max_write", None) or limits.chunk_bytes  # a stream may take bigger writes
     for arr in buffers:
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
-        for start in range(0, len(view), limits.chunk_bytes):
-            chunk = view[start : start + limits.chunk_bytes]
+        for start in range(0, len(view), step):
+            chunk = view[start : start + step]
             await stream.write(chunk)
             sent += len(chunk)
     return sent

@@ -50,16 +50,22 @@ class _ReceiveInto(asyncio.BufferedProtocol):
     """Receives into a caller's buffer in place of a stream's own protocol, for one `read_into`.
 
     The event loop asks it where to put the next bytes (`get_buffer`: the rest of the view) and
-    reads the socket straight into them. `arrived` resolves at the first bytes (more may land
-    before the reader runs); a full view pauses reading, so nothing can overrun it. EOF and loss
+    reads the socket straight into them. `arrived` resolves when the view is full, or at the first
+    bytes after `WAKE_S` (a slow peer still shows progress to the per-read deadline, a fast one
+    costs a few wake-ups per second, not one per socket read); a full view pauses reading, so
+    nothing can overrun it. EOF and loss
     of the connection are passed on to the stream's protocol, so the StreamReader sees them too.
     """
+
+    WAKE_S = 0.05
 
     def __init__(self, inner: asyncio.BaseProtocol, view: memoryview, transport: asyncio.Transport):
         self.inner, self.view, self.transport = inner, view, transport
         self.pos = 0
         self.paused = False
-        self.arrived = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.wake_at = self.loop.time() + self.WAKE_S
+        self.arrived = self.loop.create_future()
 
     def _wake(self) -> None:
         if not self.arrived.done():
@@ -70,10 +76,13 @@ class _ReceiveInto(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.pos += nbytes
-        if self.pos >= len(self.view) and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
+        if self.pos >= len(self.view):
+            if not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            self._wake()
+        elif self.loop.time() >= self.wake_at:
+            self._wake()
 
     def eof_received(self):
         self._wake()
@@ -94,6 +103,9 @@ class _P2PStream:
     def __init__(self, remote_peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.remote_peer = remote_peer
         self.reader, self.writer = reader, writer
+        # payloads go out in 16 MiB writes, not the codec's 1 MiB: uvloop sends them without a copy,
+        # and each write costs a wake-up of this task once it is flushed (see below)
+        self.max_write = 16 << 20
         # write() returns only once everything is in the kernel: uvloop queues what the socket
         # does not take at once *by reference*, and drain() with the default 64 KiB high-water mark
         # would return with the tail still queued, so a caller reusing the buffer (the served
