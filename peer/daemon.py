@@ -135,6 +135,7 @@ class PeerDaemon:
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
+        self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
@@ -282,21 +283,24 @@ class PeerDaemon:
         await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
-    async def pull_model(self, peer_id: str, addrs: list[str] | None = None) -> tuple[int, torch.Tensor]:
+    async def pull_model(self, peer_id: str, addrs: list[str] | None = None,
+                         into: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+        """(step, model) of a partner; received into `into` (returned) if given, else a new tensor."""
         stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters, self.config.read_timeout_s)
         try:
             await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
             header = await read_header(stream, DEFAULT_LIMITS)
             step = gossip.check_model_header(header, self.specs, DEFAULT_LIMITS)
-            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS)
+            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS, None if into is None else [into.numpy()])
         finally:
             await stream.close()
-        return step, torch.from_numpy(arr)
+        return step, (into if into is not None else torch.from_numpy(arr))
 
-    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor,
+                            into: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
         """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
         try:
-            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs), timeout=self.config.pull_timeout_s)
+            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs, into), timeout=self.config.pull_timeout_s)
         except Exception as e:  # every way a partner can fail us ends here, as a counted reason
             reason = pull_failure_reason(e)
             bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
@@ -338,7 +342,18 @@ class PeerDaemon:
         own = self.trainer.snapshot()
         if self.hostile is not None:
             self.hostile.round_start(own, self.trainer.history())
-        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own) for p in partners))
+        # partners' models land in receive buffers reused every round (fresh memory for a large
+        # model costs more in page faults than the transfer); nothing keeps them past the round
+        # (the rule copies what it needs, apply_delta copies the result). An attacker keeps what
+        # it pulled, so it gets fresh tensors.
+        if self.hostile is None:
+            while len(self._receive_buffers) < len(partners):
+                self._receive_buffers.append(torch.empty_like(own))
+            into = self._receive_buffers[:len(partners)]
+        else:
+            into = [None] * len(partners)
+        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf)
+                                        for p, buf in zip(partners, into)))
         got = [(p, r[1]) for p, r in zip(partners, pulled) if r is not None]
         if not got:
             self.counters["rounds_failed"] += 1

@@ -184,12 +184,17 @@ async def write_payload(stream: Stream, buffers: list[np.ndarray], limits: Limit
     return sent
 
 
-async def read_payload(stream: Stream, specs: list[TensorSpec], limits: Limits = DEFAULT_LIMITS) -> list[np.ndarray]:
-    """Read the raw bytes announced by `specs` (already checked against limits) into new arrays."""
+async def read_payload(stream: Stream, specs: list[TensorSpec], limits: Limits = DEFAULT_LIMITS,
+                       into: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Read the raw bytes announced by `specs` (already checked against limits) into new arrays,
+    or into `into` (arrays of exactly those shapes and dtypes, which the caller reuses)."""
+    if into is not None and [(a.shape, a.dtype, a.flags.c_contiguous) for a in into] != [
+            (spec.shape, DTYPES[spec.dtype], True) for spec in specs]:
+        raise ValueError("receive buffers do not match the announced tensors")
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         # np.empty, not bytearray: no zero-fill pass, and numpy asks for huge pages on large arrays
-        arr = np.empty(spec.shape, dtype=DTYPES[spec.dtype])
+        arr = np.empty(spec.shape, dtype=DTYPES[spec.dtype]) if into is None else into[i]
         await _fill(stream, memoryview(arr).cast("B"), limits.chunk_bytes)
         out.append(arr)
     return out

@@ -14,6 +14,7 @@ mixes a zero delta into every coordinate before each, untimed, as a training pee
 changes between any two pulls), so the serve copies a fresh snapshot; `ours_idle` pulls an
 unchanged model, which the serve sends from the snapshot it already holds (`peer/snapshots.py`).
 `transfer_ratio` is ours / bare, the changed-model case; `transfer_ratio_idle` the other.
+The puller receives into one buffer reused across pulls, as the daemon's gossip rounds do.
 
 Peak RSS: before every transfer both Python processes and both p2pd children reset their peak
 (`/proc/PID/clear_refs`), after it the peak minus the RSS just before is that side's extra.
@@ -270,9 +271,12 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                 await server.ask("load", numel=numel)
                 daemon = make_daemon(transport, numel, root / "client")
 
+                # the daemon receives partners' models into buffers it reuses every round
+                receive = torch.empty(numel)
+
                 async def ours_idle() -> None:
-                    step, model = await daemon.pull_model(peer_id, addrs)
-                    assert model.numel() == numel
+                    step, model = await daemon.pull_model(peer_id, addrs, into=receive)
+                    assert model is receive
                     del model
 
                 ours = ours_idle  # timed after the server's model changed (see `before` below)
@@ -316,7 +320,7 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                             for o in ("ours", "ours_idle"))
                 row["peak_extra_over_model"] = worst / (nbytes / MB)
                 results.append(row)
-                del daemon
+                del daemon, receive
             return {"results": results}
         finally:
             if transport is not None:

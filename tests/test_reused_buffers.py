@@ -1,4 +1,4 @@
-"""Buffers reused across pulls and rounds: the served model snapshot and the rule's output.
+"""Buffers reused across pulls and rounds: the served model snapshot, the receive buffers and the rule's output.
 
 Reuse saves page faults (see docs/benchmarks.md); the ways it can go wrong are serving a stale
 model, overwriting a snapshot still being sent, and a model aliasing a buffer the next round
@@ -170,11 +170,17 @@ async def test_daemon_model_never_aliases_the_reused_round_buffer(tmp_path):
     assert await puller.gossip_round() is True
     buf = puller._mix_buffer
     assert buf is not None and buf.untyped_storage().data_ptr() != puller.trainer.flat.untyped_storage().data_ptr()
+    assert len(puller._receive_buffers) == 1
+    assert torch.equal(puller._receive_buffers[0], server.trainer.flat)  # the partner's model landed there
     model = puller.trainer.snapshot()
-    buf.fill_(float("nan"))  # what the next round's rule does to the buffer must not reach the model
+    # what the next round's pulls and rule write into the buffers must not reach the model
+    for b in (buf, *puller._receive_buffers):
+        b.fill_(float("nan"))
     assert torch.equal(puller.trainer.flat, model)
     server.trainer.apply_delta(torch.full_like(server.trainer.flat, 0.01))
+    receive = puller._receive_buffers[0]
     assert await puller.gossip_round() is True and puller._mix_buffer is buf  # reused, not reallocated
+    assert puller._receive_buffers == [receive] and torch.equal(receive, server.trainer.flat)
     assert bool(torch.isfinite(puller.trainer.flat).all())
     for d in (server, puller):
         await d.transport.stop()
