@@ -29,6 +29,7 @@ from peer.aggregation import RoundContext, coordinate_median, make_aggregator
 from peer.aggregation.sybil import Sketcher
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
+from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
 from peer.validation import reject_reason
@@ -106,6 +107,7 @@ class PeerDaemon:
         )
         if self.hostile is not None and self.hostile.data_seed_override is not None:
             self.trainer._gen.manual_seed(self.hostile.data_seed_override)
+        self.snapshots = ServedSnapshots(self.trainer)  # what partners pull
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
@@ -132,6 +134,8 @@ class PeerDaemon:
         self._metrics_joined = False  # the "join" line goes before this process's first metrics
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
+        self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
+        self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
@@ -279,21 +283,24 @@ class PeerDaemon:
         await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
-    async def pull_model(self, peer_id: str, addrs: list[str] | None = None) -> tuple[int, torch.Tensor]:
+    async def pull_model(self, peer_id: str, addrs: list[str] | None = None,
+                         into: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+        """(step, model) of a partner; received into `into` (returned) if given, else a new tensor."""
         stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters, self.config.read_timeout_s)
         try:
             await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
             header = await read_header(stream, DEFAULT_LIMITS)
             step = gossip.check_model_header(header, self.specs, DEFAULT_LIMITS)
-            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS)
+            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS, None if into is None else [into.numpy()])
         finally:
             await stream.close()
-        return step, torch.from_numpy(arr)
+        return step, (into if into is not None else torch.from_numpy(arr))
 
-    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor,
+                            into: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
         """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
         try:
-            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs), timeout=self.config.pull_timeout_s)
+            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs, into), timeout=self.config.pull_timeout_s)
         except Exception as e:  # every way a partner can fail us ends here, as a counted reason
             reason = pull_failure_reason(e)
             bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
@@ -335,7 +342,18 @@ class PeerDaemon:
         own = self.trainer.snapshot()
         if self.hostile is not None:
             self.hostile.round_start(own, self.trainer.history())
-        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own) for p in partners))
+        # partners' models land in receive buffers reused every round (fresh memory for a large
+        # model costs more in page faults than the transfer); nothing keeps them past the round
+        # (the rule copies what it needs, apply_delta copies the result). An attacker keeps what
+        # it pulled, so it gets fresh tensors.
+        if self.hostile is None:
+            while len(self._receive_buffers) < len(partners):
+                self._receive_buffers.append(torch.empty_like(own))
+            into = self._receive_buffers[:len(partners)]
+        else:
+            into = [None] * len(partners)
+        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf)
+                                        for p, buf in zip(partners, into)))
         got = [(p, r[1]) for p, r in zip(partners, pulled) if r is not None]
         if not got:
             self.counters["rounds_failed"] += 1
@@ -345,7 +363,11 @@ class PeerDaemon:
             self.hostile.observe(ids, models)
         ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self._reported_histories(now),
                            byzantine_fraction=self.config.byzantine_fraction)
-        mixed = await asyncio.to_thread(self.aggregator, own, models, ctx)
+        # the rule writes into one buffer reused every round (no fresh d-sized result to fault in);
+        # apply_delta copies it into the model, so nothing keeps a reference to it past this round
+        if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
+            self._mix_buffer = torch.empty_like(own)
+        mixed = await asyncio.to_thread(self.aggregator, own, models, ctx, out=self._mix_buffer)
         self.trainer.apply_delta(mixed.sub_(own))
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
         for p in ids:
@@ -410,11 +432,14 @@ class PeerDaemon:
         try:
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
             gossip.check_request(header, self.config.run_id, self.task.name)
-            step, snap = self.trainer.step, self.trainer.snapshot()
-            if self.hostile is not None:
-                snap = self.hostile.craft(stream.remote_peer, snap).contiguous()
-            await write_header(stream, gossip.model_header(step, self.specs))
-            await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
+            if self.hostile is None:
+                lease = self.snapshots.lease()  # shared while unchanged, never overwritten while sent
+            else:
+                snap = self.hostile.craft(stream.remote_peer, self.trainer.snapshot()).contiguous()
+                lease = contextlib.nullcontext((self.trainer.step, snap))
+            with lease as (step, snap):
+                await write_header(stream, gossip.model_header(step, self.specs))
+                await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
             self.counters["serves"] += 1
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1

@@ -1,7 +1,10 @@
 """Local training loop, in its own thread so the event loop stays responsive (torch releases the GIL).
 
 All parameters are views into one flat float32 tensor, so a snapshot for a partner is one copy
-and mixing in the aggregated model is one add. Gossip never waits for training to finish:
+and mixing in the aggregated model is one add. `version` counts every change to that tensor (a
+step, a mix, a load), so a snapshot taken at a version is still the model while it is unchanged
+(`peer/snapshots.py` serves partners from such snapshots). Everything that writes the flat tensor
+goes through the methods below, under `lock`, and bumps `version`. Gossip never waits for training to finish:
 it snapshots, aggregates outside the lock, and applies `new - snapshot` as a delta, keeping the
 local steps taken meanwhile.
 """
@@ -74,6 +77,7 @@ class Trainer:
         self.warmup_steps = warmup_steps
         self.lock = threading.Lock()
         self.step = 0
+        self.version = 0  # bumped (under the lock) by every change to `flat`
         self.samples = 0
         self.last_loss: float | None = None
         self.metrics: dict[str, float] = {}
@@ -94,15 +98,23 @@ class Trainer:
         with self.lock:
             return self.flat.clone()
 
+    def copy_into(self, out: torch.Tensor) -> tuple[int, int]:
+        """Copy the model into `out` (no new memory); returns the (version, step) it had."""
+        with self.lock:
+            out.copy_(self.flat)
+            return self.version, self.step
+
     def apply_delta(self, delta: torch.Tensor) -> None:
         with self.lock:
             self.flat.add_(delta)
             self.mixed_in.add_(delta)
+            self.version += 1
 
     def load_flat(self, values: torch.Tensor) -> None:
         with self.lock:
             self.mixed_in.add_(values - self.flat)
             self.flat.copy_(values)
+            self.version += 1
 
     def history(self) -> torch.Tensor:
         """Sum of the local updates this peer's own training made (not what gossip mixed in)."""
@@ -130,6 +142,7 @@ class Trainer:
             for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 g["lr"] = lr  # the schedule sets it each step from the base rate
             self.step = int(state["step"])
+            self.version += 1
             self.samples = int(state["samples"])
             self.metrics = dict(state.get("metrics", {}))
 
@@ -137,6 +150,7 @@ class Trainer:
         """Adopt the swarm's step on joining, so the learning-rate schedule matches the others'."""
         with self.lock:
             self.step = int(step)
+            self.version += 1  # a served snapshot carries the step too
 
     def _set_lr(self, local_steps: int) -> None:
         scale = self.task.lr_schedule(self.step) * min(1.0, (local_steps + 1) / max(self.warmup_steps, 1))
@@ -184,6 +198,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
+            self.version += 1
             self.samples += len(idx)
         self.local_steps += 1
         self.last_loss = float(loss.detach())

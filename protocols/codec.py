@@ -55,7 +55,8 @@ class Stream(Protocol):
 
     async def read_exactly(self, n: int) -> bytes: ...
 
-    async def write(self, data: bytes | memoryview) -> None: ...
+    async def write(self, data: bytes | memoryview) -> None:
+        """Returns once the stream keeps no reference to `data` (the caller may then overwrite it)."""
 
     async def close(self) -> None: ...
 
@@ -65,8 +66,8 @@ async def _fill(stream: Stream, view: memoryview, chunk: int) -> None:
     read_into = getattr(stream, "read_into", None)
     pos, size = 0, len(view)
     while pos < size:
-        if read_into is not None:
-            n = await read_into(view[pos : pos + chunk])
+        if read_into is not None:  # whatever has arrived, up to the rest of the payload
+            n = await read_into(view[pos:])
             if n == 0:
                 raise EOFError(f"stream ended after {pos} of {size} payload bytes")
         else:
@@ -173,21 +174,27 @@ def parse_tensor_specs(raw: Any, limits: Limits = DEFAULT_LIMITS) -> list[Tensor
 async def write_payload(stream: Stream, buffers: list[np.ndarray], limits: Limits = DEFAULT_LIMITS) -> int:
     """Send contiguous arrays as raw bytes in chunks; returns the bytes written."""
     sent = 0
+    step = getattr(stream, "max_write", None) or limits.chunk_bytes  # a stream may take bigger writes
     for arr in buffers:
         view = memoryview(np.ascontiguousarray(arr)).cast("B")
-        for start in range(0, len(view), limits.chunk_bytes):
-            chunk = view[start : start + limits.chunk_bytes]
+        for start in range(0, len(view), step):
+            chunk = view[start : start + step]
             await stream.write(chunk)
             sent += len(chunk)
     return sent
 
 
-async def read_payload(stream: Stream, specs: list[TensorSpec], limits: Limits = DEFAULT_LIMITS) -> list[np.ndarray]:
-    """Read the raw bytes announced by `specs` (already checked against limits) into new arrays."""
+async def read_payload(stream: Stream, specs: list[TensorSpec], limits: Limits = DEFAULT_LIMITS,
+                       into: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Read the raw bytes announced by `specs` (already checked against limits) into new arrays,
+    or into `into` (arrays of exactly those shapes and dtypes, which the caller reuses)."""
+    if into is not None and [(a.shape, a.dtype, a.flags.c_contiguous) for a in into] != [
+            (spec.shape, DTYPES[spec.dtype], True) for spec in specs]:
+        raise ValueError("receive buffers do not match the announced tensors")
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         # np.empty, not bytearray: no zero-fill pass, and numpy asks for huge pages on large arrays
-        arr = np.empty(spec.shape, dtype=DTYPES[spec.dtype])
+        arr = np.empty(spec.shape, dtype=DTYPES[spec.dtype]) if into is None else into[i]
         await _fill(stream, memoryview(arr).cast("B"), limits.chunk_bytes)
         out.append(arr)
     return out

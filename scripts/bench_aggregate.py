@@ -6,13 +6,17 @@ For each size (n partners x d float32 coordinates) this builds honest-like input
 `peer.aggregation.AGGREGATORS`, warms it up with one call on a realistic `RoundContext`
 (distinct partner ids, a reported 512-dim history sketch per partner, own id), so that the timed
 calls see the steady state (partners already known and observed, sketcher built for this d).
+The rule writes its result into one output buffer reused across calls (`out=`), as the daemon
+calls it; `--fresh-out` times it returning a fresh tensor every call instead (the page faults of
+a new d-sized result each round, which is what the daemon used to pay).
 
 Then, `--repeats` times, interleaved: one timed rule call, one timed copy of the n partner
 tensors into a preallocated, already-touched n x d buffer (n*d*4 bytes read and written).
 Reported: the median of each, their ratio, and the peak extra resident memory of one more
 (untimed) rule call: peak RSS during the call (VmHWM, reset just before through
 /proc/self/clear_refs) minus the RSS just before it, after malloc_trim; it counts everything the
-call allocates and touches, including the returned d-vector, and not the inputs.
+call allocates and touches, not the inputs, and not the reused output buffer (with `--fresh-out`
+it includes the returned d-vector).
 
 Torch runs with 1 intra-op thread unless `--threads` says otherwise, as the daemon does
 (`peer join --threads`, default 1); the count is printed.
@@ -141,11 +145,12 @@ def make_inputs(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, list[torch
     return own, others, ctx
 
 
-def bench_size(rule_name: str, n: int, d: int, repeats: int, warmup: int) -> dict:
+def bench_size(rule_name: str, n: int, d: int, repeats: int, warmup: int, reuse_out: bool = True) -> dict:
     own, others, ctx = make_inputs(n, d)
     rule = make_aggregator(rule_name)
+    out_buf = torch.zeros_like(own) if reuse_out else None  # the daemon's reused round buffer, touched
     for _ in range(warmup):
-        rule(own, others, ctx)  # steady state: partners known, sketcher built, histories observed
+        rule(own, others, ctx, out=out_buf)  # steady state: partners known, sketcher built, histories observed
 
     buf = torch.zeros(n, d)  # preallocated and touched, so the copy pays no page faults
 
@@ -156,7 +161,7 @@ def bench_size(rule_name: str, n: int, d: int, repeats: int, warmup: int) -> dic
     rule_times, copy_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = rule(own, others, ctx)
+        out = rule(own, others, ctx, out=out_buf)
         rule_times.append(time.perf_counter() - t0)
         del out
         t0 = time.perf_counter()
@@ -164,12 +169,12 @@ def bench_size(rule_name: str, n: int, d: int, repeats: int, warmup: int) -> dic
         copy_times.append(time.perf_counter() - t0)
 
     del buf
-    peak = peak_extra_bytes(lambda: rule(own, others, ctx))
+    peak = peak_extra_bytes(lambda: rule(own, others, ctx, out=out_buf))
     rule_s, copy_s = statistics.median(rule_times), statistics.median(copy_times)
-    del own, others, ctx, rule
+    del own, others, ctx, rule, out_buf
     _trim()
     return {
-        "n": n, "d": d, "rule_s": rule_s, "copy_s": copy_s,
+        "n": n, "d": d, "reuse_out": reuse_out, "rule_s": rule_s, "copy_s": copy_s,
         "ratio": rule_s / copy_s if copy_s > 0 else None,
         "peak_extra_mb": None if peak is None else peak / 2**20,
         "rule_s_all": rule_times, "copy_s_all": copy_times,
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rule calls before timing (default 1)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; default 1, as `peer join --threads` (0: torch's default)")
+    ap.add_argument("--fresh-out", action="store_true",
+                    help="the rule returns a fresh tensor every call instead of writing into a reused buffer")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     if not args.json:
-        print(f"rule {args.rule}; torch {torch.__version__}, {threads} intra-op thread(s); "
+        print(f"rule {args.rule} ({'fresh result tensor' if args.fresh_out else 'result into a reused buffer'}); torch {torch.__version__}, {threads} intra-op thread(s); "
               f"{args.repeats} repeats, {args.warmup} warm-up call(s) per size")
         print("rule_s: median wall time of one rule(own, others, ctx) call, steady state (after warm-up)")
         print("copy_s: median wall time of copying the n partner tensors (n*d*4 bytes) into a preallocated "
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for n, d in sizes:
-        r = bench_size(args.rule, n, d, args.repeats, args.warmup)
+        r = bench_size(args.rule, n, d, args.repeats, args.warmup, reuse_out=not args.fresh_out)
         results.append(r)
         if not args.json:
             nbytes = n * d * 4
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ratio'] or 0:>6.1f}x {gbps:>9.1f} {peak:>11}", flush=True)
 
     if args.json:
-        print(json.dumps({"rule": args.rule, "threads": threads, "repeats": args.repeats,
+        print(json.dumps({"rule": args.rule, "reuse_out": not args.fresh_out, "threads": threads, "repeats": args.repeats,
                           "warmup": args.warmup, "results": results}))
     else:
         print("\ncopy GB/s counts bytes read + written (2 * n*d*4 / copy_s)")

@@ -9,6 +9,13 @@ payload). The bare anchor moves the same bytes (the server model's flat buffer) 
 stream handler that writes them in one call, and a reader that discards them: the physical limit
 of a p2pd stream seen from Python. Ours and bare alternate in one run.
 
+Ours is timed twice: `ours` pulls a model that changed since the previous pull (the server
+mixes a zero delta into every coordinate before each, untimed, as a training peer's model
+changes between any two pulls), so the serve copies a fresh snapshot; `ours_idle` pulls an
+unchanged model, which the serve sends from the snapshot it already holds (`peer/snapshots.py`).
+`transfer_ratio` is ours / bare, the changed-model case; `transfer_ratio_idle` the other.
+The puller receives into one buffer reused across pulls, as the daemon's gossip rounds do.
+
 Peak RSS: before every transfer both Python processes and both p2pd children reset their peak
 (`/proc/PID/clear_refs`), after it the peak minus the RSS just before is that side's extra.
 """
@@ -168,6 +175,11 @@ async def serve(root: Path) -> None:
                 trim()
                 state["daemon"] = make_daemon(transport, int(cmd["numel"]), root)
                 reply({"ok": True})
+            elif cmd["cmd"] == "change":  # the model changes, as a training step would (every coordinate)
+                import torch
+
+                state["daemon"].trainer.apply_delta(torch.zeros(()))
+                reply({"version": state["daemon"].trainer.version})
             elif cmd["cmd"] == "reset":
                 reply({"before": probe.reset()})
             elif cmd["cmd"] == "peak":
@@ -259,21 +271,31 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                 await server.ask("load", numel=numel)
                 daemon = make_daemon(transport, numel, root / "client")
 
-                async def ours() -> None:
-                    step, model = await daemon.pull_model(peer_id, addrs)
-                    assert model.numel() == numel
+                # the daemon receives partners' models into buffers it reuses every round
+                receive = torch.empty(numel)
+
+                async def ours_idle() -> None:
+                    step, model = await daemon.pull_model(peer_id, addrs, into=receive)
+                    assert model is receive
                     del model
+
+                ours = ours_idle  # timed after the server's model changed (see `before` below)
 
                 async def bare() -> None:
                     assert await bare_pull(transport, peer_id, nbytes) == nbytes
 
                 await ours()  # warm-up: connection, first allocations
                 await bare()
-                times = {"ours": [], "bare": []}
-                peaks = {"ours": [], "bare": []}
+                names = ("ours", "ours_idle", "bare")
+                fns = {"ours": ours, "ours_idle": ours_idle, "bare": bare}
+                times = {n: [] for n in names}
+                peaks = {n: [] for n in names}
                 for r in range(repeats):
-                    order = [("ours", ours), ("bare", bare)] if r % 2 == 0 else [("bare", bare), ("ours", ours)]
-                    for name, fn in order:
+                    order = names[r % 3:] + names[:r % 3]  # each goes first once in 3 repeats
+                    for name in order:
+                        fn = fns[name]
+                        if name == "ours":
+                            await server.ask("change")  # untimed: the model the serve snapshots is new
                         await server.ask("reset")
                         probe.reset()
                         t0 = time.perf_counter()
@@ -284,7 +306,7 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                         peaks[name].append({"client_python": client_peak["python"], "client_p2pd": client_peak["p2pd"],
                                             "server_python": server_peak["python"], "server_p2pd": server_peak["p2pd"]})
                 row = {"size_mb": nbytes / MB, "bytes": nbytes, "repeats": repeats}
-                for name in ("ours", "bare"):
+                for name in names:
                     row[f"{name}_s"] = statistics.median(times[name])
                     row[f"{name}_mb_s"] = nbytes / MB / row[f"{name}_s"]
                     row[f"{name}_s_all"] = times[name]
@@ -292,11 +314,13 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                         vals = [p[side] for p in peaks[name] if p[side] is not None]
                         row[f"{name}_peak_extra_mb_{side}"] = max(vals) / MB if vals else None
                 row["transfer_ratio"] = row["ours_mb_s"] / row["bare_mb_s"]
+                row["transfer_ratio_idle"] = row["ours_idle_mb_s"] / row["bare_mb_s"]
                 # goal: each Python peer's peak above its idle RSS stays under 2x the model size
-                worst = max((row[f"ours_peak_extra_mb_{s}"] or 0) for s in ("client_python", "server_python"))
+                worst = max((row[f"{o}_peak_extra_mb_{s}"] or 0) for s in ("client_python", "server_python")
+                            for o in ("ours", "ours_idle"))
                 row["peak_extra_over_model"] = worst / (nbytes / MB)
                 results.append(row)
-                del daemon
+                del daemon, receive
             return {"results": results}
         finally:
             if transport is not None:

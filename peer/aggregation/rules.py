@@ -2,7 +2,10 @@
 
 The building blocks are pure functions on flat float32 tensors (`baselines`, `clipping`,
 `sybil`); the rules below wire them into what a gossip round needs. A rule is called as
-`rule(own, others, ctx)` and returns the peer's new model. Stateful rules (centred clipping's
+`rule(own, others, ctx)` and returns the peer's new model; `rule(own, others, ctx, out=buf)` writes
+it into `buf` instead (and returns `buf`), so a daemon that reuses one buffer across rounds pays no
+page faults for a fresh d-sized result every round. `out` must not overlap `own` or `others`.
+Stateful rules (centred clipping's
 centre, SybilWall's observed histories, the radius memory) keep their state in the rule object,
 one per daemon.
 
@@ -45,7 +48,23 @@ class RoundContext:
 class Aggregator(Protocol):
     name: str
 
-    def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None) -> torch.Tensor: ...
+    def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def _check_out(out: torch.Tensor | None, own: torch.Tensor, others: Sequence[torch.Tensor]) -> None:
+    """Refuse an output buffer that the rule would read while writing it (a silently wrong mix)."""
+    if out is None:
+        return
+    if out.shape != own.shape or out.dtype != own.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {own.dtype} tensor of shape {tuple(own.shape)}")
+    for x in (own, *others):
+        if x.numel() and out.numel() and x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError("out shares memory with an input of the rule")
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def _ctx(ctx: RoundContext | None, others: Sequence[torch.Tensor]) -> RoundContext:
@@ -60,15 +79,16 @@ class ServerRule:
     def __init__(self, name: str, fn: Callable[[torch.Tensor, int], torch.Tensor], nnm: bool = False):
         self.name, self.fn, self.nnm = name, fn, nnm
 
-    def __call__(self, own, others, ctx=None):
+    def __call__(self, own, others, ctx=None, out=None):
+        _check_out(out, own, others)
         if not others:
-            return own.clone()
+            return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         x = torch.stack([own, *others])
         f = ctx.f(len(x))
         if self.nnm and f:
             x = baselines.nnm(x, f)
-        return self.fn(x, f)
+        return _into(out, self.fn(x, f))
 
 
 class CenteredClippingRule:
@@ -78,14 +98,15 @@ class CenteredClippingRule:
         self.name, self.nnm = name, nnm
         self.cc = CenteredClipping(tau=tau, iters=iters, start="mean")
 
-    def __call__(self, own, others, ctx=None):
+    def __call__(self, own, others, ctx=None, out=None):
+        _check_out(out, own, others)
         if not others:
-            return own.clone()
+            return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         x = torch.stack([own, *others])
         if self.nnm:
             x = baselines.nnm(x, ctx.f(len(x)))
-        return self.cc(x)
+        return _into(out, self.cc(x))
 
 
 class SybilWallWeights:
@@ -173,16 +194,18 @@ class WeightedGossip:
         self.last_weights: list[float] = []
         self.last_distrusted: list[str] = []
 
-    def __call__(self, own, others, ctx=None):
+    def __call__(self, own, others, ctx=None, out=None):
+        _check_out(out, own, others)
         if not others:
-            return own.clone()
+            return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
+        flat_out = None if out is None else out.view(-1)
         sketcher = self.sybil.sketcher_for(own.numel()) if self.sybil is not None else None
         total = 1.0 + sum(raw)
         guess = [r / total for r in raw]  # the mixing weights if no partner is dropped or clipped
-        dists, sk, out = _deviations(own, others, guess, sketcher)
+        dists, sk, mixed_out = _deviations(own, others, guess, sketcher, flat_out)
         if self.radius != "none":
             self.cap.observe(dists)
             # relative to the recent median *and* this round's: when the whole swarm drifts apart
@@ -204,11 +227,11 @@ class WeightedGossip:
         self.last_tau = tau
         factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
         if factors != guess:  # a partner was dropped or clipped: mix again (rare among honest partners)
-            out = _mix(own, others, factors)
+            mixed_out = _mix(own, others, factors, mixed_out)  # overwrites the first pass's result
         if sk is not None:
             mixed = sum((c * s for c, s in zip(factors, sk)), torch.zeros_like(sk[0]))
             self.sybil.observe(ctx, sk, mixed)
-        return out.view(shape)
+        return mixed_out.view(shape) if out is None else out
 
     def _radius(self, dists: list[float], w: list[float], ctx: RoundContext) -> float:
         live = [(d, wj) for d, wj in zip(dists, w) if wj > 0]
@@ -229,12 +252,14 @@ class WeightedGossip:
 
 
 def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[float],
-                sketcher: Sketcher | None) -> tuple[list[float], list[torch.Tensor] | None, torch.Tensor]:
+                sketcher: Sketcher | None, out: torch.Tensor | None = None,
+                ) -> tuple[list[float], list[torch.Tensor] | None, torch.Tensor]:
     """One pass over the partners' models, slice by slice, returning
 
     - ||x_j - own|| for every partner,
     - with a sketcher, the sketch of x_j - own for every partner,
-    - own + sum_j w_j (x_j - own): the result when no partner turns out to need clipping.
+    - own + sum_j w_j (x_j - own): the result when no partner turns out to need clipping
+      (written into `out` if given, else into a fresh tensor).
 
     No n x d (not even d) temporaries: a fresh 40 MB tensor costs more in page faults than the
     arithmetic on it, and own's, the signs' and the result's slices stay in cache while every
@@ -242,7 +267,7 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
     """
     d = own.numel()
     sq = [0.0] * len(others)
-    out = torch.empty_like(own)
+    out = torch.empty_like(own) if out is None else out
     if sketcher is None:
         sk = None
         slices = [(lo, min(lo + CHUNK, d), 0, 0) for lo in range(0, d, CHUNK)]
@@ -271,9 +296,10 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
     return [math.sqrt(v) for v in sq], (list(sk) if sk is not None else None), out
 
 
-def _mix(own: torch.Tensor, others: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
+def _mix(own: torch.Tensor, others: Sequence[torch.Tensor], factors: Sequence[float],
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """own + sum_j factors[j] (x_j - own), slice by slice (the result's slice stays in cache)."""
-    out = torch.empty_like(own)
+    out = torch.empty_like(own) if out is None else out
     live = [(x, c) for x, c in zip(others, factors) if c]
     d = own.numel()
     buf = torch.empty(min(CHUNK, d), dtype=own.dtype)

@@ -82,6 +82,8 @@ class CountingStream:
         return data
 
     def __getattr__(self, name: str):
+        if name == "max_write":
+            return getattr(self.inner, "max_write", None)
         if name != "read_into" or not hasattr(self.inner, "read_into"):
             raise AttributeError(name)
 
