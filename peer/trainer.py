@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -62,6 +62,10 @@ class Trainer:
         self._gen = torch.Generator().manual_seed(seed)
         self.error: BaseException | None = None
         self.local_steps = 0  # steps since this trainer started (the warmup counts these)
+        # called from the training thread after every `notify_every_steps` local steps (the daemon
+        # starts a gossip round); must be thread-safe and quick
+        self.notify_every_steps = 0
+        self.on_steps: Callable[[], None] | None = None
 
     # --- state shared with the event loop -------------------------------------------------
     def snapshot(self) -> torch.Tensor:
@@ -168,6 +172,8 @@ class Trainer:
                 self._stop.wait(0.2)
                 continue
             self.train_step()
+            if self.on_steps is not None and self.notify_every_steps and self.local_steps % self.notify_every_steps == 0:
+                self.on_steps()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()
             if now - window_start >= 1.0:
