@@ -34,6 +34,9 @@ HIVEMIND_CONFIGS: dict[str, dict] = {
     # local Adam steps every batch, parameters averaged in the background every 2000 samples
     "local-2000": {"target_batch_size": 2000, "use_local_updates": True, "matchmaking_time": 2.0,
                    "averaging_timeout": 10.0},
+    # as local-2000 with averaging as often as the swarm can match (a round per 400 samples, 1 s matchmaking)
+    "local-400": {"target_batch_size": 400, "use_local_updates": True, "matchmaking_time": 1.0,
+                  "averaging_timeout": 5.0},
     # synchronous, gradient averaging and the optimizer step overlapped with the next batches
     "delayed-400": {"target_batch_size": 400, "matchmaking_time": 3.0, "averaging_timeout": 10.0,
                     "delay_optimizer_step": True, "delay_grad_averaging": True},
