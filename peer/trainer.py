@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,6 +92,10 @@ class Trainer:
         self.local_steps = 0  # steps since this trainer started (the warmup counts these)
         self.requested_nice = nice  # the training thread's niceness (0: the process's own)
         self.nice: int | None = None  # what it got, once the thread runs
+        # called from the training thread after every `notify_every_steps` local steps (the daemon
+        # starts a gossip round); must be thread-safe and quick
+        self.notify_every_steps = 0
+        self.on_steps: Callable[[], None] | None = None
 
     # --- state shared with the event loop -------------------------------------------------
     def snapshot(self) -> torch.Tensor:
@@ -211,6 +215,8 @@ class Trainer:
                 self._stop.wait(0.2)
                 continue
             self.train_step()
+            if self.on_steps is not None and self.notify_every_steps and self.local_steps % self.notify_every_steps == 0:
+                self.on_steps()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()
             if now - window_start >= 1.0:

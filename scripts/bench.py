@@ -85,7 +85,8 @@ def bench_convergence(args) -> dict:
         return bench_convergence.run(peers=2, threshold=0.5, min_s=0.0, max_s=20.0, hivemind_configs=["sync-400"],
                                      hivemind_max_s=6.0, tiny=True)
     return bench_convergence.run(peers=4, threshold=0.88, min_s=args.min_seconds, max_s=args.max_seconds,
-                                 hivemind_configs=args.hivemind, hivemind_max_s=args.hivemind_max_seconds)
+                                 hivemind_configs=args.hivemind, hivemind_max_s=args.hivemind_max_seconds,
+                                 ours_settings=dict(args.ours_setting or []))
 
 
 def bench_overhead(args) -> dict:
@@ -183,6 +184,21 @@ def run_child(name: str, argv: list[str], timeout: float) -> dict:
     return json.loads(proc.stdout)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """NAME=VALUE of a config-file setting; VALUE as TOML would read it (number, bool, string)."""
+    import tomllib
+
+    from peer.config import PeerConfig
+
+    name, sep, value = text.partition("=")
+    if not sep or name.replace("-", "_") not in PeerConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r}: want NAME=VALUE with a `peer join` setting name")
+    try:
+        return name, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -195,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="hivemind.Optimizer configurations to run (default: all of bench_convergence.HIVEMIND_CONFIGS)")
     ap.add_argument("--min-seconds", type=float, default=60.0, help="convergence: run ours at least this long")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="convergence: stop ours (and central) after this long")
+    ap.add_argument("--ours-setting", action="append", metavar="NAME=VALUE", type=_setting,
+                    help="convergence: a `peer join` setting for our peers, e.g. --ours-setting gossip-every-s=0.25 "
+                         "(repeatable; default: none, i.e. the default configuration)")
     ap.add_argument("--hivemind-max-seconds", type=float, default=180.0, help="convergence: cap per hivemind configuration")
     args = ap.parse_args(argv)
     if args.repeats < 1:

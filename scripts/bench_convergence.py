@@ -34,6 +34,9 @@ HIVEMIND_CONFIGS: dict[str, dict] = {
     # local Adam steps every batch, parameters averaged in the background every 2000 samples
     "local-2000": {"target_batch_size": 2000, "use_local_updates": True, "matchmaking_time": 2.0,
                    "averaging_timeout": 10.0},
+    # as local-2000 with averaging as often as the swarm can match (a round per 400 samples, 1 s matchmaking)
+    "local-400": {"target_batch_size": 400, "use_local_updates": True, "matchmaking_time": 1.0,
+                  "averaging_timeout": 5.0},
     # synchronous, gradient averaging and the optimizer step overlapped with the next batches
     "delayed-400": {"target_batch_size": 400, "matchmaking_time": 3.0, "averaging_timeout": 10.0,
                     "delay_optimizer_step": True, "delay_grad_averaging": True},
@@ -129,11 +132,14 @@ def run_central(task_name: str, total_batch: int, threshold: float, min_s: float
 
 # --- ours ----------------------------------------------------------------------------------
 
-def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: float, max_s: float) -> list[dict]:
+def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: float, max_s: float,
+             settings: dict | None = None, diagnostics: list | None = None) -> list[dict]:
+    """`settings`: extra `peer join` settings (config-file names) on top of the defaults; each peer's
+    final status (gossip rounds, traffic, weights, distrust) is appended to `diagnostics`."""
     from peer.launcher import LocalPeer, stop_all
 
     config = root / "peer.toml"
-    config.write_text("eval-every-s = 0.1\n")
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {"eval-every-s": 0.1, **(settings or {})}.items()))
     gate = root / "gate"
     env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PEER_BENCH_GATE": str(gate)}
@@ -163,9 +169,23 @@ def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: f
         t0 = time.time()
         gate.write_text("")
         _watch(logs, t0, threshold, min_s, max_s, alive)
+        if diagnostics is not None:
+            elapsed = time.time() - t0
+            for p in started:
+                diagnostics.append(_peer_diagnostics(p.status() or {}, elapsed))
     finally:
         stop_all(started)
     return timeline(_read_logs(logs), t0)
+
+
+def _peer_diagnostics(s: dict, elapsed: float) -> dict:
+    """What one peer's gossip did during the run, from its final status."""
+    keys = ("samples", "samples_per_s", "rounds_ok", "rounds_failed", "bytes_sent", "bytes_received", "serves",
+            "serve_refused", "pull_failed", "rejected", "distrusted", "backing_off", "banned")
+    out = {k: s.get(k) for k in keys}
+    out["last_weights"] = (s.get("last_round") or {}).get("weights")
+    out["received_bytes_per_s"] = round(s.get("bytes_received", 0) / elapsed) if elapsed > 0 else None
+    return out
 
 
 # --- hivemind ------------------------------------------------------------------------------
@@ -211,16 +231,21 @@ def run_hivemind(root: Path, peers: int, knobs: dict, threshold: float, min_s: f
 # --- all three -----------------------------------------------------------------------------
 
 def run(peers: int = 4, threshold: float = 0.88, min_s: float = 45.0, max_s: float = 120.0,
-        hivemind_configs: list[str] | None = None, hivemind_max_s: float = 180.0, tiny: bool = False) -> dict:
-    """Run central, ours and each hivemind configuration; the figures the issue asks for."""
+        hivemind_configs: list[str] | None = None, hivemind_max_s: float = 180.0, tiny: bool = False,
+        ours_settings: dict | None = None) -> dict:
+    """Run central, ours and each hivemind configuration; the figures the issue asks for.
+
+    `ours_settings`: `peer join` settings changed from the defaults for our peers (none: the
+    default `peer join` configuration, which is what the figures in docs/benchmarks.md use)."""
     task, probe = ("digits-mlp", "bench_probe:digits") if tiny else ("mnist1d-cnn", "bench_probe:mnist1d")
     batch = 64 if tiny else 100
     hivemind_configs = list(HIVEMIND_CONFIGS) if hivemind_configs is None else hivemind_configs
     out: dict = {"peers": peers, "threshold": threshold, "task": task, "local_batch": batch,
-                 "total_batch": peers * batch, "hivemind_configs": {}}
+                 "total_batch": peers * batch, "ours_settings": dict(ours_settings or {}), "hivemind_configs": {}}
+    diagnostics: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="peer-bench-conv-") as tmp:
         (Path(tmp) / "ours").mkdir()
-        ours_tl = run_ours(Path(tmp) / "ours", peers, probe, threshold, min_s, max_s)
+        ours_tl = run_ours(Path(tmp) / "ours", peers, probe, threshold, min_s, max_s, ours_settings, diagnostics)
         hm_tls = {}
         for name in hivemind_configs:
             d = Path(tmp) / f"hivemind-{name}"
@@ -242,6 +267,7 @@ def run(peers: int = 4, threshold: float = 0.88, min_s: float = 45.0, max_s: flo
     times = [t for t in (ours["time_s"], ours["final_t"]) if t is not None]
     at = sorted({round(t, 1) for t in times} | {30.0, 60.0})
     out["ours"] = summarize(ours_tl, threshold, at)
+    out["ours_peers"] = diagnostics
     out["central"] = summarize(central_tl, threshold, at)
     for name, tl in hm_tls.items():
         out["hivemind_configs"][name].update(summarize(tl, threshold, at))
