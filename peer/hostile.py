@@ -12,8 +12,8 @@ per-coordinate standard deviation of the honest models it pulled last round:
 
 - signflip:        base - u                 (the update with its sign flipped)
 - signflip100:     base - 100 u
-- signflip-liar:   base - u, and reports the history of what it serves (minus its real history),
-                   so that its served models agree with its report
+- signflip-liar:   base - u, and reports minus its real history (the direction of what it
+                   serves), so that its served models agree with its report
 - gaussian:        base + N(0, 10^2) per coordinate
 - labelflip:       trains on y -> 9 - y, serves its model
 - targeted:        a Sybil cluster; every member trains on the same data (the examples of

@@ -215,8 +215,9 @@ class Trainer:
                 self._stop.wait(0.2)
                 continue
             self.train_step()
-            if self.on_steps is not None and self.notify_every_steps and self.local_steps % self.notify_every_steps == 0:
-                self.on_steps()
+            notify = self.on_steps  # read once: the event loop may clear it meanwhile
+            if notify is not None and self.notify_every_steps and self.local_steps % self.notify_every_steps == 0:
+                notify()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()
             if now - window_start >= 1.0:

@@ -363,6 +363,18 @@ def test_alignment_zeroes_a_history_turned_against_the_run_and_spares_scattered_
     assert alignment_factors({p: h[p] for p in ["h0", "h1", "flip"]}) == {"h0": 1.0, "h1": 1.0, "flip": 1.0}
 
 
+@FAST
+@given(n=st.integers(2, 30), seed=st.integers(0, 1000), ties=st.booleans())
+def test_medians_of_others_equal_leave_one_out_medians(n, seed, ties):
+    from peer.aggregation.sybil import _medians_of_others
+
+    h = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if ties:
+        h = h.round()
+    slow = torch.stack([torch.cat([h[:i], h[i + 1:]]).median(0).values for i in range(n)])
+    assert torch.equal(_medians_of_others(h), slow)
+
+
 def test_default_rule_stops_mixing_a_sign_flipper_that_reports_its_real_training():
     """The plain sign flip sits inside the honest spread, so distance rules pass it; its served
     model moving against its own reported history gives it away."""

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-SKETCH_DIM = 512
+from protocols.discovery import HISTORY_DIM as SKETCH_DIM  # what a record carries
 # Coordinates per slice when a pass over long vectors goes slice by slice: a few slices of this
 # size stay in cache, and no temporary as long as the model is allocated.
 CHUNK = 1 << 18
@@ -156,7 +156,7 @@ def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
 
     Catches poisoned training that is reported truthfully (label flip): y -> 9 - y pushes the
     model against what every honest peer's data teaches, so its history turns away from the
-    coordinate-wise median of the others' (robust while fewer than half of the peers lie). Needs
+    coordinate-wise median of all histories (robust while fewer than half of the peers lie). Needs
     at least 4 histories. Relative to the median score, so a run whose histories all scatter
     (very non-IID data, late training) does not lose its honest peers.
     """
@@ -164,11 +164,23 @@ def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
     if len(ids) < 4:
         return {p: 1.0 for p in ids}
     h = torch.stack([reported[p] for p in ids]).double()
-    score = {}
-    for i, p in enumerate(ids):
-        others = torch.cat([h[:i], h[i + 1:]])
-        score[p] = _cos(h[i], others.median(0).values)
+    score = {p: _cos(h[i], c) for i, (p, c) in enumerate(zip(ids, _medians_of_others(h)))}
     median = sorted(score.values())[(len(ids) - 1) // 2]
     if median <= 0:
         return {p: 1.0 for p in ids}
     return {p: min(1.0, max(0.0, (s / median - ALIGNED_ZERO) / (ALIGNED_FULL - ALIGNED_ZERO))) for p, s in score.items()}
+
+
+def _medians_of_others(h: torch.Tensor) -> torch.Tensor:
+    """Row i: the coordinate-wise (lower) median of every row but i, as `torch.median` gives it.
+
+    One sort per coordinate instead of n medians: removing the value of rank r from n sorted
+    values leaves the lower median at sorted index m = (n - 2) // 2 if r > m, else at m + 1. So a
+    round costs O(n log n) per coordinate however many records Sybils publish.
+    """
+    n = h.shape[0]
+    values, order = h.sort(0)
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(n).unsqueeze(1).expand_as(order).contiguous())
+    m = (n - 2) // 2
+    return torch.where(rank > m, values[m], values[m + 1])
