@@ -53,7 +53,7 @@ class PeerConfig:
     # ...and one as soon as the trainer has taken this many local steps since the last round
     # started (0: time only). Peers drift apart with every local step, not with every second, so
     # mixing keyed to steps keeps a fast small model as well mixed as a slow large one.
-    gossip_every_steps: int = 10
+    gossip_every_steps: int = 0  # opt-in: see docs/benchmarks.md (convergence) for why 0 is the default
     partners: int = 4  # robust rules need several partners per round to tell outliers apart
     pull_timeout_s: float = 20.0
     checkpoint_every_s: float = 30.0
