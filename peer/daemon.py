@@ -236,12 +236,13 @@ class PeerDaemon:
                     log.exception("%s failed", getattr(fn, "__name__", fn))
 
     async def _gossip_loop(self) -> None:
-        """A gossip round every `gossip_every_steps` local steps, and at least every `gossip_every_s`.
+        """A gossip round every `gossip_every_s`, and (opt-in) every `gossip_every_steps` local steps.
 
         How far peers drift apart between two mixes grows with the local steps taken, not with
-        seconds: a small model at 100+ steps/s mixed once a second takes 100+ steps on its own
-        shard between mixes (measured: 4-7x the samples of central training to 88 % on MNIST-1D;
-        docs/benchmarks.md). Rounds never overlap: steps taken during a round make the next one due.
+        seconds: mixing every 10 steps cut the samples to 88 % on MNIST-1D from 3-7x to ~2.4x
+        those of central training, but the swarm then plateaued lower (88 % against 91.5 % in
+        quickstart), so the default is time only (docs/benchmarks.md, convergence). Rounds never
+        overlap: steps taken during a round make the next one due.
         """
         due = asyncio.Event()
         every = self.config.gossip_every_steps
