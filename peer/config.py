@@ -54,6 +54,9 @@ class PeerConfig:
     # started (0: time only). Peers drift apart with every local step, not with every second, so
     # mixing keyed to steps keeps a fast small model as well mixed as a slow large one.
     gossip_every_steps: int = 0  # opt-in: see docs/benchmarks.md (convergence) for why 0 is the default
+    # examples of this peer's own training data on which partners' models are evaluated each round
+    # (the default rule's loss screen, peer/aggregation/loss.py); 0 turns the screen off
+    loss_probe_samples: int = 256
     partners: int = 4  # robust rules need several partners per round to tell outliers apart
     pull_timeout_s: float = 20.0
     checkpoint_every_s: float = 30.0

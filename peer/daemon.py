@@ -29,6 +29,7 @@ from peer.aggregation import RoundContext, coordinate_median, make_aggregator
 from peer.aggregation.sybil import Sketcher
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
+from peer.loss_probe import LossProbe
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
@@ -110,6 +111,10 @@ class PeerDaemon:
         self.snapshots = ServedSnapshots(self.trainer)  # what partners pull
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
+        # the default rule's loss screen needs each partner's loss on our own data
+        self.loss_probe = (LossProbe(self.task, config.loss_probe_samples)
+                           if config.loss_probe_samples > 0 and getattr(self.aggregator, "loss_screen", None) is not None
+                           else None)
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
@@ -404,7 +409,7 @@ class PeerDaemon:
         # apply_delta copies it into the model, so nothing keeps a reference to it past this round
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
-        mixed = await asyncio.to_thread(self.aggregator, own, models, ctx, out=self._mix_buffer)
+        mixed = await asyncio.to_thread(self._mix, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
         for p in ids:
@@ -419,7 +424,15 @@ class PeerDaemon:
         self.counters["rounds_ok"] += 1
         self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
                            "tau": getattr(self.aggregator, "last_tau", None)}
+        if ctx.loss_deltas is not None:
+            self.last_round["loss_deltas"] = [round(d, 3) for d in ctx.loss_deltas]
         return True
+
+    def _mix(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
+        """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule."""
+        if self.loss_probe is not None:
+            ctx.loss_deltas = self.loss_probe.deltas(own, models)
+        return self.aggregator(own, models, ctx, out=self._mix_buffer)
 
     async def _sync_from_swarm(self) -> None:
         """A joiner takes the coordinate median of several live peers' models, not one donor's."""
@@ -583,7 +596,8 @@ class PeerDaemon:
         r = self.last_round
         tau = r.get("tau")
         return {"partners": r.get("partners", []), "weights": r.get("weights", []),
-                "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4)}
+                "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
+                "loss_deltas": r.get("loss_deltas")}
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

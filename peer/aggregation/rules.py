@@ -24,6 +24,7 @@ import torch
 from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius
+from peer.aggregation.loss import LossScreen
 from peer.aggregation import DESCRIPTIONS
 from peer.aggregation.sybil import CHUNK, Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
@@ -39,6 +40,9 @@ class RoundContext:
     histories: dict[str, torch.Tensor] = field(default_factory=dict)
     # fraction of a round's partners assumed Byzantine (sets f and the clipping budget)
     byzantine_fraction: float = 0.25
+    # per partner: its model's loss minus ours on a batch of our own data (peer/loss_probe.py),
+    # or None where the daemon did not measure it
+    loss_deltas: Sequence[float] | None = None
 
     def f(self, n_inputs: int) -> int:
         """Inputs assumed faulty among n (own model included, which is never faulty to us)."""
@@ -189,6 +193,7 @@ class WeightedGossip:
     def __init__(self, name: str, weighting: str = "uniform", radius: str = "none"):
         self.name, self.weighting, self.radius = name, weighting, radius
         self.sybil = SybilWallWeights() if weighting == "sybilwall" else None
+        self.loss_screen = LossScreen() if weighting == "sybilwall" else None
         self.cap = RadiusCap()
         self.last_tau: float = math.inf
         self.last_weights: list[float] = []
@@ -200,6 +205,10 @@ class WeightedGossip:
             return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        if self.loss_screen is not None and ctx.loss_deltas is not None:
+            if len(ctx.loss_deltas) != len(others):
+                raise ValueError(f"{len(ctx.loss_deltas)} loss deltas for {len(others)} partners")
+            raw = [r * f for r, f in zip(raw, self.loss_screen.factors(ctx.loss_deltas))]
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
         flat_out = None if out is None else out.view(-1)
         sketcher = self.sybil.sketcher_for(own.numel()) if self.sybil is not None else None

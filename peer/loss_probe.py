@@ -1,0 +1,38 @@
+"""How much worse a partner's model does than ours on a fixed batch of our own training data.
+
+Feeds the loss screen of the default rule (`peer/aggregation/loss.py`): the one check that sees
+poisoned training reported truthfully (label flip). It runs in the gossip round's worker thread,
+on a scratch copy of the task's model (never the trainer's), so training is not paused. Cost per
+round: one forward pass over `samples` examples per partner, plus one for our own model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from peer.tasks import Task
+
+
+class LossProbe:
+    def __init__(self, task: Task, samples: int = 256, seed: int = 0):
+        self.loss_fn = task.loss_fn
+        self.model = task.make_model().eval()
+        self.params = list(self.model.parameters())
+        n = len(task.y_train)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples] if n > samples else torch.arange(n)
+        self.x, self.y = task.x_train[idx], task.y_train[idx]
+
+    @torch.no_grad()
+    def loss(self, flat: torch.Tensor) -> float:
+        """The task's loss of the model whose flat parameters are `flat` (not copied: viewed)."""
+        torch.nn.utils.vector_to_parameters(flat.reshape(-1), self.params)
+        value = float(self.loss_fn(self.model(self.x), self.y))
+        return value if math.isfinite(value) else math.inf
+
+    def deltas(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> list[float]:
+        """loss(partner) - loss(own) for every partner model."""
+        base = self.loss(own)
+        return [self.loss(m) - base for m in models]

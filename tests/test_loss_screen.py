@@ -1,0 +1,116 @@
+"""The loss screen: partners' models evaluated on our own data, and the weights that follow.
+
+The screen is what stops a label flipper (honest training on poisoned labels, reported truthfully),
+so the tests check that a flipped-label model really scores worse than an honest one on real
+data, that the factors follow the documented ramp, and that the daemon measures and passes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peer.aggregation import RoundContext, make_aggregator
+from peer.aggregation.loss import FULL_UP_TO, ZERO_FROM, LossScreen
+from peer.daemon import PeerDaemon
+from peer.loss_probe import LossProbe
+from peer.tasks import load_task
+from peer.trainer import Trainer
+from protocols import gossip
+from protocols.transport.memory import MemoryNetwork
+from tests.conftest import fast_config
+
+
+def test_screen_ramp_relative_to_the_median_of_recent_deltas():
+    s = LossScreen()
+    assert s.factors([2.0, 2.0, 2.0]) == [1.0, 1.0, 1.0]  # fewer than 4 deltas known: nothing screened
+    f = s.factors([2.0, 2.0 * FULL_UP_TO, 2.0 * 2.0, 2.0 * ZERO_FROM, 50.0, None, math.inf, math.nan])
+    # recent finite deltas 2, 2, 2, 2, 3, 4, 5, 50: lower median 2
+    assert f[0] == 1.0 and f[1] == 1.0
+    assert f[2] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO))
+    assert f[3] == 0.0 and f[4] == 0.0
+    assert f[5] == 1.0  # not measured: passes
+    assert f[6] == 0.0 and f[7] == 0.0  # the model blew up on our data
+    assert s.last_factors == f
+
+
+def test_screen_passes_everyone_when_partners_do_no_worse_than_we_do():
+    s = LossScreen()
+    assert s.factors([-0.5, -0.2, 0.0, -1.0, 3.0]) == [1.0] * 5
+
+
+def test_screen_remembers_a_bounded_window():
+    s = LossScreen(window=8)
+    for _ in range(100):
+        s.factors([1.0, 2.0, 3.0, 4.0])
+    assert len(s.recent) == 8
+
+
+def _train(trainer: Trainer, steps: int) -> None:
+    for _ in range(steps):
+        trainer.train_step()
+
+
+def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
+    own_task = load_task("mnist1d-cnn", shard=0, num_shards=4, split="iid", seed=0)
+    base = Trainer(load_task("mnist1d-cnn", shard=1, num_shards=4, split="iid", seed=0), seed=0)
+    _train(base, 150)  # a shared starting point, as gossip gives every peer
+    start = base.snapshot()
+
+    def partner(shard: int, flip: bool) -> torch.Tensor:
+        task = load_task("mnist1d-cnn", shard=shard, num_shards=4, split="iid", seed=0)
+        if flip:
+            task.y_train = 9 - task.y_train
+        t = Trainer(task, seed=shard)
+        t.apply_delta(start - t.snapshot())
+        _train(t, 25)  # a round's worth of local steps from the shared model
+        return t.snapshot()
+
+    own = start.clone()
+    honest, flipped = partner(2, False), partner(3, True)
+    kept = [own.clone(), honest.clone(), flipped.clone()]
+    probe = LossProbe(own_task, samples=256)
+    d_honest, d_flipped = probe.deltas(own, [honest, flipped])
+    assert math.isfinite(d_honest) and d_flipped > d_honest + 1.0
+    assert all(torch.equal(a, b) for a, b in zip(kept, (own, honest, flipped)))  # inputs untouched
+    assert len(probe.y) == 256
+    assert probe.deltas(own, [torch.full_like(own, float("nan"))]) == [math.inf]
+
+
+def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():
+    rule = make_aggregator("sybilwall+scc")
+    own = torch.zeros(64)
+    others = [torch.full((64,), 0.1 * (j + 1)) for j in range(4)]
+    hist = {f"p{j}": torch.randn(512, generator=torch.Generator().manual_seed(j)) for j in range(4)}
+    ctx = RoundContext(self_id="me", partner_ids=[f"p{j}" for j in range(4)], histories=hist,
+                       loss_deltas=[1.0, 1.0, 1.0, 9.0])
+    rule(own, others, ctx)
+    assert rule.last_weights[3] == 0.0 and "p3" in rule.last_distrusted
+    with pytest.raises(ValueError, match="loss deltas"):
+        rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, histories=hist, loss_deltas=[1.0]))
+
+
+async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_path):
+    net = MemoryNetwork()
+    daemons = []
+    for name in ("a", "b"):
+        d = PeerDaemon(fast_config(tmp_path / name), net.transport(name))
+        await d.transport.start()
+        await d.transport.set_handler(gossip.PROTOCOL, d._serve_model)
+        d.addrs = await d.transport.addrs()
+        daemons.append(d)
+    a, b = daemons
+    for d in (a, b, a, b):
+        await d._heartbeat_once()
+    assert a.loss_probe is not None
+    b.trainer.apply_delta(torch.full_like(b.trainer.flat, 0.05))
+    own = a.trainer.snapshot()
+    assert await a.gossip_round() is True
+    deltas = a.status()["last_round"]["loss_deltas"]
+    assert len(deltas) == 1 and deltas[0] == pytest.approx(a.loss_probe.loss(b.trainer.flat) - a.loss_probe.loss(own), abs=1e-3)
+    off = PeerDaemon(fast_config(tmp_path / "off", loss_probe_samples=0), net.transport("off"))
+    assert off.loss_probe is None
+    for d in daemons:
+        await d.transport.stop()
