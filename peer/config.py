@@ -54,7 +54,7 @@ class PeerConfig:
     # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
     # early converges in few samples; local steps between mixes later generalise better.
     # docs/benchmarks.md (convergence) has the measurements behind both defaults.
-    gossip_every_steps: int = 10
+    gossip_every_steps: int = 3
     gossip_steps_until: int = 1000
     partners: int = 4  # robust rules need several partners per round to tell outliers apart
     pull_timeout_s: float = 20.0
