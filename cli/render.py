@@ -37,6 +37,8 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("phase", f"{s['phase']}, up {s['uptime_s']:.0f}s")
     head.add_row("training", f"step {s['step']}  loss {_fmt(s['loss'])}  accuracy {_fmt(s['accuracy'], pct=True)}  {s['samples_per_s']:.0f} samples/s")
     head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed; sent {_bytes(s['bytes_sent'])}, received {_bytes(s['bytes_received'])}")
+    if s.get("gossip_cadence"):  # absent from older daemons
+        head.add_row("gossip cadence", s["gossip_cadence"])
     rej = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **s["pull_failed"]}.items()) or "none"
     head.add_row("rejected / failed", rej)
     refused = {**s.get("serve_errors", {}), **s.get("record_rejects", {}), **s.get("dht_rejects", {})}

@@ -50,10 +50,12 @@ class PeerConfig:
     # timing
     heartbeat_s: float = 2.0
     gossip_every_s: float = 1.0  # a round at least this often (also when training is paused)
-    # ...and one as soon as the trainer has taken this many local steps since the last round
-    # started (0: time only). Peers drift apart with every local step, not with every second, so
-    # mixing keyed to steps keeps a fast small model as well mixed as a slow large one.
-    gossip_every_steps: int = 0  # opt-in: see docs/benchmarks.md (convergence) for why 0 is the default
+    # ...and one after every this many local steps (0: time only), while the run's step is below
+    # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
+    # early converges in few samples; local steps between mixes later generalise better.
+    # docs/benchmarks.md (convergence) has the measurements behind both defaults.
+    gossip_every_steps: int = 3
+    gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round
     # (the default rule's loss screen, peer/aggregation/loss.py); 0 turns the screen off
     loss_probe_samples: int = 256

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from peer.cadence import StepCadence
 from peer.tasks import Task
 
 log = logging.getLogger("peer.trainer")
@@ -92,9 +93,9 @@ class Trainer:
         self.local_steps = 0  # steps since this trainer started (the warmup counts these)
         self.requested_nice = nice  # the training thread's niceness (0: the process's own)
         self.nice: int | None = None  # what it got, once the thread runs
-        # called from the training thread after every `notify_every_steps` local steps (the daemon
-        # starts a gossip round); must be thread-safe and quick
-        self.notify_every_steps = 0
+        # called from the training thread after a step when `step_cadence` says a gossip round is
+        # due (peer/cadence.py; the daemon starts one); must be thread-safe and quick
+        self.step_cadence: StepCadence | None = None
         self.on_steps: Callable[[], None] | None = None
 
     # --- state shared with the event loop -------------------------------------------------
@@ -215,8 +216,8 @@ class Trainer:
                 self._stop.wait(0.2)
                 continue
             self.train_step()
-            notify = self.on_steps  # read once: the event loop may clear it meanwhile
-            if notify is not None and self.notify_every_steps and self.local_steps % self.notify_every_steps == 0:
+            notify, cadence = self.on_steps, self.step_cadence  # read once: the event loop may clear them
+            if notify is not None and cadence is not None and cadence.due(self.step, self.local_steps):
                 notify()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()

@@ -1,0 +1,46 @@
+"""When local steps start a gossip round: post-local SGD's two phases.
+
+Lin, Stich, Patel and Jaggi ("Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020) mix often
+early in a run, where peers that drift apart between mixes slow convergence, and switch to
+local SGD (more local steps between mixes) later, where the drift acts as noise that generalises
+better than the large-batch training that frequent mixing amounts to. Here: a round every
+`every_steps` local steps while the run is before step `until_step`, then time only (the daemon's
+`gossip_every_s`, which bounds the interval in both phases, so a model that takes a second per
+step mixes no more often than before). Measured on MNIST-1D in docs/benchmarks.md (convergence).
+
+The phase is read from the trainer's `step`, the run's progress, not from this process's own
+steps: a peer joining a late run adopts the swarm's step (`Trainer.set_step`) and a restarted peer
+restores its own, so both go straight to the late phase, as the swarm they mix with has; only a
+fresh run (or a peer that found nobody to sync from) mixes often.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepCadence:
+    every_steps: int  # 0: no step-driven rounds at all (time only)
+    until_step: int  # the step cadence applies while the run's step is below this; 0: always
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.until_step < 0:
+            raise ValueError(f"gossip cadence: steps must be >= 0, got every {self.every_steps}, until {self.until_step}")
+
+    def active(self, step: int) -> bool:
+        """Whether local steps start rounds at the run's step `step` (the early phase)."""
+        return self.every_steps > 0 and (self.until_step == 0 or step < self.until_step)
+
+    def due(self, step: int, local_steps: int) -> bool:
+        """Called after each local step: a round is due after every `every_steps` of this
+        process's steps (`local_steps`, counted from 1), while the run (`step`) is in the early phase."""
+        return self.active(step) and local_steps > 0 and local_steps % self.every_steps == 0
+
+    def describe(self, step: int) -> str:
+        if self.every_steps == 0:
+            return "time only"
+        if self.until_step == 0:
+            return f"every {self.every_steps} steps"
+        phase = "now" if self.active(step) else "done"
+        return f"every {self.every_steps} steps until step {self.until_step} ({phase}), then time only"
