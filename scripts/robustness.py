@@ -10,6 +10,7 @@ record, then all peers run one gossip round concurrently. MNIST-1D, Dirichlet(al
     scripts/robustness.py --quick            # default vs mean vs scc, every attack (< 10 min, 2 cores)
     scripts/robustness.py --json             # the full table as one JSON object
     scripts/robustness.py --aggregators mean,median --attacks none,alie
+    scripts/robustness.py --attacks ipm --peer-setting loss_probe_samples=0   # a daemon setting for every peer
 
 Accuracy is the honest peers' mean test accuracy, averaged over the last 3 rounds. The targeted
 attack's success rate is the fraction of honest predictions on test examples of class 0 (1) that
@@ -44,7 +45,8 @@ class Clock:
 
 
 async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine: int = 5, rounds: int = 50,
-                    local_steps: int = 5, partners: int | None = None, alpha: float = 0.5, seed: int = 0) -> dict:
+                    local_steps: int = 5, partners: int | None = None, alpha: float = 0.5, seed: int = 0,
+                    peer_settings: dict | None = None) -> dict:
     import torch
 
     from peer.config import PeerConfig
@@ -71,7 +73,7 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
             shard=f"{i}/{honest + byzantine}", split="dirichlet", alpha=alpha, data_seed=seed,
             heartbeat_s=1.0, pull_timeout_s=30.0,
         )
-        cfg = PeerConfig(**{**settings, **extra})
+        cfg = PeerConfig(**{**settings, **(peer_settings or {}), **extra})
         cfg.data_dir.mkdir(parents=True)
         daemons.append(PeerDaemon(cfg, net.transport(f"{'byz' if bad else 'honest'}{i:02d}")))
     byz_ids = {d.peer_id for d in daemons[honest:]}
@@ -145,6 +147,8 @@ def main() -> None:
     ap.add_argument("--honest", type=int, default=20)
     ap.add_argument("--byzantine", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer-setting", action="append", default=[], metavar="NAME=VALUE",
+                    help="a PeerConfig setting for every peer, e.g. loss_probe_samples=0 (repeatable)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
 
@@ -157,8 +161,15 @@ def main() -> None:
         if a not in ALL_ATTACKS:
             ap.error(f"unknown attack {a!r}")
     args.rounds = args.rounds or (40 if args.quick else 100)
+    from peer.config import _coerce, _FIELDS
+    overrides = {}
+    for item in args.peer_setting:
+        name, _, value = item.partition("=")
+        if name not in _FIELDS:
+            ap.error(f"unknown peer setting {name!r}")
+        overrides[name] = _coerce(name, value)
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
-              byzantine=args.byzantine, seed=args.seed)
+              byzantine=args.byzantine, seed=args.seed, peer_settings=overrides or None)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]
     results = []
     t0 = time.monotonic()
