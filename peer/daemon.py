@@ -431,12 +431,13 @@ class PeerDaemon:
                            "tau": getattr(self.aggregator, "last_tau", None)}
         if ctx.loss_deltas is not None:
             self.last_round["loss_deltas"] = [round(d, 3) for d in ctx.loss_deltas]
+            self.last_round["own_loss"] = round(ctx.own_loss, 3)
         return True
 
     def _mix(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
         """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule."""
         if self.loss_probe is not None:
-            ctx.loss_deltas = self.loss_probe.deltas(own, models)
+            ctx.own_loss, ctx.loss_deltas = self.loss_probe.measure(own, models)
         return self.aggregator(own, models, ctx, out=self._mix_buffer)
 
     async def _sync_from_swarm(self) -> None:
@@ -603,7 +604,7 @@ class PeerDaemon:
         tau = r.get("tau")
         return {"partners": r.get("partners", []), "weights": r.get("weights", []),
                 "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
-                "loss_deltas": r.get("loss_deltas")}
+                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss")}
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

@@ -32,7 +32,7 @@ class LossProbe:
         value = float(self.loss_fn(self.model(self.x), self.y))
         return value if math.isfinite(value) else math.inf
 
-    def deltas(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> list[float]:
-        """loss(partner) - loss(own) for every partner model."""
+    def measure(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[float, list[float]]:
+        """loss(own), and loss(partner) - loss(own) for every partner model."""
         base = self.loss(own)
-        return [self.loss(m) - base for m in models]
+        return base, [self.loss(m) - base for m in models]

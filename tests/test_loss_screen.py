@@ -41,6 +41,16 @@ def test_screen_passes_everyone_when_partners_do_no_worse_than_we_do():
     assert s.factors([-0.5, -0.2, 0.0, -1.0, 3.0]) == [1.0] * 5
 
 
+def test_screen_spares_partners_that_agree_with_us_within_noise():
+    """IID partners after mixing: deltas are noise around 0, tiny next to our own loss. Against
+    their median alone, a +0.05 would be 5x a +0.01 median and cut (a 4-peer swarm stalled so)."""
+    s = LossScreen()
+    for _ in range(20):
+        f = s.factors([0.01, -0.02, 0.05, 0.02], own_loss=0.3)
+    assert f == [1.0] * 4
+    assert s.factors([0.01, 2.0, 0.0, 0.02], own_loss=0.3)[1] == 0.0  # a partner far worse still is cut
+
+
 def test_screen_remembers_a_bounded_window():
     s = LossScreen(window=8)
     for _ in range(100):
@@ -72,11 +82,12 @@ def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
     honest, flipped = partner(2, False), partner(3, True)
     kept = [own.clone(), honest.clone(), flipped.clone()]
     probe = LossProbe(own_task, samples=256)
-    d_honest, d_flipped = probe.deltas(own, [honest, flipped])
+    own_loss, (d_honest, d_flipped) = probe.measure(own, [honest, flipped])
+    assert own_loss == pytest.approx(probe.loss(own)) and own_loss > 0
     assert math.isfinite(d_honest) and d_flipped > d_honest + 1.0
     assert all(torch.equal(a, b) for a, b in zip(kept, (own, honest, flipped)))  # inputs untouched
     assert len(probe.y) == 256
-    assert probe.deltas(own, [torch.full_like(own, float("nan"))]) == [math.inf]
+    assert probe.measure(own, [torch.full_like(own, float("nan"))])[1] == [math.inf]
 
 
 def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():

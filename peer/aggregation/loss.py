@@ -9,9 +9,13 @@ model's than an honest partner's does. Measured over 100 rounds (20 honest Diric
 a median of +1.9 (90th percentile +3.9; non-IID partners know our classes less well than we do),
 of label flippers +5.4 (10th percentile +3.2) from round 60 on.
 
-The screen is relative to the median of this peer's recent partner deltas (whatever the task's
-loss scale and however non-IID the run): full weight up to FULL_UP_TO x the median, 0 from
-ZERO_FROM x, linear between. Pure: it takes the deltas the daemon measured (`peer/loss_probe.py`).
+The screen is relative (whatever the task's loss scale and however non-IID the run): full weight
+up to FULL_UP_TO x the scale, 0 from ZERO_FROM x, linear between, where the scale is the larger
+of the median of this peer's recent partner deltas and our own model's loss on the batch. The
+second term matters when partners agree: in an IID swarm the deltas are noise around 0, and
+against their median alone any noise looked like an outlier (measured: a 4-peer IID swarm cut
+and backed off all its partners and stalled at 72 %). Pure: it takes the losses the daemon
+measured (`peer/loss_probe.py`).
 """
 
 from __future__ import annotations
@@ -30,20 +34,22 @@ class LossScreen:
         self.recent: deque[float] = deque(maxlen=window)
         self.last_factors: list[float] = []
 
-    def factors(self, deltas: Sequence[float | None]) -> list[float]:
+    def factors(self, deltas: Sequence[float | None], own_loss: float = 0.0) -> list[float]:
         """One factor per partner; `None` (not measured) passes. A non-finite delta gets 0: the model
-        blew up on our data. Needs 4 remembered deltas before it screens anyone."""
+        blew up on our data. Needs 4 remembered deltas before it screens anyone. `own_loss`: our
+        model's loss on the batch the deltas were measured on."""
         self.recent.extend(d for d in deltas if d is not None and math.isfinite(d))
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
+        scale = max(median, own_loss if math.isfinite(own_loss) else 0.0)
         for d in deltas:
             if d is None:
                 out.append(1.0)
             elif not math.isfinite(d):
                 out.append(0.0)
-            elif median <= 0:
-                out.append(1.0)  # partners do no worse than we do on our data: nothing to screen by
+            elif len(self.recent) < 4 or scale <= 0:
+                out.append(1.0)  # nothing to compare with yet
             else:
-                out.append(min(1.0, max(0.0, (ZERO_FROM - d / median) / (ZERO_FROM - FULL_UP_TO))))
+                out.append(min(1.0, max(0.0, (ZERO_FROM - d / scale) / (ZERO_FROM - FULL_UP_TO))))
         self.last_factors = out
         return out

@@ -43,6 +43,7 @@ class RoundContext:
     # per partner: its model's loss minus ours on a batch of our own data (peer/loss_probe.py),
     # or None where the daemon did not measure it
     loss_deltas: Sequence[float] | None = None
+    own_loss: float = 0.0  # our model's loss on that batch
 
     def f(self, n_inputs: int) -> int:
         """Inputs assumed faulty among n (own model included, which is never faulty to us)."""
@@ -208,7 +209,7 @@ class WeightedGossip:
         if self.loss_screen is not None and ctx.loss_deltas is not None:
             if len(ctx.loss_deltas) != len(others):
                 raise ValueError(f"{len(ctx.loss_deltas)} loss deltas for {len(others)} partners")
-            raw = [r * f for r, f in zip(raw, self.loss_screen.factors(ctx.loss_deltas))]
+            raw = [r * f for r, f in zip(raw, self.loss_screen.factors(ctx.loss_deltas, ctx.own_loss))]
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
         flat_out = None if out is None else out.view(-1)
         sketcher = self.sybil.sketcher_for(own.numel()) if self.sybil is not None else None
