@@ -115,6 +115,9 @@ def similarity(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tens
         if len(have) < 2:
             continue
         m = cosine_matrix(torch.stack([source[ids[i]] for i in have]))
+        if len(have) == n:  # everyone has one: no scatter needed
+            cs = torch.maximum(cs, m)
+            continue
         idx = torch.tensor(have)
         cs[idx[:, None], idx[None, :]] = torch.maximum(cs[idx[:, None], idx[None, :]], m)
     return cs
@@ -135,10 +138,13 @@ CONSISTENT_AT = 0.2
 ALIGNED_ZERO, ALIGNED_FULL = 0.0, 0.5
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+def _row_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """cos(a_i, b_i) for every row i, in float64 (0 where a row is zero): one call for all peers,
+    not a few small torch calls per peer (those cost ~0.1 ms per round per peer)."""
     a, b = a.double(), b.double()
-    na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos = (a * b).sum(1) / (na * nb)
+    return torch.where((na > 0) & (nb > 0), cos, 0.0).tolist()
 
 
 def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -148,7 +154,11 @@ def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, t
     peer that lies in its report to pass this check moves its reported history away from what it
     trains, which `alignment_factors` or FoolsGold on the observed channel then see instead.
     """
-    return {p: min(1.0, max(0.0, _cos(observed[p], h) / CONSISTENT_AT)) for p, h in reported.items() if p in observed}
+    ids = [p for p in reported if p in observed]
+    if not ids:
+        return {}
+    cos = _row_cosines(torch.stack([observed[p] for p in ids]), torch.stack([reported[p] for p in ids]))
+    return {p: min(1.0, max(0.0, c / CONSISTENT_AT)) for p, c in zip(ids, cos)}
 
 
 def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -164,7 +174,7 @@ def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
     if len(ids) < 4:
         return {p: 1.0 for p in ids}
     h = torch.stack([reported[p] for p in ids]).double()
-    score = {p: _cos(h[i], c) for i, (p, c) in enumerate(zip(ids, _medians_of_others(h)))}
+    score = dict(zip(ids, _row_cosines(h, _medians_of_others(h))))
     median = sorted(score.values())[(len(ids) - 1) // 2]
     if median <= 0:
         return {p: 1.0 for p in ids}
@@ -174,13 +184,14 @@ def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
 def _medians_of_others(h: torch.Tensor) -> torch.Tensor:
     """Row i: the coordinate-wise (lower) median of every row but i, as `torch.median` gives it.
 
-    One sort per coordinate instead of n medians: removing the value of rank r from n sorted
-    values leaves the lower median at sorted index m = (n - 2) // 2 if r > m, else at m + 1. So a
-    round costs O(n log n) per coordinate however many records Sybils publish.
+    One sort per coordinate instead of n medians: with a and b the values of sorted rank m and
+    m + 1, m = (n - 2) // 2, removing a value above a leaves the lower median at a, removing
+    any other leaves it at b (a value equal to a either sits at rank <= m, or a == b). So a
+    round costs O(n log n) per coordinate however many records Sybils publish. Sorted along
+    contiguous rows (the transpose): sorting down the columns in place is 5-10x slower.
     """
     n = h.shape[0]
-    values, order = h.sort(0)
-    rank = torch.empty_like(order)
-    rank.scatter_(0, order, torch.arange(n).unsqueeze(1).expand_as(order).contiguous())
     m = (n - 2) // 2
-    return torch.where(rank > m, values[m], values[m + 1])
+    values = h.T.contiguous().sort(dim=1).values
+    a, b = values[:, m], values[:, m + 1]
+    return torch.where(h > a, a, b)
