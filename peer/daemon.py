@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -82,6 +83,11 @@ def reputation_event(reason: str) -> str:
     if reason == "remote_error":
         return "busy"  # it answered, politely, that it will not serve us now
     return "malformed"
+
+
+def _finite(x: float | None) -> float | None:
+    """A number for status JSON: rounded, and None where it is not finite (JSON has no inf/nan)."""
+    return round(x, 3) if x is not None and math.isfinite(x) else None
 
 
 class PeerDaemon:
@@ -415,7 +421,7 @@ class PeerDaemon:
         # apply_delta copies it into the model, so nothing keeps a reference to it past this round
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
-        mixed = await asyncio.to_thread(self._mix, own, models, ctx)
+        mixed = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
         for p in ids:
@@ -431,14 +437,21 @@ class PeerDaemon:
         self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
                            "tau": getattr(self.aggregator, "last_tau", None)}
         if ctx.loss_deltas is not None:
-            self.last_round["loss_deltas"] = [round(d, 3) for d in ctx.loss_deltas]
-            self.last_round["own_loss"] = round(ctx.own_loss, 3)
+            self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
+            self.last_round["own_loss"] = _finite(ctx.own_loss)
         return True
 
-    def _mix(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
-        """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule."""
+    def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
+        """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule.
+
+        A task whose model or loss cannot run on the probe batch (a user task, say) turns the
+        screen off with one logged line, rather than failing every round."""
         if self.loss_probe is not None:
-            ctx.own_loss, ctx.loss_deltas = self.loss_probe.measure(own, models)
+            try:
+                ctx.own_loss, ctx.loss_deltas = self.loss_probe.measure(own, models)
+            except Exception as e:
+                log.warning("loss probe failed (%s: %s); mixing without the loss screen from now on", type(e).__name__, str(e)[:120])
+                self.loss_probe = None
         return self.aggregator(own, models, ctx, out=self._mix_buffer)
 
     async def _sync_from_swarm(self) -> None:

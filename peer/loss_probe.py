@@ -4,6 +4,8 @@ Feeds the loss screen of the default rule (`peer/aggregation/loss.py`): the one 
 poisoned training reported truthfully (label flip). It runs in the gossip round's worker thread,
 on a scratch copy of the task's model (never the trainer's), so training is not paused. Cost per
 round: one forward pass over `samples` examples per partner, plus one for our own model.
+Only parameters are loaded into the scratch model: a model with buffers (BatchNorm running
+statistics) is scored with its initial buffers, the same for every partner and for our own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ class LossProbe:
         value = float(self.loss_fn(self.model(self.x), self.y))
         return value if math.isfinite(value) else math.inf
 
-    def measure(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[float, list[float]]:
-        """loss(own), and loss(partner) - loss(own) for every partner model."""
+    def measure(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[float, list[float | None]]:
+        """loss(own), and loss(partner) - loss(own) for every partner model (None for all of them
+        when our own loss is not finite: then there is nothing to compare with, and screening
+        every partner out would leave a broken model nothing to recover by)."""
         base = self.loss(own)
+        if not math.isfinite(base):
+            return base, [None] * len(models)
         return base, [self.loss(m) - base for m in models]

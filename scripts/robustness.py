@@ -165,9 +165,13 @@ def main() -> None:
     overrides = {}
     for item in args.peer_setting:
         name, _, value = item.partition("=")
+        name = name.replace("-", "_")
         if name not in _FIELDS:
             ap.error(f"unknown peer setting {name!r}")
-        overrides[name] = _coerce(name, value)
+        try:
+            overrides[name] = _coerce(name, value)
+        except ValueError as e:
+            ap.error(f"--peer-setting {item}: {e}")
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
               byzantine=args.byzantine, seed=args.seed, peer_settings=overrides or None)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]

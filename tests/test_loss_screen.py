@@ -7,6 +7,7 @@ data, that the factors follow the documented ramp, and that the daemon measures 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -88,6 +89,9 @@ def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
     assert all(torch.equal(a, b) for a, b in zip(kept, (own, honest, flipped)))  # inputs untouched
     assert len(probe.y) == 256
     assert probe.measure(own, [torch.full_like(own, float("nan"))])[1] == [math.inf]
+    broken = torch.full_like(own, float("nan"))  # our own model broke: nothing to compare with
+    assert probe.measure(broken, [honest, flipped]) == (math.inf, [None, None])
+    assert LossScreen().factors([None, None], own_loss=math.inf) == [1.0, 1.0]
 
 
 def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():
@@ -119,8 +123,18 @@ async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_pa
     b.trainer.apply_delta(torch.full_like(b.trainer.flat, 0.05))
     own = a.trainer.snapshot()
     assert await a.gossip_round() is True
-    deltas = a.status()["last_round"]["loss_deltas"]
+    status = json.loads(json.dumps(a.status(), allow_nan=False))  # strict JSON
+    deltas = status["last_round"]["loss_deltas"]
     assert len(deltas) == 1 and deltas[0] == pytest.approx(a.loss_probe.loss(b.trainer.flat) - a.loss_probe.loss(own), abs=1e-3)
+    assert status["last_round"]["own_loss"] == pytest.approx(a.loss_probe.loss(own), abs=1e-3)
+    assert list(a.aggregator.loss_screen.recent) == pytest.approx(deltas, abs=1e-3)  # the rule got them
+
+    def broken_loss(*args):
+        raise RuntimeError("this task's loss cannot run on the probe batch")
+
+    a.loss_probe.loss_fn = broken_loss  # e.g. a user task: the round goes on without the screen
+    assert await a.gossip_round() is True and a.loss_probe is None
+    assert a.counters["rounds_ok"] == 2
     off = PeerDaemon(fast_config(tmp_path / "off", loss_probe_samples=0), net.transport("off"))
     assert off.loss_probe is None
     for d in daemons:

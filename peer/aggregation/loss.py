@@ -45,7 +45,7 @@ class LossScreen:
         for d in deltas:
             if d is None:
                 out.append(1.0)
-            elif not math.isfinite(d):
+            elif d != d or d == math.inf:
                 out.append(0.0)
             elif len(self.recent) < 4 or scale <= 0:
                 out.append(1.0)  # nothing to compare with yet
