@@ -54,9 +54,8 @@ class PeerConfig:
     # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
     # early converges in few samples; local steps between mixes later generalise better.
     # docs/benchmarks.md (convergence) has the measurements. Opt-in (0 by default): with 3 / 1000
-    # the 4-peer quickstart missed its 90 % in 1 of 2 runs at the end of the session that made it
-    # the default (after the switch some peers wandered between 80 and 89 %); time only reached it
-    # in 19-20 s.
+    # the 4-peer quickstart missed its 90 % in 1 of 2 runs with the loss screen off and 3 of 3 with
+    # it on (peers at 81-90 % after 90-120 s); time only reached it in 18.8-19.7 s.
     gossip_every_steps: int = 0
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round
