@@ -124,16 +124,25 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+def settings_by_field(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """`PeerConfig` field -> value from setting names (dashes or underscores) and raw values; an
+    unknown name or a value of the wrong kind raises ValueError naming `source`."""
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            raise ValueError(f"{path}: unknown setting {key!r}")
-        out[name] = _coerce(name, value)
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        try:
+            out[name] = _coerce(name, value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {key} = {value!r}: {e}") from None
     return out
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return settings_by_field(raw, str(path))
 
 
 def resolve(explicit: dict[str, Any], config_file: Path | None = None) -> PeerConfig:

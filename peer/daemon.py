@@ -587,8 +587,8 @@ class PeerDaemon:
         return {
             "peer_id": self.peer_id, "addrs": self.addrs, "run_id": self.config.run_id,
             "task": self.task.name, "shard": f"{self.shard[0]}/{self.shard[1]}",
-            "aggregator": self.config.aggregator, "phase": self.phase,
-            "gossip_cadence": f"{self.cadence.describe(self.trainer.step)}; at least every {self.config.gossip_every_s:g} s", "pid": os.getpid(),
+            "aggregator": self.config.aggregator, "phase": self.phase, "pid": os.getpid(),
+            "gossip_cadence": f"{self.cadence.describe(self.trainer.step)}; at least every {self.config.gossip_every_s:g} s",
             "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
             "live_peers": [

@@ -161,17 +161,11 @@ def main() -> None:
         if a not in ALL_ATTACKS:
             ap.error(f"unknown attack {a!r}")
     args.rounds = args.rounds or (40 if args.quick else 100)
-    from peer.config import _coerce, _FIELDS
-    overrides = {}
-    for item in args.peer_setting:
-        name, _, value = item.partition("=")
-        name = name.replace("-", "_")
-        if name not in _FIELDS:
-            ap.error(f"unknown peer setting {name!r}")
-        try:
-            overrides[name] = _coerce(name, value)
-        except ValueError as e:
-            ap.error(f"--peer-setting {item}: {e}")
+    from peer.config import settings_by_field
+    try:
+        overrides = settings_by_field(dict(item.partition("=")[::2] for item in args.peer_setting), "--peer-setting")
+    except ValueError as e:
+        ap.error(str(e))
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
               byzantine=args.byzantine, seed=args.seed, peer_settings=overrides or None)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]
