@@ -42,7 +42,11 @@ class ProbedTask(Task):
         self._batch_size = value
 
     def _counting_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self.trained += len(target)  # called once per training step (evaluate below does not use it)
+        # called once per training step, and also by the loss screen's probe (`peer/loss_probe.py`,
+        # 256 examples per model per round, under no_grad): only the former is training. Counting
+        # both inflated the samples to 88 % by up to 3x with a round every 3 steps.
+        if torch.is_grad_enabled():
+            self.trained += len(target)
         return nn.functional.cross_entropy(logits, target)
 
     @torch.no_grad()

@@ -105,3 +105,28 @@ async def test_read_payload_fills_straight_from_read_into_and_refuses_a_short_st
     assert got.dtype == np.dtype("<f4") and np.array_equal(got, values)
     with pytest.raises(EOFError):  # counted as "disconnected" by the daemon
         await read_payload(_TrickleStream(values.tobytes()[:-1]), spec, Limits(chunk_bytes=16))
+
+
+def test_bench_counts_training_samples_only_not_the_loss_screens_probe(tmp_path, monkeypatch):
+    """The convergence benchmark's samples are what peers trained on. The loss screen's probe calls
+    the task's loss too (256 examples per model per round); counting those inflated the samples to
+    88 % by up to 3x at a round every 3 steps."""
+    from peer.loss_probe import LossProbe
+    from peer.trainer import Trainer
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_probe
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    (tmp_path / "gate").write_text("")
+    monkeypatch.setenv("PEER_BENCH_GATE", str(tmp_path / "gate"))
+    monkeypatch.setenv("PEER_BENCH_LOG", str(tmp_path / "eval.jsonl"))
+    task = bench_probe.mnist1d(shard=0, num_shards=4, split="iid", seed=0)
+    trainer = Trainer(task, seed=0)
+    for _ in range(3):
+        trainer.train_step()
+    assert task.trained == 3 * task.batch_size
+    own = trainer.snapshot()
+    LossProbe(task, samples=256).measure(own, [own.clone(), own.clone()])
+    assert task.trained == 3 * task.batch_size
