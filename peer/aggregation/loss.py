@@ -10,11 +10,16 @@ a median of +1.9 (90th percentile +3.9; non-IID partners know our classes less w
 of label flippers +5.4 (10th percentile +3.2) from round 60 on.
 
 The screen is relative (whatever the task's loss scale and however non-IID the run): full weight
-up to FULL_UP_TO x the scale, 0 from ZERO_FROM x, linear between, where the scale is the larger
-of the median of this peer's recent partner deltas and our own model's loss on the batch. The
-second term matters when partners agree: in an IID swarm the deltas are noise around 0, and
-against their median alone any noise looked like an outlier (measured: a 4-peer IID swarm cut
-and backed off all its partners and stalled at 72 %). Pure: it takes the losses the daemon
+up to FULL_UP_TO x the scale, 0 from ZERO_FROM x, linear between, where the scale is the largest
+of the median of this peer's recent partner deltas, our own model's loss on the batch, and this
+round's smallest delta / FULL_UP_TO. The second term matters when partners agree: in an IID swarm
+the deltas are noise around 0, and against their median alone any noise looked like an outlier
+(measured: a 4-peer IID swarm cut and backed off all its partners and stalled at 72 %). The third
+makes sure the closest partner is never cut: when a whole swarm changes phase at once (post-local
+SGD's switch to many local steps between mixes), every delta jumps past a window that still
+remembers the old ones; cut partners are backed off, so fewer rounds ran to refresh the window,
+and peers trained alone at 85 % with a training loss near 1e-8 (measured: 4-peer quickstart,
+rounds stopped after step ~1000). Pure: it takes the losses the daemon
 measured (`peer/loss_probe.py`).
 """
 
@@ -25,6 +30,7 @@ from collections import deque
 from typing import Sequence
 
 FULL_UP_TO, ZERO_FROM = 1.5, 2.5
+OWN_LOSS_WEIGHT = 1.0  # the scale is at least this x our own loss on the batch
 
 
 class LossScreen:
@@ -41,7 +47,12 @@ class LossScreen:
         self.recent.extend(d for d in deltas if d is not None and math.isfinite(d))
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
-        scale = max(median, own_loss if math.isfinite(own_loss) else 0.0)
+        finite = [d for d in deltas if d is not None and math.isfinite(d)]
+        # the closest partner always gets full weight: when every partner does far worse on our
+        # data than partners used to, the likelier story is that we (or the whole run's phase)
+        # changed, not that every partner turned hostile at once
+        closest = min(finite) / FULL_UP_TO if finite else 0.0
+        scale = max(median, OWN_LOSS_WEIGHT * own_loss if math.isfinite(own_loss) else 0.0, closest)
         for d in deltas:
             if d is None:
                 out.append(1.0)
