@@ -10,6 +10,7 @@ is dropped on lookup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -221,11 +222,26 @@ class HivemindTransport(Transport):
             self.dht.protocol.cache = bounded_storage(self.run_records)
         assert self.p2p.peer_id.to_base58() == self.peer_id
 
+    # hivemind's DHT shutdown asks p2pd to drop its handlers; with p2pd already gone (a signal to
+    # the whole process group) that request waited forever and `peer join` never exited (seen after
+    # SIGTERM to a benchmark). Each step is bounded; p2pd is killed if it outlives its TERM.
+    STOP_TIMEOUT_S = 5.0
+
     async def stop(self) -> None:
         if self.dht is not None:
-            await self.dht.shutdown()
+            try:
+                await asyncio.wait_for(self.dht.shutdown(), self.STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as e:
+                log.warning("DHT shutdown did not finish (%s); stopping p2pd anyway", type(e).__name__)
         if self.p2p is not None:
-            await self.p2p.shutdown()
+            try:
+                await asyncio.wait_for(self.p2p.shutdown(), self.STOP_TIMEOUT_S)
+            except (asyncio.TimeoutError, Exception) as e:
+                child = getattr(self.p2p, "_child", None)
+                log.warning("p2pd did not stop (%s); killing it", type(e).__name__)
+                if child is not None and child.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.kill()
 
     async def addrs(self) -> list[str]:
         return [str(a) for a in await self.p2p.get_visible_maddrs(latest=True)]

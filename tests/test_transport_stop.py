@@ -1,0 +1,29 @@
+"""A daemon whose p2pd died first still stops: `HivemindTransport.stop` is bounded.
+
+hivemind's DHT shutdown asks p2pd to remove its handlers; with p2pd already gone (a signal to the
+whole process group, an OOM kill) the request waited forever, so `peer join` never exited after
+SIGTERM (seen when a benchmark was interrupted). Real p2pd, killed under the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from protocols.transport.hivemind import HivemindTransport
+
+
+def test_stop_returns_when_p2pd_died_first(tmp_path):
+    async def main() -> float:
+        t = HivemindTransport(str(tmp_path / "k.key"), ["/ip4/127.0.0.1/tcp/0"])
+        await t.start()
+        child = t.p2p._child
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+        start = time.monotonic()
+        await asyncio.wait_for(t.stop(), 4 * t.STOP_TIMEOUT_S)  # the old code never returned
+        return time.monotonic() - start
+
+    took = asyncio.run(main())
+    assert took < 3 * HivemindTransport.STOP_TIMEOUT_S
