@@ -107,6 +107,39 @@ def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengt
         rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, histories=hist, loss_deltas=[1.0]))
 
 
+def test_screen_never_cuts_the_closest_partner():
+    """A whole swarm changing phase at once (post-local SGD's switch to many local steps between
+    mixes): every delta jumps far past a window of old, tiny ones. Cutting them all left peers
+    training alone; the closest partner keeps full weight and those near it keep some."""
+    s = LossScreen()
+    for _ in range(20):
+        s.factors([0.01, 0.02, 0.01], own_loss=0.001)
+    f = s.factors([0.9, 1.2, 3.0], own_loss=0.001)
+    # scale 0.9 / FULL_UP_TO = 0.6 (the window's median is still ~0.01): 1.2 is 2x it, 3.0 is 5x
+    assert f[0] == 1.0 and f[1] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO)) and f[2] == 0.0
+
+
+def test_default_rule_backs_off_screened_partners_only_when_the_screen_cut_a_minority():
+    """Cutting most of a round's partners says as much about us as about them: they are not mixed,
+    but not backed off (distrusted) either, or the window would only see the partners still pulled."""
+    own = torch.zeros(64)
+    others = [torch.full((64,), 0.1 * (j + 1)) for j in range(3)]
+    hist = {f"p{j}": torch.randn(512, generator=torch.Generator().manual_seed(j)) for j in range(3)}
+    ids = [f"p{j}" for j in range(3)]
+
+    def round_with(deltas):
+        rule = make_aggregator("sybilwall+scc")
+        for _ in range(10):  # a window where partners do about as well as we do
+            rule.loss_screen.factors([0.1, 0.1, 0.1], own_loss=0.1)
+        rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
+        return rule
+
+    one = round_with([0.1, 0.1, 5.0])
+    assert one.last_weights[2] == 0.0 and one.last_distrusted == ["p2"]
+    most = round_with([0.1, 1.0, 5.0])  # 1.0 and 5.0 are both past 2.5x the scale (0.1)
+    assert most.last_weights[1] == 0.0 and most.last_weights[2] == 0.0 and most.last_distrusted == []
+
+
 async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_path):
     net = MemoryNetwork()
     daemons = []

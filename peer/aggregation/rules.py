@@ -213,10 +213,13 @@ class WeightedGossip:
             return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        screened: set[int] = set()  # partners only the loss screen cut
         if self.loss_screen is not None and ctx.loss_deltas is not None:
             if len(ctx.loss_deltas) != len(others):
                 raise ValueError(f"{len(ctx.loss_deltas)} loss deltas for {len(others)} partners")
-            raw = [r * f for r, f in zip(raw, self.loss_screen.factors(ctx.loss_deltas, ctx.own_loss))]
+            factors = self.loss_screen.factors(ctx.loss_deltas, ctx.own_loss)
+            screened = {j for j, (r, f) in enumerate(zip(raw, factors)) if r > 0 and f == 0}
+            raw = [r * f for r, f in zip(raw, factors)]
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
         flat_out = None if out is None else out.view(-1)
         sketcher = self.sybil.sketcher_for(own.numel()) if self.sybil is not None else None
@@ -238,8 +241,14 @@ class WeightedGossip:
         # partners this rule refused to mix (distance outliers, Sybil weight 0 after probation):
         # the daemon backs them off, so later rounds spend their pulls on others
         probation = self.sybil.on_probation if self.sybil is not None else set()
+        # when the loss screen cut most of a round's partners, the fault is as likely ours (our
+        # model just overfit our shard, the run changed phase): they are not mixed, but not backed
+        # off either. Backing them off fed on itself: the window of deltas then saw only the
+        # partners still pulled, an IID swarm split into pairs that each cut the other
+        # (docs/benchmarks.md, convergence)
+        lenient = screened if 2 * len(screened) > len(others) else set()
         self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
-                                if r == 0 and ctx.partner_ids[j] not in probation]
+                                if r == 0 and ctx.partner_ids[j] not in probation and j not in lenient]
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau
         factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
