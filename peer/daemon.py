@@ -147,6 +147,7 @@ class PeerDaemon:
         self._metrics_joined = False  # the "join" line goes before this process's first metrics
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
+        self.refused: dict[str, int] = {}  # why the rule left partners unmixed (sybil, loss, outlier) -> count
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
@@ -424,6 +425,8 @@ class PeerDaemon:
         mixed = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
         self.trainer.apply_delta(mixed.sub_(own))
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
+        for why in getattr(self.aggregator, "last_refused", {}).values():
+            self.refused[why] = self.refused.get(why, 0) + 1
         for p in ids:
             if p in distrusted:
                 if p not in self.distrusted and len(self.distrusted) >= 1024:
@@ -606,6 +609,7 @@ class PeerDaemon:
             "closed_run": self.allowed is not None,
             "last_round": self._last_round_status(),
             "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
+            "refused": dict(self.refused),
             "checkpoint": {
                 "step": self.last_checkpoint[0] if self.last_checkpoint else None,
                 "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,

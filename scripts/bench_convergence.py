@@ -181,7 +181,7 @@ def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: f
 def _peer_diagnostics(s: dict, elapsed: float) -> dict:
     """What one peer's gossip did during the run, from its final status."""
     keys = ("samples", "samples_per_s", "rounds_ok", "rounds_failed", "bytes_sent", "bytes_received", "serves",
-            "serve_refused", "pull_failed", "rejected", "distrusted", "backing_off", "banned")
+            "serve_refused", "pull_failed", "rejected", "distrusted", "refused", "backing_off", "banned")
     out = {k: s.get(k) for k in keys}
     out["last_weights"] = (s.get("last_round") or {}).get("weights")
     out["received_bytes_per_s"] = round(s.get("bytes_received", 0) / elapsed) if elapsed > 0 else None

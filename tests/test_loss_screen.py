@@ -135,7 +135,7 @@ def test_default_rule_backs_off_screened_partners_only_when_the_screen_cut_a_min
         return rule
 
     one = round_with([0.1, 0.1, 5.0])
-    assert one.last_weights[2] == 0.0 and one.last_distrusted == ["p2"]
+    assert one.last_weights[2] == 0.0 and one.last_distrusted == ["p2"] and one.last_refused == {"p2": "loss"}
     most = round_with([0.1, 1.0, 5.0])  # 1.0 and 5.0 are both past 2.5x the scale (0.1)
     assert most.last_weights[1] == 0.0 and most.last_weights[2] == 0.0 and most.last_distrusted == []
 

@@ -205,6 +205,7 @@ class WeightedGossip:
         self.last_tau: float = math.inf
         self.last_weights: list[float] = []
         self.last_distrusted: list[str] = []
+        self.last_refused: dict[str, str] = {}
         self.scratch = _Scratch()
 
     def __call__(self, own, others, ctx=None, out=None):
@@ -226,6 +227,7 @@ class WeightedGossip:
         total = 1.0 + sum(raw)
         guess = [r / total for r in raw]  # the mixing weights if no partner is dropped or clipped
         dists, sk, mixed_out = _deviations(own, others, guess, sketcher, flat_out, self.scratch)
+        dropped: list[int] = []
         if self.radius != "none":
             self.cap.observe(dists)
             # relative to the recent median *and* this round's: when the whole swarm drifts apart
@@ -249,6 +251,9 @@ class WeightedGossip:
         lenient = screened if 2 * len(screened) > len(others) else set()
         self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
                                 if r == 0 and ctx.partner_ids[j] not in probation and j not in lenient]
+        # why each unmixed partner was left out (the daemon counts these in `peer status`)
+        self.last_refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened else "sybil")
+                             for j, r in enumerate(raw) if r == 0}
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau
         factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
