@@ -102,7 +102,7 @@ def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengt
     ctx = RoundContext(self_id="me", partner_ids=[f"p{j}" for j in range(4)], histories=hist,
                        loss_deltas=[1.0, 1.0, 1.0, 9.0])
     rule(own, others, ctx)
-    assert rule.last_weights[3] == 0.0 and "p3" in rule.last_distrusted
+    assert rule.last_weights[3] == 0.0 and rule.last_refused == {"p3": "loss"} and "p3" not in rule.last_distrusted
     with pytest.raises(ValueError, match="loss deltas"):
         rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, histories=hist, loss_deltas=[1.0]))
 
@@ -119,25 +119,23 @@ def test_screen_never_cuts_the_closest_partner():
     assert f[0] == 1.0 and f[1] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO)) and f[2] == 0.0
 
 
-def test_default_rule_backs_off_screened_partners_only_when_the_screen_cut_a_minority():
-    """Cutting most of a round's partners says as much about us as about them: they are not mixed,
-    but not backed off (distrusted) either, or the window would only see the partners still pulled."""
+def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
+    """The screen judges one model at one moment, not the peer: a screened partner gets weight 0
+    but is not distrusted (backed off, penalised), or the window would only see the partners still
+    pulled. Other refusals (Sybil weight 0, distance outliers) still are."""
     own = torch.zeros(64)
     others = [torch.full((64,), 0.1 * (j + 1)) for j in range(3)]
     hist = {f"p{j}": torch.randn(512, generator=torch.Generator().manual_seed(j)) for j in range(3)}
     ids = [f"p{j}" for j in range(3)]
-
-    def round_with(deltas):
-        rule = make_aggregator("sybilwall+scc")
-        for _ in range(10):  # a window where partners do about as well as we do
-            rule.loss_screen.factors([0.1, 0.1, 0.1], own_loss=0.1)
-        rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
-        return rule
-
-    one = round_with([0.1, 0.1, 5.0])
-    assert one.last_weights[2] == 0.0 and one.last_distrusted == ["p2"] and one.last_refused == {"p2": "loss"}
-    most = round_with([0.1, 1.0, 5.0])  # 1.0 and 5.0 are both past 2.5x the scale (0.1)
-    assert most.last_weights[1] == 0.0 and most.last_weights[2] == 0.0 and most.last_distrusted == []
+    rule = make_aggregator("sybilwall+scc")
+    for _ in range(10):  # a window where partners do about as well as we do
+        rule.loss_screen.factors([0.1, 0.1, 0.1], own_loss=0.1)
+    rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
+    assert rule.last_weights[2] == 0.0 and rule.last_refused == {"p2": "loss"} and rule.last_distrusted == []
+    far = [others[0], others[1], torch.full((64,), 1e3)]  # a distance outlier is still distrusted
+    rule = make_aggregator("sybilwall+scc")
+    rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
 
 
 async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_path):

@@ -243,14 +243,13 @@ class WeightedGossip:
         # partners this rule refused to mix (distance outliers, Sybil weight 0 after probation):
         # the daemon backs them off, so later rounds spend their pulls on others
         probation = self.sybil.on_probation if self.sybil is not None else set()
-        # when the loss screen cut most of a round's partners, the fault is as likely ours (our
-        # model just overfit our shard, the run changed phase): they are not mixed, but not backed
-        # off either. Backing them off fed on itself: the window of deltas then saw only the
-        # partners still pulled, an IID swarm split into pairs that each cut the other
+        # the loss screen judges one model at one moment (an honest partner's model spikes after
+        # a burst of local steps), not the peer: its cuts are not mixed, but not backed off either.
+        # Backing them off fed on itself: the window of deltas then saw only the partners still
+        # pulled, and an IID swarm split into groups that cut each other and stalled at 83-86 %
         # (docs/benchmarks.md, convergence)
-        lenient = screened if 2 * len(screened) > len(others) else set()
         self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
-                                if r == 0 and ctx.partner_ids[j] not in probation and j not in lenient]
+                                if r == 0 and ctx.partner_ids[j] not in probation and j not in screened]
         # why each unmixed partner was left out (the daemon counts these in `peer status`)
         self.last_refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened else "sybil")
                              for j, r in enumerate(raw) if r == 0}
