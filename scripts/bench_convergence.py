@@ -81,8 +81,9 @@ def summarize(tl: list[dict], threshold: float, at: list[float]) -> dict:
 def _read_logs(paths: list[Path]) -> list[list[dict]]:
     logs = []
     for p in paths:
-        lines = p.read_text().splitlines() if p.exists() else []
-        logs.append([json.loads(x) for x in lines if x.strip()])
+        text = p.read_text() if p.exists() else ""
+        # a peer may be writing its last line right now: only whole lines count
+        logs.append([json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines() if x.strip()])
     return logs
 
 

@@ -130,3 +130,15 @@ def test_bench_counts_training_samples_only_not_the_loss_screens_probe(tmp_path,
     own = trainer.snapshot()
     LossProbe(task, samples=256).measure(own, [own.clone(), own.clone()])
     assert task.trained == 3 * task.batch_size
+
+
+def test_convergence_bench_reads_only_whole_lines_of_a_log_being_written(tmp_path):
+    """A peer appends its evaluation log while the bench polls it; a half-written last line once
+    crashed a whole run with a JSONDecodeError."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_convergence
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    (tmp_path / "a").write_text('{"t": 1, "samples": 2, "accuracy": 0.5}\n{"t": 2, "sam')
+    assert bench_convergence._read_logs([tmp_path / "a", tmp_path / "missing"]) == [[{"t": 1, "samples": 2, "accuracy": 0.5}], []]
