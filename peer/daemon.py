@@ -452,6 +452,7 @@ class PeerDaemon:
         if self.loss_probe is not None:
             try:
                 ctx.own_loss, ctx.loss_deltas = self.loss_probe.measure(own, models)
+                ctx.untrained_loss = self.loss_probe.untrained_loss
             except Exception as e:
                 log.warning("loss probe failed (%s: %s); mixing without the loss screen from now on", type(e).__name__, str(e)[:120])
                 self.loss_probe = None

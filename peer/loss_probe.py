@@ -26,6 +26,11 @@ class LossProbe:
         n = len(task.y_train)
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples] if n > samples else torch.arange(n)
         self.x, self.y = task.x_train[idx], task.y_train[idx]
+        # the task's loss scale: a freshly initialised model's loss on the batch (ln 10 = 2.3 for
+        # a 10-class cross-entropy); the screen never cuts a partner for less than a fraction of it
+        self.untrained_loss = self.loss(torch.nn.utils.parameters_to_vector(self.params))
+        if not math.isfinite(self.untrained_loss):
+            self.untrained_loss = 0.0
 
     @torch.no_grad()
     def loss(self, flat: torch.Tensor) -> float:

@@ -52,6 +52,17 @@ def test_screen_spares_partners_that_agree_with_us_within_noise():
     assert s.factors([0.01, 2.0, 0.0, 0.02], own_loss=0.3)[1] == 0.0  # a partner far worse still is cut
 
 
+def test_screen_spares_honest_partners_of_a_swarm_that_memorised_its_data():
+    """IID peers after many epochs: own loss ~1e-4, recent deltas ~1e-3, so every ratio is large.
+    Against an untrained model's loss (the task's scale) a partner 0.3 nat worse is noise; one that
+    is 5 nats worse (a label flipper) is still cut."""
+    s = LossScreen()
+    for _ in range(20):
+        s.factors([0.001, 0.002, 0.001], own_loss=1e-4, untrained_loss=2.3)
+    assert s.factors([0.3, 0.002, 5.0], own_loss=1e-4, untrained_loss=2.3) == [1.0, 1.0, 0.0]
+    assert s.factors([0.3, 0.002, 5.0], own_loss=1e-4)[0] == 0.0  # without the floor: cut
+
+
 def test_screen_remembers_a_bounded_window():
     s = LossScreen(window=8)
     for _ in range(100):
