@@ -254,11 +254,10 @@ class PeerDaemon:
         the run is before step `gossip_steps_until` (post-local SGD, peer/cadence.py).
 
         How far peers drift apart between two mixes grows with the local steps taken, not with
-        seconds: mixing every 3 steps cut the samples to 88 % on MNIST-1D from 3-7x to ~1.7x
-        those of central training, but a step cadence kept up for the whole run plateaus like
-        central batch-400 training (below quickstart's 90 %), and switching to time-only rounds at
-        the run's step 1000 left some peers wandering below 90 % in some runs; so the step
-        cadence is opt-in (docs/benchmarks.md, convergence). The trainer asks
+        seconds: mixing every 3 steps cut the samples to 88 % on MNIST-1D from 3-8x to 1.6-1.7x
+        those of central training, and a step cadence kept up for the whole run plateaus like
+        central batch-400 training (below quickstart's 90 %), so rounds are time-only from the
+        run's step 1000 (docs/benchmarks.md, convergence). The trainer asks
         `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
         overlap: steps taken during a round make the next one due.
         """
