@@ -43,13 +43,14 @@ def test_screen_passes_everyone_when_partners_do_no_worse_than_we_do():
 
 
 def test_screen_spares_partners_that_agree_with_us_within_noise():
-    """IID partners after mixing: deltas are noise around 0, tiny next to our own loss. Against
-    their median alone, a +0.05 would be 5x a +0.01 median and cut (a 4-peer swarm stalled so)."""
+    """IID partners after mixing: deltas are noise around 0, tiny next to the task's loss scale (an
+    untrained model's loss). Against their median alone, a +0.05 would be 5x a +0.01 median and cut
+    (a 4-peer swarm stalled so)."""
     s = LossScreen()
     for _ in range(20):
-        f = s.factors([0.01, -0.02, 0.05, 0.02], own_loss=0.3)
+        f = s.factors([0.01, -0.02, 0.05, 0.02], untrained_loss=2.3)
     assert f == [1.0] * 4
-    assert s.factors([0.01, 2.0, 0.0, 0.02], own_loss=0.3)[1] == 0.0  # a partner far worse still is cut
+    assert s.factors([0.01, 2.0, 0.0, 0.02], untrained_loss=2.3)[1] == 0.0  # a partner far worse still is cut
 
 
 def test_screen_spares_honest_partners_of_a_swarm_that_memorised_its_data():
@@ -58,9 +59,9 @@ def test_screen_spares_honest_partners_of_a_swarm_that_memorised_its_data():
     is 5 nats worse (a label flipper) is still cut."""
     s = LossScreen()
     for _ in range(20):
-        s.factors([0.001, 0.002, 0.001], own_loss=1e-4, untrained_loss=2.3)
-    assert s.factors([0.3, 0.002, 5.0], own_loss=1e-4, untrained_loss=2.3) == [1.0, 1.0, 0.0]
-    assert s.factors([0.3, 0.002, 5.0], own_loss=1e-4)[0] == 0.0  # without the floor: cut
+        s.factors([0.001, 0.002, 0.001], untrained_loss=2.3)
+    assert s.factors([0.3, 0.002, 5.0], untrained_loss=2.3) == [1.0, 1.0, 0.0]
+    assert s.factors([0.3, 0.002, 5.0])[0] == 0.0  # without the floor: cut
 
 
 def test_screen_remembers_a_bounded_window():
@@ -102,7 +103,7 @@ def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
     assert probe.measure(own, [torch.full_like(own, float("nan"))])[1] == [math.inf]
     broken = torch.full_like(own, float("nan"))  # our own model broke: nothing to compare with
     assert probe.measure(broken, [honest, flipped]) == (math.inf, [None, None])
-    assert LossScreen().factors([None, None], own_loss=math.inf) == [1.0, 1.0]
+    assert LossScreen().factors([None, None], untrained_loss=math.inf) == [1.0, 1.0]
 
 
 def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():
@@ -124,8 +125,8 @@ def test_screen_never_cuts_the_closest_partner():
     training alone; the closest partner keeps full weight and those near it keep some."""
     s = LossScreen()
     for _ in range(20):
-        s.factors([0.01, 0.02, 0.01], own_loss=0.001)
-    f = s.factors([0.9, 1.2, 3.0], own_loss=0.001)
+        s.factors([0.01, 0.02, 0.01])
+    f = s.factors([0.9, 1.2, 3.0])
     # scale 0.9 / FULL_UP_TO = 0.6 (the window's median is still ~0.01): 1.2 is 2x it, 3.0 is 5x
     assert f[0] == 1.0 and f[1] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO)) and f[2] == 0.0
 
@@ -140,7 +141,7 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     ids = [f"p{j}" for j in range(3)]
     rule = make_aggregator("sybilwall+scc")
     for _ in range(10):  # a window where partners do about as well as we do
-        rule.loss_screen.factors([0.1, 0.1, 0.1], own_loss=0.1)
+        rule.loss_screen.factors([0.1, 0.1, 0.1])
     rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
     assert rule.last_weights[2] == 0.0 and rule.last_refused == {"p2": "loss"} and rule.last_distrusted == []
     far = [others[0], others[1], torch.full((64,), 1e3)]  # a distance outlier is still distrusted

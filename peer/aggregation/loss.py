@@ -11,16 +11,20 @@ of label flippers +5.4 (10th percentile +3.2) from round 60 on.
 
 The screen is relative (whatever the task's loss scale and however non-IID the run): full weight
 up to FULL_UP_TO x the scale, 0 from ZERO_FROM x, linear between, where the scale is the largest
-of the median of this peer's recent partner deltas, our own model's loss on the batch, and this
-round's smallest delta / FULL_UP_TO. The second term matters when partners agree: in an IID swarm
-the deltas are noise around 0, and against their median alone any noise looked like an outlier
-(measured: a 4-peer IID swarm cut and backed off all its partners and stalled at 72 %). The third
-makes sure the closest partner is never cut: when a whole swarm changes phase at once (post-local
-SGD's switch to many local steps between mixes), every delta jumps past a window that still
-remembers the old ones; cut partners are backed off, so fewer rounds ran to refresh the window,
-and peers trained alone at 85 % with a training loss near 1e-8 (measured: 4-peer quickstart,
-rounds stopped after step ~1000). Pure: it takes the losses the daemon
-measured (`peer/loss_probe.py`).
+of three terms:
+
+- the median of this peer's recent partner deltas: what partners usually do on our data;
+- UNTRAINED_FRACTION x an untrained model's loss on the batch (the task's loss scale): once an IID
+  swarm has memorised its data, own loss and deltas are ~1e-4 to 1e-2, and against their median
+  alone honest partners were cut 14-98 times per peer in a minute (4-peer convergence bench). An
+  earlier floor, our own model's loss, cost label flip points while our loss was high and
+  vanished once we had memorised our shard (docs/robustness.md);
+- this round's smallest delta / FULL_UP_TO, so the closest partner is never cut: when a whole
+  swarm changes phase at once (post-local SGD's switch to many local steps between mixes), every
+  delta jumps past a window that still remembers the old ones, and peers whose every partner was
+  cut trained alone at 85 % with a training loss near 1e-8 (4-peer quickstart).
+
+Pure: it takes the losses the daemon measured (`peer/loss_probe.py`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,8 @@ from collections import deque
 from typing import Sequence
 
 FULL_UP_TO, ZERO_FROM = 1.5, 2.5
-OWN_LOSS_WEIGHT = 1.0  # the scale is at least this x our own loss on the batch
-# ...and at least this x an untrained model's loss on it (the task's own loss scale: ln 10 = 2.3
-# nats for MNIST-1D). In an IID swarm that has memorised its data, own loss and recent deltas are
-# ~1e-4 to 1e-2, and the ratio of small numbers cut honest partners 14-98 times per peer in a
-# minute (4-peer convergence bench); label flippers' deltas are 3.2+ nats (10th percentile)
+# the scale is at least this x an untrained model's loss on the batch (0.58 nats for MNIST-1D's
+# ln 10); label flippers' deltas are 3.2+ nats (10th percentile, measured above)
 UNTRAINED_FRACTION = 0.25
 
 
@@ -45,10 +46,10 @@ class LossScreen:
         self.recent: deque[float] = deque(maxlen=window)
         self.last_factors: list[float] = []
 
-    def factors(self, deltas: Sequence[float | None], own_loss: float = 0.0, untrained_loss: float = 0.0) -> list[float]:
+    def factors(self, deltas: Sequence[float | None], untrained_loss: float = 0.0) -> list[float]:
         """One factor per partner; `None` (not measured) passes. A non-finite delta gets 0: the model
-        blew up on our data. Needs 4 remembered deltas before it screens anyone. `own_loss`: our
-        model's loss on the batch the deltas were measured on."""
+        blew up on our data. Needs 4 remembered deltas before it screens anyone. `untrained_loss`:
+        a freshly initialised model's loss on the batch the deltas were measured on."""
         self.recent.extend(d for d in deltas if d is not None and math.isfinite(d))
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
@@ -58,7 +59,7 @@ class LossScreen:
         # changed, not that every partner turned hostile at once
         closest = min(finite) / FULL_UP_TO if finite else 0.0
         floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
-        scale = max(median, OWN_LOSS_WEIGHT * own_loss if math.isfinite(own_loss) else 0.0, closest, floor)
+        scale = max(median, closest, floor)
         for d in deltas:
             if d is None:
                 out.append(1.0)

@@ -49,7 +49,7 @@ class RoundContext:
     # per partner: its model's loss minus ours on a batch of our own data (peer/loss_probe.py),
     # or None where the daemon did not measure it
     loss_deltas: Sequence[float] | None = None
-    own_loss: float = 0.0  # our model's loss on that batch
+    own_loss: float = 0.0  # our model's loss on that batch (reported in `peer status`)
     untrained_loss: float = 0.0  # an untrained model's loss on that batch (the task's loss scale)
 
     def f(self, n_inputs: int) -> int:
@@ -219,7 +219,7 @@ class WeightedGossip:
         if self.loss_screen is not None and ctx.loss_deltas is not None:
             if len(ctx.loss_deltas) != len(others):
                 raise ValueError(f"{len(ctx.loss_deltas)} loss deltas for {len(others)} partners")
-            factors = self.loss_screen.factors(ctx.loss_deltas, ctx.own_loss, ctx.untrained_loss)
+            factors = self.loss_screen.factors(ctx.loss_deltas, ctx.untrained_loss)
             screened = {j for j, (r, f) in enumerate(zip(raw, factors)) if r > 0 and f == 0}
             raw = [r * f for r, f in zip(raw, factors)]
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
