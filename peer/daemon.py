@@ -611,8 +611,6 @@ class PeerDaemon:
             "last_round": self._last_round_status(),
             "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
             "refused": dict(self.refused),
-            # times the Sybil filter dropped its observations after refusing every partner 3 rounds in a row
-            "observations_forgotten": getattr(getattr(self.aggregator, "sybil", None), "forgotten", 0),
             "checkpoint": {
                 "step": self.last_checkpoint[0] if self.last_checkpoint else None,
                 "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,

@@ -468,25 +468,3 @@ def test_every_rule_returns_a_finite_vector(name):
                 assert out.shape == (d,) and out.dtype == torch.float32, (name, k, ctx)
                 assert torch.isfinite(out).all(), (name, k, ctx, rnd)
                 assert out.data_ptr() != own.data_ptr()  # never an alias of the caller's model
-
-
-def test_sybilwall_forgets_its_observations_after_refusing_every_partner_three_rounds_in_a_row():
-    """A peer whose own model is the odd one out (a joiner behind the swarm) sees every partner
-    deviate towards the swarm, not along what it reports; the consistency check then refuses all of
-    them for as long as it refuses to mix. After FORGET_AFTER such rounds it drops what it observed."""
-    from peer.aggregation.rules import SybilWallWeights
-
-    g = torch.Generator().manual_seed(0)
-    ids = ["a", "b", "c"]
-    reported = {p: torch.randn(512, generator=g) for p in ids}
-    sw = SybilWallWeights()
-    ctx = RoundContext(self_id="me", partner_ids=ids, histories=reported)
-    for _ in range(SybilWallWeights.FORGET_AFTER):
-        sw.observed = {p: -h for p, h in reported.items()}  # every partner "serves" against its report
-        assert sw.weights(ctx) == [0.0, 0.0, 0.0]
-    assert sw.observed == {} and sw.forgotten == 1
-    assert all(w > 0 for w in sw.weights(ctx))  # judged on what they report until observed again
-    sw.observed = {"a": -reported["a"], "b": reported["b"], "c": reported["c"]}
-    for _ in range(5):  # one inconsistent partner among consistent ones is refused, and nothing is forgotten
-        w = sw.weights(ctx)
-        assert w[0] == 0.0 and w[1] > 0 and sw.forgotten == 1

@@ -132,13 +132,9 @@ class SybilWallWeights:
     probation for one round (weight 0, observed), so a fresh identity buys no influence.
     """
 
-    FORGET_AFTER = 3  # rounds in a row in which every judged partner got weight 0
-
     def __init__(self, max_tracked: int = 1024):
         self.observed: dict[str, torch.Tensor] = {}
         self.on_probation: set[str] = set()
-        self.refused_all = 0  # consecutive rounds in which every judged partner got weight 0
-        self.forgotten = 0  # times the observed histories were dropped for that
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
 
@@ -176,21 +172,6 @@ class SybilWallWeights:
             for p, f in factors.items():
                 score[p] *= f
         self.on_probation = {p for p in ctx.partner_ids if p not in known}
-        judged = [p for p in ctx.partner_ids if p in known]
-        if judged and all(score[p] <= 0 for p in judged):
-            self.refused_all += 1
-            if self.refused_all >= self.FORGET_AFTER:
-                # every partner refused, round after round: the likelier story is that our own
-                # model is the odd one out (a joiner or restarted peer behind the swarm). Partners'
-                # deviations from it then all point at the swarm, not along what they report, and
-                # the consistency check refused them for as long as we refused to mix: a peer
-                # stayed at 83.6 % (17 refusals, tests/test_real_swarm.py with post-local SGD).
-                # Forgetting what we observed breaks the loop; attackers are observed again.
-                self.observed.clear()
-                self.forgotten += 1
-                self.refused_all = 0
-        else:
-            self.refused_all = 0
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 
     def observe(self, ctx: RoundContext, diff_sketches: Sequence[torch.Tensor], mixed_sketch: torch.Tensor) -> None:
