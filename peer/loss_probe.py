@@ -28,7 +28,11 @@ class LossProbe:
         self.x, self.y = task.x_train[idx], task.y_train[idx]
         # the task's loss scale: a freshly initialised model's loss on the batch (ln 10 = 2.3 for
         # a 10-class cross-entropy); the screen never cuts a partner for less than a fraction of it
-        self.untrained_loss = self.loss(torch.nn.utils.parameters_to_vector(self.params))
+        try:  # a task whose loss cannot run here is found out (and the screen turned off) by the
+            # first round's measure(), with one logged line: construction must not stop the daemon
+            self.untrained_loss = self.loss(torch.nn.utils.parameters_to_vector(self.params))
+        except Exception:
+            self.untrained_loss = 0.0
         if not math.isfinite(self.untrained_loss):
             self.untrained_loss = 0.0
 

@@ -104,6 +104,13 @@ def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
     broken = torch.full_like(own, float("nan"))  # our own model broke: nothing to compare with
     assert probe.measure(broken, [honest, flipped]) == (math.inf, [None, None])
     assert LossScreen().factors([None, None], untrained_loss=math.inf) == [1.0, 1.0]
+    assert probe.untrained_loss == pytest.approx(math.log(10), rel=0.3)  # the task's loss scale
+
+    def broken_loss(*args):
+        raise RuntimeError("this task's loss cannot run on the probe batch")
+
+    own_task.loss_fn = broken_loss  # a probe that cannot measure must not stop the daemon's start
+    assert LossProbe(own_task).untrained_loss == 0.0
 
 
 def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():
@@ -125,10 +132,20 @@ def test_screen_never_cuts_the_closest_partner():
     training alone; the closest partner keeps full weight and those near it keep some."""
     s = LossScreen()
     for _ in range(20):
-        s.factors([0.01, 0.02, 0.01])
-    f = s.factors([0.9, 1.2, 3.0])
+        s.factors([0.01, 0.02, 0.01], untrained_loss=2.3)
+    f = s.factors([0.9, 1.2, 3.0], untrained_loss=2.3)
     # scale 0.9 / FULL_UP_TO = 0.6 (the window's median is still ~0.01): 1.2 is 2x it, 3.0 is 5x
     assert f[0] == 1.0 and f[1] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO)) and f[2] == 0.0
+
+
+def test_screen_still_cuts_a_lone_partner_and_a_round_of_flippers_only():
+    """The closest-partner term needs two partners (a lone one would never be screened) and stops
+    at an untrained model's loss (a round whose partners are all label flippers is still cut)."""
+    s = LossScreen()
+    for _ in range(20):
+        s.factors([0.1, 0.2, 0.1], untrained_loss=2.3)
+    assert s.factors([6.0], untrained_loss=2.3) == [0.0]
+    assert s.factors([5.0, 6.0], untrained_loss=2.3)[1] == 0.0  # scale 2.3, not 5.0 / 1.5
 
 
 def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
@@ -148,6 +165,11 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     rule = make_aggregator("sybilwall+scc")
     rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
     assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
+    rule = make_aggregator("sybilwall+scc")  # far away *and* bad on our data: still an outlier, backed off
+    for _ in range(10):
+        rule.loss_screen.factors([0.1, 0.1, 0.1])
+    rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 50.0], own_loss=0.1))
+    assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
 
 
 async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_path):
@@ -165,12 +187,17 @@ async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_pa
     assert a.loss_probe is not None
     b.trainer.apply_delta(torch.full_like(b.trainer.flat, 0.05))
     own = a.trainer.snapshot()
+    floors = []
+    screen_factors = a.aggregator.loss_screen.factors
+    a.aggregator.loss_screen.factors = lambda deltas, untrained_loss=0.0: floors.append(untrained_loss) or screen_factors(deltas, untrained_loss)
     assert await a.gossip_round() is True
+    assert floors == [a.loss_probe.untrained_loss] and floors[0] > 0  # the rule got the task's loss scale
     status = json.loads(json.dumps(a.status(), allow_nan=False))  # strict JSON
     deltas = status["last_round"]["loss_deltas"]
     assert len(deltas) == 1 and deltas[0] == pytest.approx(a.loss_probe.loss(b.trainer.flat) - a.loss_probe.loss(own), abs=1e-3)
     assert status["last_round"]["own_loss"] == pytest.approx(a.loss_probe.loss(own), abs=1e-3)
     assert list(a.aggregator.loss_screen.recent) == pytest.approx(deltas, abs=1e-3)  # the rule got them
+    assert isinstance(status["refused"], dict)
 
     def broken_loss(*args):
         raise RuntimeError("this task's loss cannot run on the probe batch")

@@ -27,3 +27,21 @@ def test_stop_returns_when_p2pd_died_first(tmp_path):
 
     took = asyncio.run(main())
     assert took < 3 * HivemindTransport.STOP_TIMEOUT_S
+
+
+def test_stop_kills_a_p2pd_that_does_not_exit(tmp_path):
+    """A p2pd that ignores its TERM (stopped here with SIGSTOP) is killed, and reaped, by stop()."""
+    async def main() -> int | None:
+        t = HivemindTransport(str(tmp_path / "k.key"), ["/ip4/127.0.0.1/tcp/0"])
+        await t.start()
+        child = t.p2p._child
+        child.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.wait_for(t.stop(), 6 * t.STOP_TIMEOUT_S)
+        finally:
+            if child.returncode is None:  # never leave a stopped p2pd behind, whatever happened
+                child.send_signal(signal.SIGKILL)
+                await child.wait()
+        return child.returncode
+
+    assert asyncio.run(main()) == -signal.SIGKILL

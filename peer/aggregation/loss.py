@@ -16,13 +16,14 @@ of three terms:
 - the median of this peer's recent partner deltas: what partners usually do on our data;
 - UNTRAINED_FRACTION x an untrained model's loss on the batch (the task's loss scale): once an IID
   swarm has memorised its data, own loss and deltas are ~1e-4 to 1e-2, and against their median
-  alone honest partners were cut 14-98 times per peer in a minute (4-peer convergence bench). An
-  earlier floor, our own model's loss, cost label flip points while our loss was high and
-  vanished once we had memorised our shard (docs/robustness.md);
-- this round's smallest delta / FULL_UP_TO, so the closest partner is never cut: when a whole
-  swarm changes phase at once (post-local SGD's switch to many local steps between mixes), every
-  delta jumps past a window that still remembers the old ones, and peers whose every partner was
-  cut trained alone at 85 % with a training loss near 1e-8 (4-peer quickstart).
+  alone honest partners were cut 14-98 times per peer in a minute (4-peer convergence bench). The
+  floor used to be our own model's loss, which vanishes once we have memorised our shard (label
+  flip, 3-seed average gap: -3.1 with it, -2.6 with this one; docs/robustness.md);
+- with two or more partners, this round's smallest delta / FULL_UP_TO (at most an untrained
+  model's loss), so the closest partner is not cut: when a whole swarm changes phase at once
+  (post-local SGD's switch to time-only rounds, many local steps between mixes), every delta
+  jumps past a window that still remembers the old ones, and peers whose every partner was cut
+  trained alone at 85 % with a training loss near 1e-8 (4-peer quickstart).
 
 Pure: it takes the losses the daemon measured (`peer/loss_probe.py`).
 """
@@ -54,10 +55,13 @@ class LossScreen:
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
         finite = [d for d in deltas if d is not None and math.isfinite(d)]
-        # the closest partner always gets full weight: when every partner does far worse on our
-        # data than partners used to, the likelier story is that we (or the whole run's phase)
-        # changed, not that every partner turned hostile at once
-        closest = min(finite) / FULL_UP_TO if finite else 0.0
+        # of two or more partners, the closest gets full weight: when every partner does far worse
+        # on our data than partners used to, the likelier story is that we (or the whole run's
+        # phase) changed, not that every partner turned hostile at once. Not for a lone partner
+        # (it would never be screened), and never past an untrained model's loss (a round of
+        # label flippers only is still cut)
+        cap = untrained_loss if math.isfinite(untrained_loss) and untrained_loss > 0 else math.inf
+        closest = min(min(finite) / FULL_UP_TO, cap) if len(finite) >= 2 else 0.0
         floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
         scale = max(median, closest, floor)
         for d in deltas:

@@ -215,6 +215,7 @@ class WeightedGossip:
             return _into(out, own.clone())
         ctx = _ctx(ctx, others)
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        unscreened = list(raw)  # the distance screen below judges partners the loss screen cut too
         screened: set[int] = set()  # partners only the loss screen cut
         if self.loss_screen is not None and ctx.loss_deltas is not None:
             if len(ctx.loss_deltas) != len(others):
@@ -236,7 +237,8 @@ class WeightedGossip:
             # would stop mixing and drift further still
             this_round = sorted(dists)[(len(dists) - 1) // 2]
             far = self.OUTLIER_FACTOR * max(self.cap.median(), this_round)
-            dropped = [j for j, d in enumerate(dists) if d > far and raw[j] > 0]
+            dropped = [j for j, d in enumerate(dists) if d > far and unscreened[j] > 0]
+            screened -= set(dropped)  # far away *and* bad on our data: an outlier, backed off
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
@@ -252,7 +254,8 @@ class WeightedGossip:
         self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
                                 if r == 0 and ctx.partner_ids[j] not in probation and j not in screened]
         # why each unmixed partner was left out (the daemon counts these in `peer status`)
-        self.last_refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened else "sybil")
+        self.last_refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened
+                                                  else "probation" if ctx.partner_ids[j] in probation else "sybil")
                              for j, r in enumerate(raw) if r == 0}
         tau = self._radius(dists, w, ctx)
         self.last_tau = tau

@@ -231,17 +231,19 @@ class HivemindTransport(Transport):
         if self.dht is not None:
             try:
                 await asyncio.wait_for(self.dht.shutdown(), self.STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception) as e:
+            except Exception as e:  # TimeoutError included
                 log.warning("DHT shutdown did not finish (%s); stopping p2pd anyway", type(e).__name__)
         if self.p2p is not None:
             try:
                 await asyncio.wait_for(self.p2p.shutdown(), self.STOP_TIMEOUT_S)
-            except (asyncio.TimeoutError, Exception) as e:
+            except Exception as e:  # TimeoutError included
                 child = getattr(self.p2p, "_child", None)
                 log.warning("p2pd did not stop (%s); killing it", type(e).__name__)
                 if child is not None and child.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         child.kill()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(child.wait(), 2.0)
 
     async def addrs(self) -> list[str]:
         return [str(a) for a in await self.p2p.get_visible_maddrs(latest=True)]
