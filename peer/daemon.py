@@ -439,6 +439,9 @@ class PeerDaemon:
         self.counters["rounds_ok"] += 1
         self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
                            "tau": getattr(self.aggregator, "last_tau", None)}
+        sybil = getattr(self.aggregator, "sybil", None)
+        if sybil is not None:
+            self.last_round["sybil_checks"] = {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in sybil.last_parts.items()}
         if ctx.loss_deltas is not None:
             self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
             self.last_round["own_loss"] = _finite(ctx.own_loss)
@@ -623,7 +626,7 @@ class PeerDaemon:
         tau = r.get("tau")
         return {"partners": r.get("partners", []), "weights": r.get("weights", []),
                 "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
-                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss")}
+                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss"), "sybil_checks": r.get("sybil_checks")}
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

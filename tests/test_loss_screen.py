@@ -198,6 +198,8 @@ async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_pa
     assert status["last_round"]["own_loss"] == pytest.approx(a.loss_probe.loss(own), abs=1e-3)
     assert list(a.aggregator.loss_screen.recent) == pytest.approx(deltas, abs=1e-3)  # the rule got them
     assert isinstance(status["refused"], dict)
+    checks = status["last_round"]["sybil_checks"]  # why a partner got its Sybil weight, per check
+    assert set(checks) <= {b.peer_id[:12]} and all(isinstance(v, dict) for v in checks.values())
 
     def broken_loss(*args):
         raise RuntimeError("this task's loss cannot run on the probe batch")

@@ -135,6 +135,9 @@ class SybilWallWeights:
     def __init__(self, max_tracked: int = 1024):
         self.observed: dict[str, torch.Tensor] = {}
         self.on_probation: set[str] = set()
+        # this round's partners: each Sybil check's factor (FoolsGold on reported and on observed
+        # histories, consistency, alignment); why a partner got weight 0, for `peer status`
+        self.last_parts: dict[str, dict[str, float]] = {}
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
 
@@ -159,18 +162,22 @@ class SybilWallWeights:
         reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
         known = set(reported) | set(self.observed)
         score = {p: 1.0 for p in known}
-        for source in (reported, self.observed):
+        parts: dict[str, dict[str, float]] = {p: {} for p in known}  # each check's factor, for `peer status`
+        for name, source in (("reported", reported), ("observed", self.observed)):
             ids = sorted(set(source) - {ctx.self_id})
             if len(ids) < 2:
                 continue
             ws = foolsgold_weights(similarity(source, {}, ids), normalise="median")
             for p, w in zip(ids, ws):
                 score[p] = min(score[p], float(w))
+                parts[p][name] = float(w)
         # what can be checked of a self-reported history: that served models follow it, and that
         # it points where the run's histories point
-        for factors in (consistency_factors(reported, self.observed), alignment_factors(reported)):
+        for name, factors in (("consistency", consistency_factors(reported, self.observed)), ("alignment", alignment_factors(reported))):
             for p, f in factors.items():
                 score[p] *= f
+                parts[p][name] = f
+        self.last_parts = {p: parts[p] for p in ctx.partner_ids if p in parts}
         self.on_probation = {p for p in ctx.partner_ids if p not in known}
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
 
