@@ -56,9 +56,9 @@ class PeerConfig:
     # docs/benchmarks.md (convergence) has the measurements: with 3 / 1000 the 4-peer MNIST-1D
     # swarm reached 88 % on 1.60-1.74x central training's samples (time only: 3-8x), and
     # quickstart's 90 % in 17.2-26.3 s (time only: 18.8-26.5 s). Opt-in (0 by default): with it,
-    # tests/test_real_swarm.py's leave/crash/late-join scenario failed 3 of 3 runs (in one, a peer
-    # gave both partners weight 0 in the Sybil layer 17 times, probation rounds included, and
-    # stayed at 83.6 %) and passed 2 later runs; which Sybil check refused them is not pinned down.
+    # tests/test_real_swarm.py's leave/crash/late-join scenario failed 4 of 8 runs: a peer whose
+    # model was the odd one out failed every partner on the Sybil layer's consistency check (their
+    # deviations from its model point at the swarm) and stayed below 85 % (docs/benchmarks.md).
     gossip_every_steps: int = 0
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round

@@ -258,7 +258,8 @@ class PeerDaemon:
         those of central training, and a step cadence kept up for the whole run plateaus like
         central batch-400 training (below quickstart's 90 %), so rounds are time-only from the
         run's step 1000 (docs/benchmarks.md, convergence). Opt-in: with it, a peer of a 3-peer
-        test swarm was refused by the Sybil layer and stalled (peer/config.py). The trainer asks
+        test swarm failed every partner on the consistency check and stalled (peer/config.py).
+        The trainer asks
         `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
         overlap: steps taken during a round make the next one due.
         """
