@@ -147,7 +147,7 @@ class PeerDaemon:
         self._metrics_joined = False  # the "join" line goes before this process's first metrics
         self.last_round: dict[str, Any] = {}
         self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
-        self.refused: dict[str, int] = {}  # why the rule left partners unmixed (sybil, loss, outlier) -> count
+        self.refused: dict[str, int] = {}  # why the rule left partners unmixed (sybil, probation, loss, outlier) -> count
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()

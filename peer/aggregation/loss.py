@@ -51,10 +51,10 @@ class LossScreen:
         """One factor per partner; `None` (not measured) passes. A non-finite delta gets 0: the model
         blew up on our data. Needs 4 remembered deltas before it screens anyone. `untrained_loss`:
         a freshly initialised model's loss on the batch the deltas were measured on."""
-        self.recent.extend(d for d in deltas if d is not None and math.isfinite(d))
+        finite = [d for d in deltas if d is not None and math.isfinite(d)]
+        self.recent.extend(finite)
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
-        finite = [d for d in deltas if d is not None and math.isfinite(d)]
         # of two or more partners, the closest gets full weight: when every partner does far worse
         # on our data than partners used to, the likelier story is that we (or the whole run's
         # phase) changed, not that every partner turned hostile at once. Not for a lone partner
