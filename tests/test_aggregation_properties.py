@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.aggregation import AGGREGATORS, DESCRIPTIONS, RoundContext
+from peer.aggregation import AGGREGATORS, DESCRIPTIONS, RoundContext, make_aggregator
 from peer.aggregation import baselines
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, clip, self_centred_clip
 from peer.aggregation.sybil import (SKETCH_DIM, Sketcher, alignment_factors, consistency_factors, cosine_matrix,
@@ -344,10 +344,31 @@ def test_consistency_zeroes_a_peer_whose_served_models_move_against_its_report()
     observed = {"a": h["a"] + 0.3 * torch.randn(64, generator=g),   # serves what it trains
                 "b": -h["b"] + 0.3 * torch.randn(64, generator=g),  # sign flip of what it reports
                 "c": torch.randn(64, generator=g)}                   # unrelated to its report
-    f = consistency_factors(h, observed)
+    f, suspended = consistency_factors(h, observed)
     assert f["a"] == 1.0 and f["b"] == 0.0
     assert f["c"] < 1.0
-    assert consistency_factors(h, {}) == {}  # nothing observed yet: nothing to check
+    assert not suspended  # one of three fails: the check stands
+    assert consistency_factors(h, {}) == ({}, False)  # nothing observed yet: nothing to check
+
+
+def test_consistency_is_suspended_when_most_peers_fail_it():
+    """Our own model off the swarm: every partner's deviation from our mix points back at the
+    swarm, against its report, so the check measures us; it must not refuse everyone."""
+    g = torch.Generator().manual_seed(3)
+    h = {p: torch.randn(64, generator=g) for p in "abc"}
+    offset = -10 * (h["a"] + h["b"] + h["c"])  # our model far along where the others trained
+    observed = {p: h[p] + offset for p in "abc"}
+    f, suspended = consistency_factors(h, observed)
+    assert all(v == 0.0 for v in f.values()) and suspended
+    # two of three at weight 0: still a majority
+    observed["c"] = h["c"].clone()
+    f, suspended = consistency_factors(h, observed)
+    assert f["c"] == 1.0 and suspended
+    # one of three: a minority of liars, checked as usual
+    observed["b"] = h["b"].clone()
+    assert consistency_factors(h, observed) == ({"a": 0.0, "b": 1.0, "c": 1.0}, False)
+    # a single peer cannot be told from our own offset: checked
+    assert consistency_factors({"a": h["a"]}, {"a": observed["a"]}) == ({"a": 0.0}, False)
 
 
 def test_alignment_zeroes_a_history_turned_against_the_run_and_spares_scattered_runs():
@@ -468,3 +489,23 @@ def test_every_rule_returns_a_finite_vector(name):
                 assert out.shape == (d,) and out.dtype == torch.float32, (name, k, ctx)
                 assert torch.isfinite(out).all(), (name, k, ctx, rnd)
                 assert out.data_ptr() != own.data_ptr()  # never an alias of the caller's model
+
+
+def test_a_peer_off_the_swarm_still_mixes_with_partners_whose_deviations_point_back():
+    """The 3-peer real swarm that stuck at 84 %: our model ran far along a direction the partners'
+    reports also trained along, so their deviations from our mix point against their reports.
+    Before the check was relative, every partner got weight 0 and we stayed where we were."""
+    g = torch.Generator().manual_seed(4)
+    d = 4096
+    centre, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    own = centre + 5 * v
+    partners = {p: centre + 0.05 * torch.randn(d, generator=g) for p in ("a", "b")}
+    rule = make_aggregator("sybilwall+scc")
+    histories = {p: rule.sybil.sketch(v + 0.1 * torch.randn(d, generator=g)) for p in partners}
+    ctx = RoundContext(self_id="me", partner_ids=list(partners), histories=histories)
+    for _ in range(3):  # the first round is probation
+        mixed = rule(own, list(partners.values()), ctx)
+    assert all(w > 0 for w in rule.last_weights), rule.last_refused
+    assert (mixed - centre).norm() < 0.9 * (own - centre).norm()
+    assert rule.sybil.consistency_suspended  # and `peer status` shows what the check would have given
+    assert all(rule.sybil.last_parts[p]["consistency_suspended"] == 0.0 for p in partners)

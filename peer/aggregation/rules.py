@@ -138,6 +138,7 @@ class SybilWallWeights:
         # this round's partners: each Sybil check's factor (FoolsGold on reported and on observed
         # histories, consistency, alignment); why a partner got weight 0, for `peer status`
         self.last_parts: dict[str, dict[str, float]] = {}
+        self.consistency_suspended = False  # most peers failed the consistency check last round
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
 
@@ -173,10 +174,16 @@ class SybilWallWeights:
                 parts[p][name] = float(w)
         # what can be checked of a self-reported history: that served models follow it, and that
         # it points where the run's histories point
-        for name, factors in (("consistency", consistency_factors(reported, self.observed)), ("alignment", alignment_factors(reported))):
-            for p, f in factors.items():
-                score[p] *= f
-                parts[p][name] = f
+        consistency, self.consistency_suspended = consistency_factors(reported, self.observed)
+        for p, f in consistency.items():
+            if self.consistency_suspended:
+                parts[p]["consistency_suspended"] = f  # what it would have given
+                f = 1.0
+            score[p] *= f
+            parts[p]["consistency"] = f
+        for p, f in alignment_factors(reported).items():
+            score[p] *= f
+            parts[p]["alignment"] = f
         self.last_parts = {p: parts[p] for p in ctx.partner_ids if p in parts}
         self.on_probation = {p for p in ctx.partner_ids if p not in known}
         return [score[p] if p in known else 0.0 for p in ctx.partner_ids]

@@ -147,18 +147,28 @@ def _row_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return torch.where((na > 0) & (nb > 0), cos, 0.0).tolist()
 
 
-def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, float]:
+def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
     """Weight factor in [0, 1] per peer with both histories: does what it serves follow what it reports?
 
     Catches a peer that trains honestly and reports it, but serves something else (sign flip). A
     peer that lies in its report to pass this check moves its reported history away from what it
     trains, which `alignment_factors` or FoolsGold on the observed channel then see instead.
+
+    Observed deviations are measured from *our* mixed model, so they also carry our own offset
+    from the swarm. When our model is the odd one out (it memorised its shard while the others
+    converged together), that offset dominates every partner's sum, every partner fails, we never
+    mix, and the offset grows (a 3-peer real swarm stuck at 84 %, docs/robustness.md). So the check
+    is relative, like `alignment_factors`: when more than half of the (two or more) peers it can
+    judge get weight 0 from it, it measures our reference and not them, and is suspended (every factor 1; the
+    second value returned is True). Sign flippers are a minority; the other checks still apply.
     """
     ids = [p for p in reported if p in observed]
     if not ids:
-        return {}
+        return {}, False
     cos = _row_cosines(torch.stack([observed[p] for p in ids]), torch.stack([reported[p] for p in ids]))
-    return {p: min(1.0, max(0.0, c / CONSISTENT_AT)) for p, c in zip(ids, cos)}
+    factors = {p: min(1.0, max(0.0, c / CONSISTENT_AT)) for p, c in zip(ids, cos)}
+    suspended = len(ids) >= 2 and 2 * sum(f == 0.0 for f in factors.values()) > len(ids)
+    return factors, suspended
 
 
 def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
