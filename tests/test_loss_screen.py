@@ -162,9 +162,15 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
     assert rule.last_weights[2] == 0.0 and rule.last_refused == {"p2": "loss"} and rule.last_distrusted == []
     far = [others[0], others[1], torch.full((64,), 1e3)]  # a distance outlier is still distrusted
-    rule = make_aggregator("sybilwall+scc")
+    rule = make_aggregator("sybilwall+scc")  # (no window of deltas yet: the screen judged nobody)
     rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
     assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
+    rule = make_aggregator("sybilwall+scc")  # far, but the screen judged it as good as the others: clipped, mixed
+    for _ in range(10):
+        rule.loss_screen.factors([0.1, 0.1, 0.1])
+    mixed = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    assert rule.last_refused == {} and rule.last_weights[2] > 0 and rule.last_distrusted == []
+    assert float(mixed.norm()) < 0.5 * rule.last_weights[2] * 8000  # clipped: under half its unclipped pull (distance 8000)
     rule = make_aggregator("sybilwall+scc")  # far away *and* bad on our data: still an outlier, backed off
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])

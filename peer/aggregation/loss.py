@@ -46,6 +46,7 @@ class LossScreen:
     def __init__(self, window: int = 64):
         self.recent: deque[float] = deque(maxlen=window)
         self.last_factors: list[float] = []
+        self.judged = False  # the last call had enough remembered deltas to screen anyone
 
     def factors(self, deltas: Sequence[float | None], untrained_loss: float = 0.0) -> list[float]:
         """One factor per partner; `None` (not measured) passes. A non-finite delta gets 0: the model
@@ -64,6 +65,7 @@ class LossScreen:
         closest = min(min(finite) / FULL_UP_TO, cap) if len(finite) >= 2 else 0.0
         floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
         scale = max(median, closest, floor)
+        self.judged = len(self.recent) >= 4 and scale > 0
         for d in deltas:
             if d is None:
                 out.append(1.0)
