@@ -54,12 +54,12 @@ class PeerConfig:
     # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
     # early converges in few samples; local steps between mixes later generalise better.
     # docs/benchmarks.md (convergence) has the measurements: with 3 / 1000 the 4-peer MNIST-1D
-    # swarm reached 88 % on 1.60-1.74x central training's samples (time only: 3-8x), and
-    # quickstart's 90 % in 17.2-26.3 s (time only: 18.8-26.5 s). Opt-in (0 by default): with it,
-    # tests/test_real_swarm.py's leave/crash/late-join scenario failed 4 of 8 runs: a peer whose
-    # model was the odd one out failed every partner on the Sybil layer's consistency check (their
-    # deviations from its model point at the swarm) and stayed below 85 % (docs/benchmarks.md).
-    gossip_every_steps: int = 0
+    # swarm reached 88 % on 1.3-1.8x central training's samples (time only: 5-8x). The default
+    # since 2026-11-24: the real-swarm churn test failed 4 of 8 runs with it until two fixes in
+    # the default rule (a peer whose own model was the odd one out refused every partner on the
+    # Sybil layer's consistency check; a pair of peers mixing only with each other dropped a late
+    # joiner as a distance outlier); 0 gives time-only rounds.
+    gossip_every_steps: int = 3
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round
     # (the default rule's loss screen, peer/aggregation/loss.py); 0 turns the screen off
