@@ -371,6 +371,32 @@ def test_consistency_is_suspended_when_most_peers_fail_it():
     assert consistency_factors({"a": h["a"]}, {"a": observed["a"]}) == ({"a": 0.0}, False)
 
 
+def test_consistency_suspension_needs_a_shared_offset_and_a_majority_of_voters():
+    """Identities that report the opposite of what they serve must not switch the check off for
+    a sign flipper: their failures do not point one way, as our own offset's do; half is no
+    majority; peers another check zeroed do not vote."""
+    g = torch.Generator().manual_seed(5)
+    h = {p: torch.randn(64, generator=g) for p in ["h0", "h1", "h2", "flip", "s0", "s1", "s2", "s3"]}
+    observed = {p: h[p] + 0.3 * torch.randn(64, generator=g) for p in ("h0", "h1", "h2")}
+    observed["flip"] = -h["flip"]
+    for p in ("s0", "s1", "s2", "s3"):  # each serves something of its own, reports its negation
+        observed[p] = torch.randn(64, generator=g)
+        h[p] = -observed[p]
+    f, suspended = consistency_factors(h, observed)
+    assert sum(v == 0.0 for v in f.values()) == 5 and not suspended and f["flip"] == 0.0
+    # 5 failing because their observed sums share one big offset (ours): suspended, unless
+    # they are not voters
+    offset = 20 * torch.randn(64, generator=g)
+    shifted = {p: (observed[p] if p.startswith("h") else h[p] - offset) for p in observed}
+    reported = {p: (h[p] if p.startswith("h") else offset + 0.1 * h[p]) for p in h}
+    f, suspended = consistency_factors(reported, shifted)
+    assert sum(v == 0.0 for v in f.values()) == 5 and suspended
+    assert not consistency_factors(reported, shifted, voters={"h0", "h1", "h2", "flip"})[1]
+    # two of four at weight 0 along one offset: half is not a majority
+    two = {p: shifted[p] for p in ("h0", "h1", "s0", "s1")}
+    assert not consistency_factors({p: reported[p] for p in two}, two)[1]
+
+
 def test_alignment_zeroes_a_history_turned_against_the_run_and_spares_scattered_runs():
     g = torch.Generator().manual_seed(2)
     common = torch.randn(64, generator=g)

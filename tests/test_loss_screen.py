@@ -138,6 +138,19 @@ def test_screen_never_cuts_the_closest_partner():
     assert f[0] == 1.0 and f[1] == pytest.approx((ZERO_FROM - 2.0) / (ZERO_FROM - FULL_UP_TO)) and f[2] == 0.0
 
 
+def test_usual_deltas_are_judged_by_the_window_before_the_round():
+    """What exempts a far partner from the distance check: the window before this round (at least
+    the floor), never this round's closest partner, and nothing before 4 remembered deltas."""
+    s = LossScreen()
+    s.factors([0.1, 0.1, 0.1, 0.1], untrained_loss=2.3)
+    assert not s.usual(0.1)  # a first round of 4 already screens, but there was no window before it
+    s.factors([0.1], untrained_loss=2.3)
+    assert s.usual(0.8) and not s.usual(0.9)  # scale max(0.1, 0.25 x 2.3) = 0.575, x 1.5 = 0.86
+    assert not s.usual(None) and not s.usual(math.nan)
+    assert s.factors([3.0, 3.5], untrained_loss=2.3)[0] == 1.0  # full weight via the closest term...
+    assert not s.usual(3.0)  # ...but not usual
+
+
 def test_screen_still_cuts_a_lone_partner_and_a_round_of_flippers_only():
     """The closest-partner term needs two partners (a lone one would never be screened) and stops
     at an untrained model's loss (a round whose partners are all label flippers is still cut)."""
@@ -169,8 +182,20 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])
     mixed = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
-    assert rule.last_refused == {} and rule.last_weights[2] > 0 and rule.last_distrusted == []
-    assert float(mixed.norm()) < 0.5 * rule.last_weights[2] * 8000  # clipped: under half its unclipped pull (distance 8000)
+    if rule.sybil.last_parts["p2"] and min(rule.sybil.last_parts["p2"].values()) >= 1.0:
+        assert rule.last_refused == {} and rule.last_weights[2] > 0 and rule.last_distrusted == []
+        dists = [float((x - own).norm()) for x in far]  # clipped to the radius
+        assert float((mixed - own).norm()) <= sum(w * min(d, rule.last_tau) for w, d in zip(rule.last_weights, dists)) * (1 + 1e-5)
+        assert rule.last_tau < 0.1 * dists[2]
+    else:
+        pytest.fail(f"the far partner must pass the Sybil checks at full weight here: {rule.sybil.last_parts}")
+    # ...but not when its delta is usual only thanks to the closest-partner term, or unmeasured
+    for deltas in ([3.0, 3.0, 3.0], [0.1, 0.1, None]):
+        rule = make_aggregator("sybilwall+scc")
+        for _ in range(10):
+            rule.loss_screen.factors([0.1, 0.1, 0.1])
+        rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
+        assert rule.last_refused.get("p2") == "outlier", deltas
     rule = make_aggregator("sybilwall+scc")  # far away *and* bad on our data: still an outlier, backed off
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])

@@ -46,13 +46,18 @@ class LossScreen:
     def __init__(self, window: int = 64):
         self.recent: deque[float] = deque(maxlen=window)
         self.last_factors: list[float] = []
-        self.judged = False  # the last call had enough remembered deltas to screen anyone
+        # the last call's scale without this round's deltas (the window before it, at least the
+        # floor; no closest-partner term), or 0 with fewer than 4 remembered deltas before it
+        self.plain_scale = 0.0
 
     def factors(self, deltas: Sequence[float | None], untrained_loss: float = 0.0) -> list[float]:
         """One factor per partner; `None` (not measured) passes. A non-finite delta gets 0: the model
         blew up on our data. Needs 4 remembered deltas before it screens anyone. `untrained_loss`:
         a freshly initialised model's loss on the batch the deltas were measured on."""
         finite = [d for d in deltas if d is not None and math.isfinite(d)]
+        floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
+        before = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
+        self.plain_scale = max(before, floor) if len(self.recent) >= 4 else 0.0
         self.recent.extend(finite)
         out = []
         median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
@@ -63,9 +68,7 @@ class LossScreen:
         # label flippers only is still cut)
         cap = untrained_loss if math.isfinite(untrained_loss) and untrained_loss > 0 else math.inf
         closest = min(min(finite) / FULL_UP_TO, cap) if len(finite) >= 2 else 0.0
-        floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
         scale = max(median, closest, floor)
-        self.judged = len(self.recent) >= 4 and scale > 0
         for d in deltas:
             if d is None:
                 out.append(1.0)
@@ -77,3 +80,9 @@ class LossScreen:
                 out.append(min(1.0, max(0.0, (ZERO_FROM - d / scale) / (ZERO_FROM - FULL_UP_TO))))
         self.last_factors = out
         return out
+
+    def usual(self, delta: float | None) -> bool:
+        """Whether `delta`, from the last call, was within what partners usually do on our data:
+        at most FULL_UP_TO x the scale of the window before that round (at least the floor),
+        without the closest-partner term, so a round whose partners are all bad exempts none."""
+        return delta is not None and math.isfinite(delta) and self.plain_scale > 0 and delta <= FULL_UP_TO * self.plain_scale

@@ -174,14 +174,17 @@ class SybilWallWeights:
                 parts[p][name] = float(w)
         # what can be checked of a self-reported history: that served models follow it, and that
         # it points where the run's histories point
-        consistency, self.consistency_suspended = consistency_factors(reported, self.observed)
+        alignment = alignment_factors(reported)
+        # who votes on whether the consistency check measures us: peers no other check zeroed
+        voters = {p for p in known if score[p] > 0 and alignment.get(p, 1.0) > 0}
+        consistency, self.consistency_suspended = consistency_factors(reported, self.observed, voters)
         for p, f in consistency.items():
             if self.consistency_suspended:
                 parts[p]["consistency_suspended"] = f  # what it would have given
                 f = 1.0
             score[p] *= f
             parts[p]["consistency"] = f
-        for p, f in alignment_factors(reported).items():
+        for p, f in alignment.items():
             score[p] *= f
             parts[p]["alignment"] = f
         self.last_parts = {p: parts[p] for p in ctx.partner_ids if p in parts}
@@ -231,13 +234,14 @@ class WeightedGossip:
         raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
         unscreened = list(raw)  # the distance screen below judges partners the loss screen cut too
         screened: set[int] = set()  # partners only the loss screen cut
-        fine_on_our_data: set[int] = set()  # partners the loss screen measured and gave full weight
+        fine_on_our_data: set[int] = set()  # partners whose loss on our data is what partners usually do
         if self.loss_screen is not None and ctx.loss_deltas is not None:
             if len(ctx.loss_deltas) != len(others):
                 raise ValueError(f"{len(ctx.loss_deltas)} loss deltas for {len(others)} partners")
             factors = self.loss_screen.factors(ctx.loss_deltas, ctx.untrained_loss)
-            if self.loss_screen.judged:
-                fine_on_our_data = {j for j, (d, f) in enumerate(zip(ctx.loss_deltas, factors)) if d is not None and f >= 1.0}
+            suspended = self.sybil is not None and self.sybil.consistency_suspended
+            fine_on_our_data = {j for j, d in enumerate(ctx.loss_deltas)
+                                if self.loss_screen.usual(d) and raw[j] >= 1.0 and not suspended}
             screened = {j for j, (r, f) in enumerate(zip(raw, factors)) if r > 0 and f == 0}
             raw = [r * f for r, f in zip(raw, factors)]
         shape, own, others = own.shape, own.reshape(-1), [x.reshape(-1) for x in others]
@@ -254,12 +258,13 @@ class WeightedGossip:
             # would stop mixing and drift further still
             this_round = sorted(dists)[(len(dists) - 1) // 2]
             far = self.OUTLIER_FACTOR * max(self.cap.median(), this_round)
-            # a far partner whose model does as well on our data as partners usually do is not
-            # dropped, only clipped to the radius: far models from attacks (x100 sign flip,
-            # Gaussian, boosted replacement) blow up the loss, while an honest peer that has
-            # trained on data we never saw (a late joiner) is far from a pair of peers that mix
-            # only with each other. Dropping it (and backing it off) kept such a pair at 82 %
-            # for 70 s in tests/test_real_swarm.py (docs/benchmarks.md, convergence)
+            # a far partner that passed every Sybil check at full weight and whose model does on
+            # our data what partners usually do (by the window before this round) is not dropped,
+            # only clipped to the radius: far models from attacks (x100 sign flip, Gaussian,
+            # boosted replacement) blow up the loss, while an honest peer that has trained on
+            # data we never saw (a late joiner) is far from a pair of peers that mix only with
+            # each other. Dropping it (and backing it off) kept such a pair at 82 % for 70 s in
+            # tests/test_real_swarm.py (docs/benchmarks.md, convergence)
             dropped = [j for j, d in enumerate(dists) if d > far and unscreened[j] > 0 and j not in fine_on_our_data]
             screened -= set(dropped)  # far away *and* bad on our data: an outlier, backed off
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]

@@ -128,6 +128,9 @@ def similarity(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tens
 # score about +0.8 (never below +0.25 measured); a sign flipper that reports its real training
 # scores about -0.8. At or below 0 the weight is 0, full weight from CONSISTENT_AT on.
 CONSISTENT_AT = 0.2
+# our own offset from the swarm is one vector added to every partner's observed sum: when it is
+# what fails them, their sums point the same way (measured cosine ~1 when it dominates)
+SHARED_OFFSET_AT = 0.5
 # A reported history must point roughly where the run's histories point: its cosine with the
 # coordinate-wise median of the others', relative to the median peer's. Measured over 100 rounds
 # (20 honest Dirichlet(0.5) peers + 5 label flippers): honest peers score +0.13..+0.26 (falling
@@ -147,7 +150,8 @@ def _row_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return torch.where((na > 0) & (nb > 0), cos, 0.0).tolist()
 
 
-def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
+def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
+                        voters: set[str] | None = None) -> tuple[dict[str, float], bool]:
     """Weight factor in [0, 1] per peer with both histories: does what it serves follow what it reports?
 
     Catches a peer that trains honestly and reports it, but serves something else (sign flip). A
@@ -158,17 +162,26 @@ def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, t
     from the swarm. When our model is the odd one out (it memorised its shard while the others
     converged together), that offset dominates every partner's sum, every partner fails, we never
     mix, and the offset grows (a 3-peer real swarm stuck at 84 %, docs/robustness.md). So the check
-    is relative, like `alignment_factors`: when more than half of the (two or more) peers it can
-    judge get weight 0 from it, it measures our reference and not them, and is suspended (every factor 1; the
-    second value returned is True). Sign flippers are a minority; the other checks still apply.
+    is suspended for the round (every factor 1; the second value returned is True) when it
+    measures us rather than them: more than half of the two or more `voters` (the judged peers
+    that no other Sybil check zeroed; default: all) get weight 0 from it, *and* the observed
+    sums of those that fail point one way (median pairwise cosine >= SHARED_OFFSET_AT), as one
+    common offset makes them. Sign flippers in an honest majority cannot trigger it; identities
+    serving unrelated things fail the second test, and identities serving one thing are zeroed
+    by FoolsGold on the observed channel unless they are most of the peers it scores.
     """
     ids = [p for p in reported if p in observed]
     if not ids:
         return {}, False
     cos = _row_cosines(torch.stack([observed[p] for p in ids]), torch.stack([reported[p] for p in ids]))
     factors = {p: min(1.0, max(0.0, c / CONSISTENT_AT)) for p, c in zip(ids, cos)}
-    suspended = len(ids) >= 2 and 2 * sum(f == 0.0 for f in factors.values()) > len(ids)
-    return factors, suspended
+    judged = [p for p in ids if voters is None or p in voters]
+    failing = [p for p in judged if factors[p] == 0.0]
+    if len(judged) < 2 or 2 * len(failing) <= len(judged):
+        return factors, False
+    m = cosine_matrix(torch.stack([observed[p] for p in failing]))
+    pairs = m[torch.triu_indices(len(failing), len(failing), 1).unbind()]
+    return factors, float(pairs.median()) >= SHARED_OFFSET_AT
 
 
 def alignment_factors(reported: dict[str, torch.Tensor]) -> dict[str, float]:
