@@ -207,12 +207,14 @@ class WeightedGossip:
     weighting "uniform" (every partner 1) or "sybilwall"; radius "none" (plain weighted
     gossip), "adaptive" (ClippedGossip's rule) or "csrg" (CS+-RG: the distance at the weighted
     quantile total - 2 * delta). With a radius, partners farther than OUTLIER_FACTOR x the median
-    of recent partner distances (or of this round's, if larger) get weight 0, and the radius is
+    of recent partner distances (or of this round's, if larger) get weight 0 (unless the loss
+    screen and every Sybil check vouch for them: then they are only clipped), and the radius is
     capped at 2 x the recent median
     (`RadiusCap`): the per-round radius alone is set by whoever was pulled this round.
     """
 
-    # a partner farther than this many times the recent median distance is not mixed at all
+    # a partner farther than this many times the recent median distance is not mixed at all,
+    # unless the checks vouch for it (see __call__)
     OUTLIER_FACTOR = 4.0
 
     def __init__(self, name: str, weighting: str = "uniform", radius: str = "none"):
