@@ -54,11 +54,11 @@ class PeerConfig:
     # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
     # early converges in few samples; local steps between mixes later generalise better.
     # docs/benchmarks.md (convergence) has the measurements: with 3 / 1000 the 4-peer MNIST-1D
-    # swarm reached 88 % on 1.3-1.8x central training's samples (time only: 5-8x). The default
-    # since 2026-11-24: the real-swarm churn test failed 4 of 8 runs with it until two fixes in
-    # the default rule (a peer whose own model was the odd one out refused every partner on the
-    # Sybil layer's consistency check; a pair of peers mixing only with each other dropped a late
-    # joiner as a distance outlier); 0 gives time-only rounds.
+    # swarm reached 88 % on 1.2-2.0x central training's samples (time only: 5-8x). The default
+    # since 2026-11-24: tests/test_real_swarm.py's churn test failed 4 of 8 runs with it, and
+    # passed 7 of 7 after two fixes in the default rule (a peer whose own model was the odd one
+    # out refused every partner on the Sybil layer's consistency check; a pair of peers mixing
+    # only with each other dropped a late joiner as a distance outlier). 0: time-only rounds.
     gossip_every_steps: int = 3
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round
