@@ -56,7 +56,7 @@ class PeerConfig:
     # docs/benchmarks.md (convergence) has the measurements: with 3 / 1000 the 4-peer MNIST-1D
     # swarm reached 88 % on 1.2-2.0x central training's samples (time only: 5-8x). The default
     # since 2026-11-24: tests/test_real_swarm.py's churn test failed 4 of 8 runs with it, and
-    # passed 7 of 7 after two fixes in the default rule (a peer whose own model was the odd one
+    # passed 10 of 10 after two fixes in the default rule (a peer whose own model was the odd one
     # out refused every partner on the Sybil layer's consistency check; a pair of peers mixing
     # only with each other dropped a late joiner as a distance outlier). 0: time-only rounds.
     gossip_every_steps: int = 3
