@@ -384,8 +384,9 @@ def test_consistency_suspension_needs_a_shared_offset_and_a_majority_of_voters()
         h[p] = -observed[p]
     f, suspended = consistency_factors(h, observed)
     assert sum(v == 0.0 for v in f.values()) == 5 and not suspended and f["flip"] == 0.0
-    # 5 failing because their observed sums share one big offset (ours): suspended, unless
-    # they are not voters
+    # 5 coordinated identities failing along one shared direction: what our own offset looks
+    # like, so suspended; only the voter filter (the rule passes those the other checks trust)
+    # stops them
     offset = 20 * torch.randn(64, generator=g)
     shifted = {p: (observed[p] if p.startswith("h") else h[p] - offset) for p in observed}
     reported = {p: (h[p] if p.startswith("h") else offset + 0.1 * h[p]) for p in h}
@@ -535,3 +536,33 @@ def test_a_peer_off_the_swarm_still_mixes_with_partners_whose_deviations_point_b
     assert (mixed - centre).norm() < 0.9 * (own - centre).norm()
     assert rule.sybil.consistency_suspended  # and `peer status` shows what the check would have given
     assert all(rule.sybil.last_parts[p]["consistency_suspended"] == 0.0 for p in partners)
+
+
+def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
+    """Through the rule: a group failing consistency along one direction suspends it only if
+    FoolsGold and alignment give its members at least half weight. Near-clone reports (a minority
+    of the reported channel, a majority of the peers the check judges) lose their vote."""
+    g = torch.Generator().manual_seed(6)
+    rule = make_aggregator("sybilwall+scc")
+    d = rule.sybil.sketcher_for(4096).k
+    offset = 20 * torch.randn(d, generator=g)
+    base = torch.randn(d, generator=g)
+    honest = {f"h{i}": torch.randn(d, generator=g) for i in range(5)}  # 2 of them observed
+    clones = {f"c{i}": base + 1e-3 * torch.randn(d, generator=g) for i in range(3)}  # one report, 3 ids
+    reported = {**honest, **clones}
+    rule.sybil.observed = {**{p: honest[p] + 0.1 * torch.randn(d, generator=g) for p in ("h0", "h1")},
+                           **{p: -offset + 0.1 * torch.randn(d, generator=g) for p in clones}}
+    for p in clones:  # the clones' reports point where they serve against: they fail consistency
+        reported[p] = offset + 0.05 * clones[p]
+    rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    assert not rule.sybil.consistency_suspended
+    assert all(rule.sybil.last_parts[p]["reported"] < 0.5 for p in clones)
+    # the same failing group with reports of their own (as honest peers have) keeps its vote:
+    # here they are all the peers the check judges, as when our own offset fails everyone
+    for p in clones:
+        reported[p] = 0.025 * offset + torch.randn(d, generator=g)
+    for p in ("h0", "h1"):
+        del rule.sybil.observed[p]
+    rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    assert all(min(rule.sybil.last_parts[p]["reported"], rule.sybil.last_parts[p]["observed"]) >= 0.5 for p in clones)
+    assert rule.sybil.consistency_suspended

@@ -189,7 +189,22 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
         assert rule.last_tau < 0.1 * dists[2]
     else:
         pytest.fail(f"the far partner must pass the Sybil checks at full weight here: {rule.sybil.last_parts}")
-    # ...but not when its delta is usual only thanks to the closest-partner term, or unmeasured
+    # ...but not while the consistency check is suspended, nor below full Sybil weight
+    for setup in ("suspended", "weak"):
+        rule = make_aggregator("sybilwall+scc")
+        for _ in range(10):
+            rule.loss_screen.factors([0.1, 0.1, 0.1])
+        weights = rule.sybil.weights
+        def forced(ctx, setup=setup, weights=weights, rule=rule):
+            w = weights(ctx)
+            if setup == "suspended":
+                rule.sybil.consistency_suspended = True
+                return w
+            return [*w[:2], 0.9]
+        rule.sybil.weights = forced
+        rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+        assert rule.last_refused.get("p2") == "outlier", setup
+    # ...nor when its delta is usual only thanks to the closest-partner term, or unmeasured
     for deltas in ([3.0, 3.0, 3.0], [0.1, 0.1, None]):
         rule = make_aggregator("sybilwall+scc")
         for _ in range(10):

@@ -33,6 +33,9 @@ from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_fact
 # over a slice are bound by arithmetic, not by the cache, so 2 MB slices cost nothing there.
 # Measured best of 128K..1M at 8 and 32 partners x 1M and 10M (docs/benchmarks.md, aggregate).
 SLICE = 1 << 19
+# a peer votes on whether the consistency check is measuring us (sybil.consistency_factors) only
+# if FoolsGold and alignment give it at least this factor
+VOTER_AT = 0.5
 
 
 
@@ -175,8 +178,9 @@ class SybilWallWeights:
         # what can be checked of a self-reported history: that served models follow it, and that
         # it points where the run's histories point
         alignment = alignment_factors(reported)
-        # who votes on whether the consistency check measures us: peers no other check zeroed
-        voters = {p for p in known if score[p] > 0 and alignment.get(p, 1.0) > 0}
+        # who votes on whether the consistency check measures us: peers the other checks give at
+        # least half weight (a near-clone in a minority still gets 0.08-0.11 from FoolsGold)
+        voters = {p for p in known if score[p] >= VOTER_AT and alignment.get(p, 1.0) >= VOTER_AT}
         consistency, self.consistency_suspended = consistency_factors(reported, self.observed, voters)
         for p, f in consistency.items():
             if self.consistency_suspended:

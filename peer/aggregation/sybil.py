@@ -164,11 +164,13 @@ def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, t
     mix, and the offset grows (a 3-peer real swarm stuck at 84 %, docs/robustness.md). So the check
     is suspended for the round (every factor 1; the second value returned is True) when it
     measures us rather than them: more than half of the two or more `voters` (the judged peers
-    that no other Sybil check zeroed; default: all) get weight 0 from it, *and* the observed
-    sums of those that fail point one way (median pairwise cosine >= SHARED_OFFSET_AT), as one
-    common offset makes them. Sign flippers in an honest majority cannot trigger it; identities
-    serving unrelated things fail the second test, and identities serving one thing are zeroed
-    by FoolsGold on the observed channel unless they are most of the peers it scores.
+    the other Sybil checks give at least half weight; default: all) get weight 0 from it, *and*
+    the observed sums of those that fail point one way (median pairwise cosine >=
+    SHARED_OFFSET_AT), as one common offset makes them. Sign flippers in an honest majority
+    cannot trigger it, nor can identities that each serve something unrelated (the second test)
+    or near-clones in a minority (FoolsGold takes their vote). Coordinated identities that
+    outnumber the honest voters can (measured by a review: 9 against 8); so can a majority
+    against alignment and FoolsGold's median normalisation. Clipping still bounds each partner.
     """
     ids = [p for p in reported if p in observed]
     if not ids:
