@@ -56,11 +56,10 @@ class LossScreen:
         a freshly initialised model's loss on the batch the deltas were measured on."""
         finite = [d for d in deltas if d is not None and math.isfinite(d)]
         floor = UNTRAINED_FRACTION * untrained_loss if math.isfinite(untrained_loss) else 0.0
-        before = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
-        self.plain_scale = max(before, floor) if len(self.recent) >= 4 else 0.0
+        self.plain_scale = max(self._median(), floor) if len(self.recent) >= 4 else 0.0
         self.recent.extend(finite)
         out = []
-        median = sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
+        median = self._median()
         # of two or more partners, the closest gets full weight: when every partner does far worse
         # on our data than partners used to, the likelier story is that we (or the whole run's
         # phase) changed, not that every partner turned hostile at once. Not for a lone partner
@@ -80,6 +79,10 @@ class LossScreen:
                 out.append(min(1.0, max(0.0, (ZERO_FROM - d / scale) / (ZERO_FROM - FULL_UP_TO))))
         self.last_factors = out
         return out
+
+    def _median(self) -> float:
+        """The lower median of the remembered deltas, or 0 with fewer than 4."""
+        return sorted(self.recent)[(len(self.recent) - 1) // 2] if len(self.recent) >= 4 else 0.0
 
     def usual(self, delta: float | None) -> bool:
         """Whether `delta`, from the last call, was within what partners usually do on our data:
