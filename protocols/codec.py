@@ -18,9 +18,13 @@ import numpy as np
 PREFIX = struct.Struct(">I")
 
 # dtype name on the wire -> numpy dtype. A closed whitelist: nothing else is decoded.
+# bfloat16 travels as its raw 16 bits (numpy has no bfloat16); protocols.compression converts it.
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("<i1"),
+    "uint32": np.dtype("<u4"),
 }
 
 

@@ -1,0 +1,415 @@
+"""Compressed pseudo-gradients: codecs for a flat float32 vector, and error feedback. No I/O.
+
+A pseudo-gradient is the change of a peer's flat float32 parameter vector over its local steps.
+`compress` turns it into a `Compressed` payload: a small msgpack-able `header` and raw `parts`
+(C-contiguous little-endian arrays sent in order after the header, as in `protocols.codec`).
+
+Methods (wire names):
+    fp32       the vector as is
+    fp16/bf16  each coordinate rounded to 16 bits, saturated at the type's largest finite value
+    int8       blocks of `block` consecutive coordinates; per block a float32 scale max|x|/127 and
+               int8 values round(x/scale) in [-127, 127]
+    topk       the k largest-magnitude coordinates: uint32 indices strictly increasing, float16 values
+    topk-int8  the same indices; the kept values int8 with per-block scales over the kept values
+
+Invariants:
+  * The part specs are a function of the header alone (`part_specs`): a receiver calls
+    `expected_parts` on an untrusted header before allocating anything, and a peer cannot announce
+    sizes that disagree with its header.
+  * A payload that `compress` makes always passes `expected_parts` (for the same numel, under
+    limits that allow it) and `decompress`: every value it carries is finite, every scale lies in
+    [0, MAX_SCALE], so reconstruction never overflows, and top-k fractions above
+    MAX_TOPK_FRACTION are refused when the spec is made rather than by every receiver.
+  * `decompress` is deterministic, so the dense vector a sender computes from its own payload is
+    bit-identical to what every receiver reconstructs; error feedback relies on this.
+  * `ErrorFeedback`: after each call, sent + new residual == delta + old residual up to float32
+    rounding, so nothing a peer trained is lost, only delayed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocols.codec import DTYPES, Limits, ProtocolError, TensorSpec
+
+METHODS = ("fp32", "fp16", "bf16", "int8", "topk", "topk-int8")
+TOPK_METHODS = ("topk", "topk-int8")
+BLOCK_METHODS = ("int8", "topk-int8")
+
+# A peer may not make us allocate more than this fraction of the model for top-k parts.
+MAX_TOPK_FRACTION = 0.25
+# Largest int8 block a header may announce (a block is one scale; larger blocks only lose accuracy).
+MAX_BLOCK = 1 << 20
+# top-k indices travel as uint32.
+MAX_TOPK_NUMEL = 1 << 32
+
+_INT8_MAX = 127
+
+
+def _largest_safe_scale() -> float:
+    """The largest float32 scale s with 127 * s finite in float32: int8 reconstruction never overflows."""
+    with np.errstate(over="ignore"):
+        s = np.float32(np.finfo(np.float32).max) / np.float32(_INT8_MAX)
+        while not np.isfinite(s * np.float32(_INT8_MAX)):
+            s = np.nextafter(s, np.float32(0))
+    return float(s)
+
+
+MAX_SCALE = _largest_safe_scale()
+
+# Largest finite value of the 16-bit value types; larger magnitudes are saturated to it on send.
+_FP16_MAX = torch.finfo(torch.float16).max
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """How a peer compresses what it sends. `topk_fraction` is used by the top-k methods only,
+    `block` by the int8 methods only; both are validated whatever the method."""
+
+    method: str = "fp32"
+    topk_fraction: float = 0.0156
+    block: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"compression method {self.method!r} is not one of {', '.join(METHODS)}")
+        f = self.topk_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ValueError(f"compression topk_fraction must be a number in (0, 1], got {f!r}")
+        if self.method in TOPK_METHODS and f > MAX_TOPK_FRACTION:
+            raise ValueError(f"compression topk_fraction {f!r} exceeds {MAX_TOPK_FRACTION}, "
+                             "the largest fraction receivers accept")
+        b = self.block
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BLOCK:
+            raise ValueError(f"compression block must be an int in [1, {MAX_BLOCK}], got {b!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> CompressionSpec:
+        """`METHOD` or, for the top-k methods, `METHOD:FRACTION` (e.g. "int8", "topk:0.01")."""
+        method, sep, rest = text.strip().partition(":")
+        if not sep:
+            return cls(method=method)
+        if method not in TOPK_METHODS:
+            raise ValueError(f"compression {text!r}: only {' and '.join(TOPK_METHODS)} take a ':FRACTION'")
+        try:
+            fraction = float(rest)
+        except ValueError:
+            raise ValueError(f"compression {text!r}: fraction {rest!r} is not a number") from None
+        return cls(method=method, topk_fraction=fraction)
+
+    def k(self, numel: int) -> int:
+        """How many coordinates the top-k methods keep of `numel`."""
+        return min(numel, max(1, math.ceil(self.topk_fraction * numel)))
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A payload: `header` (plain msgpack-able types) and `parts`, sent in order after it.
+    The parts are owned by the payload (they never alias the compressed vector)."""
+
+    header: dict[str, Any]
+    parts: list[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return part_specs(self.header)
+
+
+def ratio(numel: int, compressed: Compressed) -> float:
+    """How many times smaller the payload is than the float32 vector."""
+    return 4 * numel / compressed.nbytes
+
+
+def part_specs(header: dict[str, Any]) -> list[TensorSpec]:
+    """The parts that follow a header whose fields were already validated: the only place sizes
+    are derived, shared by sender and receiver."""
+    method, numel = header["method"], header["numel"]
+    if method == "fp32":
+        return [TensorSpec("values", "float32", (numel,))]
+    if method == "fp16":
+        return [TensorSpec("values", "float16", (numel,))]
+    if method == "bf16":
+        return [TensorSpec("values", "bfloat16", (numel,))]
+    if method == "int8":
+        return [TensorSpec("values", "int8", (numel,)),
+                TensorSpec("scales", "float32", (-(-numel // header["block"]),))]
+    k = header["k"]
+    if method == "topk":
+        return [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "float16", (k,))]
+    if method == "topk-int8":
+        return [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "int8", (k,)),
+                TensorSpec("scales", "float32", (-(-k // header["block"]),))]
+    raise AssertionError(method)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_header(header: Any, numel: int) -> None:
+    """Field checks on an untrusted header; allocates nothing."""
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_compression", "header is not a map")
+    method = header.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ProtocolError("bad_compression", f"method {str(method)[:32]!r}")
+    n = header.get("numel")
+    if not _is_int(n):
+        raise ProtocolError("bad_compression", "numel is not an int")
+    if n != numel:
+        raise ProtocolError("wrong_size", f"numel {n} != {numel}")
+    if method in BLOCK_METHODS:
+        block = header.get("block")
+        if not _is_int(block) or not 1 <= block <= MAX_BLOCK:
+            raise ProtocolError("bad_compression", f"block must be an int in [1, {MAX_BLOCK}]")
+    if method in TOPK_METHODS:
+        if numel > MAX_TOPK_NUMEL:
+            raise ProtocolError("too_large", "top-k indices are uint32")
+        k = header.get("k")
+        if not _is_int(k) or not 1 <= k <= numel:
+            raise ProtocolError("bad_compression", "k must be an int in [1, numel]")
+        if k > math.ceil(MAX_TOPK_FRACTION * numel):
+            raise ProtocolError("too_large", f"k {k} above {MAX_TOPK_FRACTION} of {numel}")
+
+
+def _check_numel(numel: Any) -> None:
+    if not _is_int(numel) or numel < 1:
+        raise ValueError(f"numel must be a positive int, got {numel!r}")
+
+
+def expected_parts(header: dict[str, Any], numel: int, limits: Limits) -> list[TensorSpec]:
+    """Validate a received compression header for a model of `numel` coordinates, before anything
+    is allocated; returns the specs of the parts that must follow. Raises ProtocolError."""
+    _check_numel(numel)
+    _check_header(header, numel)
+    specs = part_specs(header)
+    if len(specs) > limits.max_tensors:
+        raise ProtocolError("too_many_tensors", f"{len(specs)} > {limits.max_tensors}")
+    # Limits bounds elements of float32; a compressed payload may carry more (smaller) elements
+    # than that, so its bound is the same number of bytes.
+    nbytes = sum(s.nbytes for s in specs)
+    if nbytes > 4 * limits.max_total_elements:
+        raise ProtocolError("too_large", f"{nbytes} bytes")
+    return specs
+
+
+# --- compression -------------------------------------------------------------------------------
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    """max |x| without a temporary copy of x; NaN if x holds a NaN."""
+    return float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+
+
+def _check_vector(vec: torch.Tensor) -> torch.Tensor:
+    if not isinstance(vec, torch.Tensor) or vec.dtype != torch.float32 or vec.dim() != 1:
+        raise ValueError("compress takes a 1-D float32 tensor")
+    if vec.numel() < 1:
+        raise ValueError("compress takes a non-empty vector")
+    vec = vec.detach().contiguous()
+    if not math.isfinite(_max_abs(vec)):
+        raise ValueError("vector to compress holds inf or NaN")
+    return vec
+
+
+def _blocks(x: torch.Tensor, block: int) -> list[tuple[torch.Tensor, slice]]:
+    """`x` as (rows, block) views of its whole blocks plus its last partial block, each with the
+    slice of the scale vector it owns. Views, so nothing is padded or copied."""
+    n = x.numel()
+    full = n // block
+    out = []
+    if full:
+        out.append((x[: full * block].view(full, block), slice(0, full)))
+    if n % block:
+        out.append((x[full * block:].view(1, -1), slice(full, full + 1)))
+    return out
+
+
+def _quantize(x: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 values in [-127, 127] and per-block float32 scales in [0, MAX_SCALE]."""
+    n = x.numel()
+    q = torch.empty(n, dtype=torch.int8)
+    scales = torch.empty(-(-n // block), dtype=torch.float32)
+    for (rows, where), (q_rows, _) in zip(_blocks(x, block), _blocks(q, block)):
+        s = scales[where]
+        torch.linalg.vector_norm(rows, float("inf"), dim=1, out=s)
+        s.div_(_INT8_MAX).clamp_(max=MAX_SCALE)
+        # A block whose scale underflows to 0 (max |x| below ~1.5e-43) is sent as zeros.
+        divisor = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+        # x / scale is within 127 up to rounding; clamp keeps it in the symmetric int8 range.
+        q_rows.copy_(torch.div(rows, divisor).round_().clamp_(-_INT8_MAX, _INT8_MAX))
+    return q.numpy(), scales.numpy()
+
+
+def _dequantize(q: np.ndarray, scales: np.ndarray, block: int, out: torch.Tensor) -> None:
+    qt, st = torch.from_numpy(q), torch.from_numpy(scales)
+    for (q_rows, where), (out_rows, _) in zip(_blocks(qt, block), _blocks(out, block)):
+        torch.mul(q_rows, st[where].unsqueeze(1), out=out_rows)
+
+
+def _to16(x: torch.Tensor, dtype: torch.dtype, largest: float) -> torch.Tensor:
+    h = x.to(dtype)
+    return h.clamp_(-largest, largest)  # finite input can round to inf; saturate instead
+
+
+def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:
+    """Compress a non-empty, finite, 1-D float32 vector (ValueError otherwise)."""
+    vec = _check_vector(vec)
+    n, method = vec.numel(), spec.method
+    header: dict[str, Any] = {"method": method, "numel": n}
+    if method == "fp32":
+        parts = [vec.numpy().copy()]
+    elif method == "fp16":
+        parts = [_to16(vec, torch.float16, _FP16_MAX).numpy()]
+    elif method == "bf16":
+        parts = [_to16(vec, torch.bfloat16, _BF16_MAX).view(torch.int16).numpy().view("<u2")]
+    elif method == "int8":
+        header["block"] = spec.block
+        parts = list(_quantize(vec, spec.block))
+    else:
+        if n > MAX_TOPK_NUMEL:
+            raise ValueError("top-k indices are uint32: vector too long")
+        k = spec.k(n)
+        header["k"] = k
+        _, idx = torch.topk(vec.abs(), k, sorted=False)
+        idx, _ = torch.sort(idx)
+        values = vec[idx]
+        indices = idx.numpy().astype("<u4")
+        if method == "topk":
+            parts = [indices, _to16(values, torch.float16, _FP16_MAX).numpy()]
+        else:
+            header["block"] = spec.block
+            parts = [indices, *_quantize(values, spec.block)]
+    payload = Compressed(header, [np.ascontiguousarray(p) for p in parts])
+    assert [(p.dtype, p.shape) for p in payload.parts] == [
+        (DTYPES[s.dtype], s.shape) for s in payload.specs]
+    return payload
+
+
+# --- decompression -----------------------------------------------------------------------------
+
+
+def _bad(detail: str) -> ProtocolError:
+    return ProtocolError("bad_payload", detail)
+
+
+def _check_scales(scales: np.ndarray) -> None:
+    # One comparison catches NaN, inf, negative and overflowing scales.
+    if not np.all((scales >= 0) & (scales <= MAX_SCALE)):
+        raise _bad(f"a scale is not in [0, {MAX_SCALE:.3g}]")
+
+
+def _check_int8(q: np.ndarray) -> None:
+    if q.size and int(q.min()) < -_INT8_MAX:
+        raise _bad("int8 value -128")
+
+
+def _check_finite(out: torch.Tensor, what: str) -> None:
+    if not math.isfinite(_max_abs(out)):
+        raise _bad(f"{what} value is inf or NaN")
+
+
+def decompress(header: dict[str, Any], parts: list[np.ndarray], numel: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense float32 vector a payload stands for, written into `out` (a contiguous float32
+    tensor of `numel` coordinates that the caller reuses) when given. The header must have passed
+    `expected_parts`; this checks it again (cheaply) and checks the parts' contents, raising
+    ProtocolError("bad_payload") on any violation. On error `out` holds garbage."""
+    _check_numel(numel)
+    _check_header(header, numel)
+    specs = part_specs(header)
+    if [(p.dtype, p.shape) for p in parts] != [(DTYPES[s.dtype], s.shape) for s in specs]:
+        raise ValueError("parts do not match the header's specs")
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (numel,) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({numel},)")
+    method = header["method"]
+    if method == "fp32":
+        out.copy_(torch.from_numpy(parts[0]))
+        _check_finite(out, "fp32")
+    elif method == "fp16":
+        out.copy_(torch.from_numpy(parts[0]))
+        _check_finite(out, "fp16")
+    elif method == "bf16":
+        out.copy_(torch.from_numpy(parts[0].view("<i2")).view(torch.bfloat16))
+        _check_finite(out, "bf16")
+    elif method == "int8":
+        values, scales = parts
+        _check_scales(scales)
+        _check_int8(values)
+        _dequantize(values, scales, header["block"], out)
+    else:
+        indices = parts[0]
+        # Strictly increasing and the last below numel: every index is in range, none repeats.
+        if not (np.all(indices[1:] > indices[:-1]) and int(indices[-1]) < numel):
+            raise _bad("top-k indices not strictly increasing below numel")
+        if method == "topk":
+            values = torch.from_numpy(parts[1]).to(torch.float32)
+            _check_finite(values, "top-k")
+        else:
+            q, scales = parts[1], parts[2]
+            _check_scales(scales)
+            _check_int8(q)
+            values = torch.empty(q.shape[0], dtype=torch.float32)
+            _dequantize(q, scales, header["block"], values)
+        out.zero_()
+        out.index_copy_(0, torch.from_numpy(indices.astype(np.int64)), values)
+    return out
+
+
+# --- error feedback ----------------------------------------------------------------------------
+
+
+class ErrorFeedback:
+    """Carries what compression dropped into the next round, so it is delayed, not lost.
+
+    Each call compresses target = delta + residual and keeps residual = target - sent, where sent
+    is exactly what receivers reconstruct. Hence, up to float32 rounding,
+        sent + new residual == delta + old residual,
+    and the sum of everything sent plus the residual equals the sum of all deltas. The residual
+    belongs with the model in a checkpoint (`state_dict`). With "fp32" it stays zero.
+    """
+
+    def __init__(self, numel: int):
+        _check_numel(numel)
+        self.numel = numel
+        self.residual = torch.zeros(numel, dtype=torch.float32)
+
+    def compress(self, delta: torch.Tensor, spec: CompressionSpec) -> tuple[Compressed, torch.Tensor]:
+        """Returns (payload, sent): the payload to send and the dense vector receivers will see.
+        Raises ValueError, leaving the residual unchanged, if delta is not a finite float32
+        vector of `numel` coordinates or if adding it to the residual could overflow."""
+        if not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32 or delta.shape != (self.numel,):
+            raise ValueError(f"delta must be a float32 tensor of shape ({self.numel},)")
+        # Checked before the residual changes: a failed call must not poison it.
+        bound = _max_abs(delta) + _max_abs(self.residual)
+        if not bound < float(torch.finfo(torch.float32).max):
+            raise ValueError("delta holds inf or NaN, or delta + residual could overflow")
+        target = self.residual.add_(delta.detach())  # the residual's storage now holds the target
+        payload = compress(target, spec)
+        sent = decompress(payload.header, payload.parts, self.numel)
+        target.sub_(sent)
+        return payload, sent
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"residual": self.residual.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        residual = state.get("residual") if isinstance(state, dict) else None
+        if not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 \
+                or residual.shape != (self.numel,):
+            raise ValueError(f"error-feedback residual must be a float32 tensor of shape ({self.numel},)")
+        if not math.isfinite(_max_abs(residual)):
+            raise ValueError("error-feedback residual holds inf or NaN")
+        self.residual.copy_(residual)

@@ -1,0 +1,552 @@
+"""Compressed pseudo-gradients: round trips per method, headers refused before allocation, payload
+contents refused, error feedback conserves what was trained, spec parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from protocols.codec import (
+    DEFAULT_LIMITS, DTYPES, Limits, ProtocolError, parse_tensor_specs, read_header, read_payload, write_header,
+    write_payload,
+)
+from protocols.compression import (
+    MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback, compress,
+    decompress, expected_parts, ratio,
+)
+from tests.fuzz_targets import BytesStream
+
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+FP16_MAX = 65504.0
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+
+@st.composite
+def vectors(draw, max_size: int = 3000) -> np.ndarray:
+    """Finite float32 vectors: any float32 bit pattern (subnormals, ±3.4e38) at small sizes, or
+    larger random vectors of one magnitude or of magnitudes spread over the whole float32 range,
+    with a random share of exact zeros."""
+    mode = draw(st.sampled_from(["any", "scaled", "spread"]))
+    if mode == "any":
+        return draw(hnp.arrays(np.float32, st.integers(1, 64),
+                               elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
+    n = draw(st.integers(1, max_size))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if mode == "scaled":
+        exponent = draw(st.integers(-45, 37))
+    else:
+        exponent = rng.integers(-45, 38, size=n)
+    x = (rng.standard_normal(n) * np.power(10.0, exponent)).astype(np.float32)
+    x[rng.random(n) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = 0.0
+    return x
+
+
+blocks = st.one_of(st.sampled_from([1, 3, 64, 1024]), st.integers(1, 2048))
+fractions = st.one_of(st.sampled_from([0.001, 0.01, 0.0156, 0.1, MAX_TOPK_FRACTION]),
+                      st.floats(1e-6, MAX_TOPK_FRACTION))
+specs = st.builds(CompressionSpec, method=st.sampled_from(METHODS), topk_fraction=fractions, block=blocks)
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+
+def round_trip(x: np.ndarray, spec: CompressionSpec):
+    """Compress, check the payload is well formed and accepted by a receiver, decompress."""
+    vec = torch.from_numpy(x)
+    payload = compress(vec, spec)
+    n = x.size
+    assert msgpack.unpackb(msgpack.packb(payload.header), raw=False) == payload.header  # plain types only
+    specs = expected_parts(payload.header, n, DEFAULT_LIMITS)
+    assert specs == payload.specs
+    assert parse_tensor_specs([s.to_wire() for s in specs]) == specs  # the dense codec accepts them too
+    for part, s in zip(payload.parts, specs, strict=True):
+        assert part.flags.c_contiguous and part.dtype == DTYPES[s.dtype] and part.shape == s.shape
+        assert part.dtype.byteorder in "<|="
+        assert not np.shares_memory(part, x)
+    assert payload.nbytes == sum(s.nbytes for s in specs)
+    assert ratio(n, payload) == 4 * n / payload.nbytes
+    y = decompress(payload.header, payload.parts, n)
+    reused = torch.full((n,), float("nan"))
+    assert decompress(payload.header, payload.parts, n, out=reused) is reused
+    assert torch.equal(reused, y)  # `out` holding old contents changes nothing (top-k zero-fills)
+    assert y.dtype == torch.float32 and y.shape == (n,) and bool(torch.isfinite(y).all())
+    return payload, y.numpy().astype(np.float64)
+
+
+def assert_16bit(x: np.ndarray, y: np.ndarray, largest: float, mantissa_bits: int, smallest_step: float) -> None:
+    """Round to nearest 16-bit value: within half a unit in the last place; beyond the largest
+    finite value, saturated to it."""
+    x = x.astype(np.float64)
+    inside = np.abs(x) <= largest
+    tol = np.maximum(np.abs(x) * 2.0 ** -(mantissa_bits + 1), smallest_step / 2)
+    assert np.all(np.abs(y - x)[inside] <= tol[inside])
+    assert np.array_equal(y[~inside], np.copysign(largest, x[~inside]))
+
+
+def assert_int8(x: np.ndarray, y: np.ndarray, q: np.ndarray, scales: np.ndarray, block: int) -> None:
+    """Per block: scale = max|x|/127 (capped at MAX_SCALE); each coordinate within scale/2, up to
+    float32 rounding and, below ~1.5e-36 where the scale is subnormal, a negligible absolute error."""
+    x64 = x.astype(np.float64)
+    assert q.min(initial=0) >= -127 and q.max(initial=0) <= 127
+    for b, start in enumerate(range(0, x.size, block)):
+        xs, ys = x64[start:start + block], y[start:start + block]
+        amax = np.float32(np.abs(x[start:start + block]).max())
+        assert scales[b] == min(amax / np.float32(127), np.float32(MAX_SCALE))
+        s = float(scales[b])
+        assert np.all(np.abs(ys - xs) <= 0.5 * s + 1e-5 * s + 1e-6 * float(amax) + 1e-35)
+
+
+def check_top_k(x: np.ndarray, y: np.ndarray, payload, spec: CompressionSpec) -> np.ndarray:
+    """Exactly k indices, strictly increasing, holding the k largest magnitudes; zeros elsewhere."""
+    indices = payload.parts[0].astype(np.int64)
+    k = spec.k(x.size)
+    assert payload.header["k"] == k == indices.size
+    assert np.all(np.diff(indices) > 0) and indices[-1] < x.size
+    kept = np.zeros(x.size, dtype=bool)
+    kept[indices] = True
+    mags = np.abs(x.astype(np.float64))
+    if not kept.all():
+        assert mags[kept].min() >= mags[~kept].max()  # ties may go either way
+    assert np.all(y[~kept] == 0)
+    return indices
+
+
+@FAST
+@given(vectors(), specs)
+def test_round_trip(x, spec):
+    payload, y = round_trip(x, spec)
+    method = spec.method
+    if method == "fp32":
+        assert np.array_equal(y, x.astype(np.float64))
+    elif method == "fp16":
+        assert_16bit(x, y, FP16_MAX, 10, 2.0 ** -24)
+    elif method == "bf16":
+        assert_16bit(x, y, BF16_MAX, 7, 2.0 ** -133)
+    elif method == "int8":
+        assert_int8(x, y, *payload.parts, spec.block)
+    else:
+        indices = check_top_k(x, y, payload, spec)
+        if method == "topk":
+            assert_16bit(x[indices], y[indices], FP16_MAX, 10, 2.0 ** -24)
+        else:
+            assert_int8(x[indices], y[indices], payload.parts[1], payload.parts[2], spec.block)
+
+
+def test_payload_sizes():
+    n = 10_000
+    x = torch.randn(n)
+    sizes = {m: compress(x, CompressionSpec(m, 0.01, 1000)).nbytes for m in METHODS}
+    assert sizes == {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n + 4 * 10,
+                     "topk": 100 * (4 + 2), "topk-int8": 100 * (4 + 1) + 4}
+
+
+def test_payload_does_not_alias_the_vector():
+    x = torch.randn(100)
+    for method in METHODS:
+        payload = compress(x, CompressionSpec(method))
+        before = decompress(payload.header, payload.parts, 100).clone()
+        x2 = x.clone()
+        x.add_(1.0)  # the caller keeps training on its vector
+        assert torch.equal(decompress(payload.header, payload.parts, 100), before)
+        x = x2
+
+
+def test_compress_takes_strided_and_grad_tensors():
+    base = torch.randn(200, requires_grad=True)
+    view = base[::2]
+    for method in METHODS:
+        payload = compress(view, CompressionSpec(method))
+        assert payload.header["numel"] == 100
+
+
+@pytest.mark.parametrize("bad", [
+    torch.zeros(10, dtype=torch.float64), torch.zeros(2, 5), torch.zeros(0),
+    torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]), np.zeros(3, dtype=np.float32),
+])
+def test_compress_refuses_bad_vectors(bad):
+    with pytest.raises(ValueError):
+        compress(bad, CompressionSpec("int8"))
+
+
+async def test_payload_travels_over_the_dense_wire_format():
+    n = 5000
+    x = torch.randn(n)
+    for method in METHODS:
+        payload = compress(x, CompressionSpec(method, 0.01, 256))
+        out = BytesStream()
+        await write_header(out, {"type": "delta", "compression": payload.header,
+                                 "tensors": [s.to_wire() for s in payload.specs]})
+        await write_payload(out, payload.parts, Limits(chunk_bytes=999))
+        inp = BytesStream(bytes(out.sent))
+        header = await read_header(inp)
+        specs = expected_parts(header["compression"], n, DEFAULT_LIMITS)
+        assert parse_tensor_specs(header["tensors"]) == specs
+        parts = await read_payload(inp, specs)
+        received = decompress(header["compression"], parts, n)
+        assert torch.equal(received, decompress(payload.header, payload.parts, n))
+        assert inp.pos == len(inp.data)
+
+
+# --- headers refused before allocation ---------------------------------------------------------
+
+
+ALLOCATORS = [(np, "empty"), (np, "zeros"), (np, "ones"), (np, "full"), (np, "frombuffer"),
+              (torch, "empty"), (torch, "zeros"), (torch, "ones"), (torch, "full"), (torch, "tensor")]
+
+
+@contextlib.contextmanager
+def no_allocation():
+    """numpy and torch refuse to allocate arrays inside this context."""
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name in ALLOCATORS:
+            def refuse(*args, _name=name, **kwargs):
+                raise AssertionError(f"{_name} called while checking a header")
+            mp.setattr(module, name, refuse)
+        yield
+
+
+def valid_header(draw, method: str, numel: int) -> dict:
+    header = {"method": method, "numel": numel}
+    if method in ("int8", "topk-int8"):
+        header["block"] = draw(st.integers(1, MAX_BLOCK))
+    if method in TOPK_METHODS:
+        header["k"] = draw(st.integers(1, math.ceil(MAX_TOPK_FRACTION * numel)))
+    return header
+
+
+junk = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=8), st.binary(max_size=8),
+                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@st.composite
+def bad_headers(draw):
+    """(header, numel, reason): a valid header with one thing wrong."""
+    numel = draw(st.integers(1, 10**7))
+    method = draw(st.sampled_from(METHODS))
+    header = valid_header(draw, method, numel)
+    fields = ["method", "numel", "drop", "not_a_map"]
+    if "block" in header:
+        fields.append("block")
+    if "k" in header:
+        fields.append("k")
+    field = draw(st.sampled_from(fields))
+    reason = "bad_compression"
+    if field == "not_a_map":
+        return draw(st.one_of(junk.filter(lambda j: not isinstance(j, dict)), st.just([header]))), numel, reason
+    if field == "drop":
+        del header[draw(st.sampled_from(sorted(header)))]
+    elif field == "method":
+        header["method"] = draw(st.one_of(junk, st.text(max_size=12)).filter(lambda m: m not in METHODS))
+    elif field == "numel":
+        other = draw(st.one_of(st.integers(-2**64, 2**64).filter(lambda v: v != numel), junk,
+                               st.just(float(numel)), st.just(str(numel)), st.just(True)))
+        if isinstance(other, int) and not isinstance(other, bool):
+            reason = "wrong_size"
+        header["numel"] = other
+    elif field == "block":
+        header["block"] = draw(st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_BLOCK + 1), junk,
+                                         st.just(float(header["block"])), st.just(str(header["block"])),
+                                         st.just(True)))
+    else:
+        cap = math.ceil(MAX_TOPK_FRACTION * numel)
+        choices = [st.integers(max_value=0), st.integers(min_value=numel + 1), junk,
+                   st.just(float(header["k"])), st.just(str(header["k"]))]
+        if numel == 1:
+            choices.append(st.just(True))  # True == 1 == numel: must still be refused
+        if cap < numel and draw(st.booleans()):
+            header["k"] = draw(st.integers(cap + 1, numel))
+            return header, numel, "too_large"
+        header["k"] = draw(st.one_of(*choices))
+    return header, numel, reason
+
+
+@FAST
+@given(bad_headers())
+def test_bad_headers_refused_before_allocating(case):
+    header, numel, reason = case
+    with no_allocation(), pytest.raises(ProtocolError) as e:
+        expected_parts(header, numel, DEFAULT_LIMITS)
+    assert e.value.reason == reason
+
+
+@FAST
+@given(st.integers(1, 10**7), st.sampled_from(METHODS), st.data())
+def test_valid_headers_accepted_without_allocating(numel, method, data):
+    header = valid_header(data.draw, method, numel)
+    with no_allocation():
+        specs = expected_parts(header, numel, DEFAULT_LIMITS)
+    assert sum(s.nbytes for s in specs) <= 4 * DEFAULT_LIMITS.max_total_elements
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["method", "numel", "block", "k", "x"]),
+                       st.one_of(junk, st.integers(-3, 3000), st.sampled_from(METHODS)), max_size=5))
+def test_random_headers_only_raise_protocol_errors(header):
+    with no_allocation():
+        try:
+            expected_parts(header, 1000, DEFAULT_LIMITS)
+        except ProtocolError:
+            pass
+
+
+def test_payload_over_the_byte_limit_refused():
+    limits = Limits(max_total_elements=1000)  # 4000 bytes
+    assert expected_parts({"method": "fp32", "numel": 1000}, 1000, limits)
+    assert expected_parts({"method": "int8", "numel": 2000, "block": 1000}, 2000, limits)
+    with pytest.raises(ProtocolError) as e:
+        expected_parts({"method": "fp32", "numel": 1001}, 1001, limits)
+    assert e.value.reason == "too_large"
+    with pytest.raises(ProtocolError) as e:  # int8 with block 1: 5 bytes a coordinate
+        expected_parts({"method": "int8", "numel": 1000, "block": 1}, 1000, limits)
+    assert e.value.reason == "too_large"
+
+
+def test_top_k_needs_uint32_indices():
+    numel = 2**32 + 1
+    limits = Limits(max_total_elements=2**40)
+    with no_allocation(), pytest.raises(ProtocolError) as e:
+        expected_parts({"method": "topk", "numel": numel, "k": 10}, numel, limits)
+    assert e.value.reason == "too_large"
+
+
+def test_receiver_numel_must_be_a_positive_int():
+    for numel in (0, -1, True, 1.0):
+        with pytest.raises(ValueError):
+            expected_parts({"method": "fp32", "numel": numel}, numel, DEFAULT_LIMITS)
+
+
+# --- payload contents refused ------------------------------------------------------------------
+
+
+def corrupted(method: str, how: str, n: int = 3000):
+    """A valid payload for `method` with one part overwritten as `how` says."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    payload = compress(x, CompressionSpec(method, 0.01, 256))
+    parts = [p.copy() for p in payload.parts]
+    names = [s.name for s in payload.specs]
+    if how.startswith("index"):
+        idx = parts[0]
+        if how == "index_swapped":
+            idx[[3, 4]] = idx[[4, 3]]
+        elif how == "index_duplicate":
+            idx[5] = idx[4]
+        elif how == "index_numel":
+            idx[-1] = n
+        elif how == "index_max":
+            idx[-1] = 2**32 - 1
+        elif how == "index_first_after_last":
+            idx[0] = idx[-1] + 1
+    elif how.startswith("scale"):
+        value = {"scale_nan": np.nan, "scale_inf": np.inf, "scale_negative": -1.0,
+                 "scale_overflows": np.nextafter(np.float32(MAX_SCALE), np.float32(np.inf))}[how]
+        parts[names.index("scales")][-1] = value
+    elif how == "int8_min":
+        parts[names.index("values")][7] = -128
+    else:
+        values = parts[names.index("values")]
+        bits = {"nan": {"float16": np.float16(np.nan), "bfloat16": 0x7FC0, "float32": np.nan},
+                "inf": {"float16": np.float16(np.inf), "bfloat16": 0x7F80, "float32": np.inf},
+                "neg_inf": {"float16": np.float16(-np.inf), "bfloat16": 0xFF80, "float32": -np.inf}}[how]
+        values[2] = bits[payload.specs[names.index("values")].dtype]
+    return payload.header, parts, n
+
+
+CORRUPTIONS = (
+    [(m, h) for m in TOPK_METHODS for h in
+     ["index_swapped", "index_duplicate", "index_numel", "index_max", "index_first_after_last"]]
+    + [(m, h) for m in ("int8", "topk-int8") for h in
+       ["scale_nan", "scale_inf", "scale_negative", "scale_overflows", "int8_min"]]
+    + [(m, h) for m in ("fp32", "fp16", "bf16", "topk") for h in ["nan", "inf", "neg_inf"]]
+)
+
+
+@pytest.mark.parametrize("method, how", CORRUPTIONS)
+def test_decompress_refuses_bad_contents(method, how):
+    header, parts, n = corrupted(method, how)
+    with pytest.raises(ProtocolError) as e:
+        decompress(header, parts, n, out=torch.empty(n))
+    assert e.value.reason == "bad_payload"
+
+
+def test_largest_scale_reconstructs_finite():
+    x = torch.tensor([float(np.finfo(np.float32).max), -3.0e38, 1.0])
+    payload = compress(x, CompressionSpec("int8"))
+    assert payload.parts[1][0] == np.float32(MAX_SCALE)
+    y = decompress(payload.header, payload.parts, 3)
+    assert bool(torch.isfinite(y).all())
+
+
+@FAST
+@given(st.sampled_from(METHODS), st.integers(1, 300), st.data())
+def test_random_part_bytes_refused_or_finite(method, numel, data):
+    """Whatever bytes arrive for a valid header: a ProtocolError or a finite vector."""
+    header = valid_header(data.draw, method, numel)
+    header["block"] = data.draw(st.integers(1, 64)) if "block" in header else None
+    header = {key: value for key, value in header.items() if value is not None}
+    specs = expected_parts(header, numel, DEFAULT_LIMITS)
+    parts = [np.frombuffer(data.draw(st.binary(min_size=s.nbytes, max_size=s.nbytes)), dtype=DTYPES[s.dtype])
+             .reshape(s.shape).copy() for s in specs]
+    if method in TOPK_METHODS and data.draw(st.booleans()):  # valid indices, so the values get checked too
+        parts[0] = np.sort(np.random.default_rng(numel).choice(numel, header["k"], replace=False)).astype("<u4")
+    try:
+        y = decompress(header, parts, numel)
+    except ProtocolError as e:
+        assert e.reason == "bad_payload"
+    else:
+        assert bool(torch.isfinite(y).all())
+
+
+def test_decompress_refuses_mismatched_parts_and_out():
+    payload = compress(torch.randn(100), CompressionSpec("int8", block=16))
+    with pytest.raises(ValueError):
+        decompress(payload.header, payload.parts[:1], 100)
+    with pytest.raises(ValueError):
+        decompress(payload.header, [payload.parts[0].astype(np.int16), payload.parts[1]], 100)
+    for out in (torch.empty(99), torch.empty(100, dtype=torch.float64), torch.empty(200)[::2]):
+        with pytest.raises(ValueError):
+            decompress(payload.header, payload.parts, 100, out=out)
+    with pytest.raises(ProtocolError) as e:
+        decompress(payload.header, payload.parts, 101)
+    assert e.value.reason == "wrong_size"
+
+
+# --- error feedback ----------------------------------------------------------------------------
+
+
+@FAST
+@given(specs, st.integers(1, 500), st.integers(0, 2**32 - 1), st.integers(-20, 20))
+def test_error_feedback_conserves_every_delta(spec, n, seed, exponent):
+    gen = torch.Generator().manual_seed(seed)
+    ef = ErrorFeedback(n)
+    total_delta = np.zeros(n)
+    total_sent = np.zeros(n)
+    scale_sum = np.zeros(n)  # magnitudes that passed through, for the rounding tolerance
+    for _ in range(12):
+        delta = torch.randn(n, generator=gen) * 10.0 ** exponent
+        old = ef.residual.double().clone()
+        payload, sent = ef.compress(delta, spec)
+        new = ef.residual.double()
+        d, s = delta.double(), sent.double()
+        assert torch.equal(sent, decompress(payload.header, payload.parts, n))  # what receivers see
+        # sent + new residual == delta + old residual, up to float32 rounding
+        err = (s + new - (d + old)).abs()
+        assert bool((err <= 1e-6 * (d.abs() + old.abs() + s.abs())).all())
+        total_delta += d.numpy()
+        total_sent += s.numpy()
+        scale_sum += (d.abs() + old.abs() + s.abs()).numpy()
+    assert np.all(np.abs(total_sent + ef.residual.double().numpy() - total_delta) <= 1e-6 * scale_sum)
+    if spec.method == "fp32":
+        assert not ef.residual.any()
+
+
+def test_top_k_error_feedback_tracks_a_constant_delta():
+    n, spec = 2000, CompressionSpec("topk", 0.01)
+    k = spec.k(n)
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    ef = ErrorFeedback(n)
+    sent_sum = torch.zeros(n, dtype=torch.float64)
+    # A coordinate waits until its accumulated delta reaches the top-k threshold, which averages
+    # |delta|_1 / k: the residual plateaus there instead of growing with the rounds.
+    plateau = float(delta.abs().sum()) / k + float(delta.abs().max())
+    gaps = {}
+    for t in range(1, 201):
+        _, sent = ef.compress(delta, spec)
+        sent_sum += sent.double()
+        assert float(ef.residual.abs().max()) <= plateau
+        gaps[t] = float((sent_sum - t * delta.double()).norm() / (t * delta.double()).norm())
+    assert gaps[200] < 0.3 and gaps[200] < 0.65 * gaps[100]  # the running sums converge
+
+
+def test_error_feedback_state_round_trip(tmp_path):
+    n, spec = 300, CompressionSpec("topk-int8", 0.05, 32)
+    gen = torch.Generator().manual_seed(3)
+    ef = ErrorFeedback(n)
+    for _ in range(5):
+        ef.compress(torch.randn(n, generator=gen), spec)
+    state = ef.state_dict()
+    torch.save(state, tmp_path / "ef.pt")
+    restored = ErrorFeedback(n)
+    restored.load_state_dict(torch.load(tmp_path / "ef.pt", weights_only=True))
+    assert torch.equal(restored.residual, ef.residual)
+    delta = torch.randn(n, generator=gen)
+    (p1, s1), (p2, s2) = ef.compress(delta, spec), restored.compress(delta, spec)
+    assert p1.header == p2.header and all(np.array_equal(a, b) for a, b in zip(p1.parts, p2.parts))
+    assert torch.equal(s1, s2)
+    assert not torch.equal(state["residual"], ef.residual)  # the state is a copy, not a live view
+
+
+@pytest.mark.parametrize("state", [
+    {"residual": torch.zeros(299)}, {"residual": torch.zeros(300, dtype=torch.float64)}, {},
+    {"residual": torch.full((300,), float("nan"))}, {"residual": np.zeros(300, dtype=np.float32)}, None,
+])
+def test_error_feedback_refuses_bad_state(state):
+    ef = ErrorFeedback(300)
+    with pytest.raises(ValueError):
+        ef.load_state_dict(state)
+
+
+def test_error_feedback_refuses_bad_delta_and_keeps_its_residual():
+    ef = ErrorFeedback(10)
+    ef.compress(torch.arange(10, dtype=torch.float32), CompressionSpec("topk", 0.1))
+    before = ef.residual.clone()
+    for bad in (torch.zeros(9), torch.zeros(10, dtype=torch.float64), torch.full((10,), float("nan")),
+                torch.full((10,), float(np.finfo(np.float32).max))):  # + residual overflows
+        with pytest.raises(ValueError):
+            ef.compress(bad, CompressionSpec("topk", 0.1))
+        assert torch.equal(ef.residual, before)
+    with pytest.raises(ValueError):
+        ef.compress(torch.full((10,), float("inf")), CompressionSpec("fp32"))
+
+
+# --- spec --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("int8", CompressionSpec("int8")), ("fp32", CompressionSpec()), ("bf16", CompressionSpec("bf16")),
+    ("fp16", CompressionSpec("fp16")), ("topk", CompressionSpec("topk")),
+    ("topk:0.01", CompressionSpec("topk", 0.01)), ("topk-int8:0.0156", CompressionSpec("topk-int8", 0.0156)),
+    (" topk:0.25 ", CompressionSpec("topk", 0.25)), ("topk:1e-3", CompressionSpec("topk", 0.001)),
+])
+def test_spec_parse(text, spec):
+    assert CompressionSpec.parse(text) == spec
+
+
+@pytest.mark.parametrize("text, setting", [
+    ("", "method"), ("int4", "method"), ("INT8", "method"), ("topk:", "not a number"),
+    ("topk:abc", "not a number"), ("topk:0", "topk_fraction"), ("topk:-0.1", "topk_fraction"),
+    ("topk:1.5", "topk_fraction"), ("topk:0.5", "topk_fraction"), ("topk:nan", "topk_fraction"),
+    ("topk:inf", "topk_fraction"), ("int8:0.1", "FRACTION"), ("topk:0.01:3", "not a number"),
+])
+def test_spec_parse_refuses(text, setting):
+    with pytest.raises(ValueError, match=setting):
+        CompressionSpec.parse(text)
+
+
+@pytest.mark.parametrize("kwargs, setting", [
+    ({"method": "zip"}, "method"), ({"topk_fraction": 0.0}, "topk_fraction"),
+    ({"topk_fraction": 1.01}, "topk_fraction"), ({"topk_fraction": float("nan")}, "topk_fraction"),
+    ({"topk_fraction": True}, "topk_fraction"), ({"topk_fraction": "0.1"}, "topk_fraction"),
+    ({"method": "topk-int8", "topk_fraction": 0.3}, "topk_fraction"),
+    ({"block": 0}, "block"), ({"block": -4}, "block"), ({"block": True}, "block"), ({"block": 2.0}, "block"),
+    ({"block": MAX_BLOCK + 1}, "block"),
+])
+def test_spec_refuses_bad_settings(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        CompressionSpec(**kwargs)
+
+
+def test_spec_k():
+    spec = CompressionSpec("topk", 0.01)
+    assert [spec.k(n) for n in (1, 99, 100, 101, 10**6)] == [1, 1, 1, 2, 10**4]
+    assert CompressionSpec("topk", MAX_TOPK_FRACTION).k(7) == math.ceil(MAX_TOPK_FRACTION * 7)
