@@ -30,7 +30,7 @@ def _data_dir(value: Optional[Path]) -> Path:
 def join(
     data_dir: Optional[Path] = DataDir,
     run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", help="Name of the run to join. [default: default]"),
-    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", help="mnist1d-cnn, digits-mlp, or module:function. [default: mnist1d-cnn]"),
+    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", help="mnist1d-cnn, digits-mlp, lm-tiny, lm, lm-large, or module:function. [default: mnist1d-cnn]"),
     initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", help="Multiaddr of a peer already in the run, with /p2p/<id>. Repeatable."),
     listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", help="Multiaddr to listen on. Repeatable. [default: /ip4/0.0.0.0/tcp/0]"),
     announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", help="Multiaddr to announce to others (e.g. a public address). Repeatable."),
@@ -45,6 +45,12 @@ def join(
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", help="TOML file with any of these settings (flags and PEER_* win)."),
     allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped. [default: open run]"),
     log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", help="text or json. [default: text]"),
+    outer_every_steps: Optional[int] = typer.Option(None, "--outer-every-steps", envvar="PEER_OUTER_EVERY_STEPS", help="Inner steps per outer round (compressed pseudo-gradients, Nesterov outer step); 0: whole models every few steps. [default: the task's]"),
+    outer_lr: Optional[float] = typer.Option(None, "--outer-lr", envvar="PEER_OUTER_LR", help="Outer learning rate. [default: the task's]"),
+    outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", envvar="PEER_OUTER_MOMENTUM", help="Outer Nesterov momentum. [default: the task's]"),
+    compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION], topk-int8[:FRACTION]. [default: the task's]"),
+    max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", help="Cap on gossip upload in Mbit/s, enforced by the daemon (0: none). [default: 0]"),
+    max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", help="Cap on gossip download in Mbit/s (0: none). [default: 0]"),
 ) -> None:
     """Start a peer daemon in the foreground and join (or start) a training run."""
     from peer.config import resolve
@@ -57,6 +63,8 @@ def join(
             "split": split, "alpha": alpha, "max_steps": max_steps, "log_format": log_format,
             "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
             "allow_peers": str(allow_peers) if allow_peers else None,
+            "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
+            "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
         },
         config,
     )

@@ -65,7 +65,25 @@ class PeerConfig:
     # (the default rule's loss screen, peer/aggregation/loss.py); 0 turns the screen off
     loss_probe_samples: int = 256
     partners: int = 4  # robust rules need several partners per round to tell outliers apart
+    # Outer steps (peer/outer.py): a round every this many inner steps exchanges compressed
+    # pseudo-gradients and applies a Nesterov outer step; 0: rounds exchange whole models on the
+    # cadence above. None: the task's default (`Task.outer_every_steps`).
+    outer_every_steps: int | None = None
+    # outer learning rate and Nesterov momentum (None: the task's; DiLoCo used 0.7 and 0.9)
+    outer_lr: float | None = None
+    outer_momentum: float | None = None
+    outer_sync_every: int = 10  # outer rounds between two that mix partners' anchors (0: never)
+    # what outer rounds send (protocols/compression.py): fp32, fp16, bf16, int8, topk[:FRACTION],
+    # topk-int8[:FRACTION]; empty: the task's default (`Task.compression`)
+    compression: str = ""
+    # caps the daemon itself enforces on its gossip traffic, in Mbit/s (0: none); pull deadlines
+    # follow the payload size and the measured link rate (protocols/ratelimit.py)
+    max_upload_mbps: float = 0.0
+    max_download_mbps: float = 0.0
+    # deadline to connect and read a reply's header; the payload then gets a deadline from its
+    # size and the measured link rate (protocols/ratelimit.py), at most `max_pull_s`
     pull_timeout_s: float = 20.0
+    max_pull_s: float = 600.0
     checkpoint_every_s: float = 30.0
     eval_every_s: float = 2.0
     join_sync_timeout_s: float = 15.0

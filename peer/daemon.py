@@ -10,6 +10,7 @@ and skipped; the daemon never crashes on a peer's behaviour.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -32,14 +33,17 @@ from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
 from peer.loss_probe import LossProbe
+from peer.outer import OuterLoop, OuterSettings, Published
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
 from peer.validation import reject_reason
 from protocols import gossip
+from protocols.compression import CompressionSpec, compress, decompress
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
 from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, SwarmView, run_key
 from protocols.loglimit import LogLimiter
+from protocols.ratelimit import LinkEstimator, RateLimitedStream, RateLimiter
 from protocols.reputation import Reputation
 from protocols.transport.base import CountingStream, Transport, TransportError
 
@@ -74,6 +78,8 @@ def pull_failure_reason(exc: BaseException) -> str:
 # Reasons that mean the partner sent something wrong (counted as rejected updates), as opposed
 # to a network failure (counted as failed pulls).
 NETWORK_FAILURES = {"timeout", "unreachable", "disconnected", "remote_error"}
+# remote errors that say a partner has nothing new for us: not failures (no back-off, no penalty)
+QUIET_REPLIES = ("not_newer", "not_ready")
 
 
 def reputation_event(reason: str) -> str:
@@ -125,18 +131,44 @@ class PeerDaemon:
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
-        self.cadence = StepCadence(config.gossip_every_steps, config.gossip_steps_until)  # checked here: bad values stop the start
+        # outer steps (peer/outer.py): settings checked here, so bad values stop the start
+        every = config.outer_every_steps if config.outer_every_steps is not None else self.task.outer_every_steps
+        self.outer_settings = OuterSettings(
+            every, self.task.outer_lr if config.outer_lr is None else config.outer_lr,
+            self.task.outer_momentum if config.outer_momentum is None else config.outer_momentum, config.outer_sync_every)
+        self.compression = CompressionSpec.parse(config.compression or self.task.compression)
+        self.outer = OuterLoop(self.outer_settings, self.compression, self.trainer.flat) if self.outer_settings.enabled else None
+        self.published: Published | None = None  # what partners pull from us with outer steps
+        # (step, anchor) served to `get_model` with outer steps: consensus rounds and joiners
+        self.served_anchor = (0, self.outer.anchor.clone()) if self.outer is not None else None
+        self.outer_seen: dict[str, int] = {}  # partner -> its outer step we pulled last
+        self._round_lock = asyncio.Lock()  # a checkpoint never sees an outer round half done
+        self._hostile_base: tuple[torch.Tensor, torch.Tensor] | None = None
+        # with outer steps a round is due every H inner steps, and only then
+        self.cadence = (StepCadence(every, 0) if self.outer is not None
+                        else StepCadence(config.gossip_every_steps, config.gossip_steps_until))
+        for name in ("max_upload_mbps", "max_download_mbps"):
+            if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a number of Mbit/s >= 0 (0: no cap), got {getattr(config, name)}")
+        self.upload_cap = RateLimiter(config.max_upload_mbps * 125_000) if config.max_upload_mbps else None
+        self.download_cap = RateLimiter(config.max_download_mbps * 125_000) if config.max_download_mbps else None
+        caps = [c for c in (config.max_upload_mbps, config.max_download_mbps) if c]
+        # before any measurement: the slowest home link we plan for (a cap is a ceiling, not a rate)
+        self.link = LinkEstimator(prior_rate_bytes_per_s=min([1e6, *(c * 125_000 for c in caps)]))
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
-        self.view = SwarmView(self.peer_id, config.task, allowed=self.allowed)
+        self.view = SwarmView(self.peer_id, self.task.name, allowed=self.allowed)
         self.reputation = Reputation()
         self.peer_log = LogLimiter(log)  # lines about peers' misbehaviour, at most 1/min per peer and reason
         self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
         self.counters: dict[str, Any] = {
-            "rounds_ok": 0, "rounds_failed": 0, "bytes_sent": 0, "bytes_received": 0,
+            "rounds_ok": 0, "rounds_failed": 0, "rounds_no_partner": 0, "bytes_sent": 0, "bytes_received": 0,
             "serves": 0, "serve_refused": 0, "checkpoints": 0, "checkpoint_errors": 0,
         }
         self.rejected: dict[str, int] = {}
         self.pull_failed: dict[str, int] = {}
+        self.pull_skipped: dict[str, int] = {}  # partners with nothing new for us (not failures)
+        # (monotonic time, bytes sent, bytes received) at the last heartbeats: status's rates
+        self._traffic_samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=6)
         self.serve_errors: dict[str, int] = {}
         self.addrs: list[str] = []
         self.phase = "starting"
@@ -235,6 +267,13 @@ class PeerDaemon:
             log.error("checkpoint is for run %r task %r, not this one; ignoring it", state.get("run_id"), state.get("task"))
             return False
         self.trainer.load_state_dict(state)
+        if self.outer is not None:
+            try:
+                self.outer.load_state_dict(state["outer"])
+            except (KeyError, ValueError, TypeError) as e:  # saved without outer steps, or another shape
+                self.outer.reset(self.trainer.snapshot())
+                log.info("checkpoint has no usable outer-step state (%s); outer steps start from its model", e)
+            self.served_anchor = (self.trainer.step, self.outer.anchor.clone())
         self.last_checkpoint = (self.trainer.step, time.time())
         log.info("resumed from checkpoint at step %d", self.trainer.step)
         return True
@@ -261,7 +300,8 @@ class PeerDaemon:
         two rule fixes that let a 3-peer churn test pass with it (peer/config.py).
         The trainer asks
         `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
-        overlap: steps taken during a round make the next one due.
+        overlap: steps taken during a round make the next one due. With outer steps
+        (`outer_every_steps` H > 0) a round is due after every H inner steps and at no other time.
         """
         due = asyncio.Event()
         cadence = self.cadence
@@ -278,7 +318,10 @@ class PeerDaemon:
         try:
             while not self._stop.is_set():
                 step_due = asyncio.ensure_future(due.wait())
-                await asyncio.wait((stop, step_due), timeout=self.config.gossip_every_s, return_when=asyncio.FIRST_COMPLETED)
+                # with outer steps a round comes every H inner steps only: a timer would take outer
+                # steps on pseudo-gradients of a few inner steps
+                timeout = None if self.outer is not None else self.config.gossip_every_s
+                await asyncio.wait((stop, step_due), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 step_due.cancel()
                 if self._stop.is_set():
                     return
@@ -326,12 +369,17 @@ class PeerDaemon:
             now = self.transport.now()
             refused = self.view.update(await self.transport.lookup(key), now, banned=frozenset(self.reputation.banned_peers(now)))
             for owner, reason in refused:
+                if reason == "record_wrong_task" and owner is not None:
+                    self.peer_log.info((owner, reason), "peer %s of run %s trains task %r, this peer %r: ignoring it "
+                                       "(every peer of a run needs the same --task; a task's name carries its data's digest)",
+                                       owner[:12], self.config.run_id, self.view.other_tasks.get(owner, "?"), self.task.name)
                 # only what an honest peer running our code never publishes costs reputation
                 # (not a wrong task or a closed run's admissions: those are settings, not lies)
                 if owner is not None and owner != self.peer_id and reason.startswith(("malformed_record", "record_owner_mismatch")):
                     self._penalise(owner, "bad_record", reason, now)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
+        self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"]))
         self._write_metrics()
 
     async def _withdraw(self) -> None:
@@ -339,44 +387,111 @@ class PeerDaemon:
         await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
+    def _stream(self, raw) -> CountingStream:
+        """Every gossip stream: capped by `--max-upload-mbps` / `--max-download-mbps` (one shared
+        budget per direction, handed out in small chunks, so concurrent transfers share it
+        fairly), counted, and every read bounded by `read_timeout_s`."""
+        if self.upload_cap is not None or self.download_cap is not None:
+            raw = RateLimitedStream(raw, self.upload_cap, self.download_cap)
+        return CountingStream(raw, self.counters, self.config.read_timeout_s)
+
+    async def _open(self, peer_id: str, addrs: list[str] | None) -> CountingStream:
+        raw = await asyncio.wait_for(self.transport.open(peer_id, gossip.PROTOCOL, addrs), timeout=self.config.pull_timeout_s)
+        return self._stream(raw)
+
+    def payload_deadline(self, nbytes: int, concurrent: int = 1) -> float:
+        """Seconds allowed for `nbytes` while `concurrent` transfers share our link: from the
+        measured goodput (or the configured cap before any measurement), at most `max_pull_s`."""
+        return min(self.config.max_pull_s, self.link.deadline(nbytes, time.monotonic(), concurrent))
+
+    async def _read_sized(self, stream, specs: list[TensorSpec], concurrent: int,
+                          into: list | None = None) -> list:
+        """A reply's payload (specs already checked against limits), with a deadline from its size;
+        a finished transfer teaches the link estimate."""
+        nbytes = sum(s.nbytes for s in specs)
+        started = time.monotonic()
+        try:
+            parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into),
+                                           timeout=self.payload_deadline(nbytes, concurrent))
+        except asyncio.TimeoutError:
+            # the link is slower than we thought: learn it (as if the rest would take as long
+            # again), or every later pull of this size would time out the same way
+            self.link.observe(nbytes, 2 * (time.monotonic() - started), time.monotonic(), concurrent)
+            raise
+        self.link.observe(nbytes, time.monotonic() - started, time.monotonic(), concurrent)
+        return parts
+
     async def pull_model(self, peer_id: str, addrs: list[str] | None = None,
-                         into: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, torch.Tensor]:
         """(step, model) of a partner; received into `into` (returned) if given, else a new tensor."""
-        stream = CountingStream(await self.transport.open(peer_id, gossip.PROTOCOL, addrs), self.counters, self.config.read_timeout_s)
+        stream = await self._open(peer_id, addrs)
         try:
             await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
-            header = await read_header(stream, DEFAULT_LIMITS)
+            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
             step = gossip.check_model_header(header, self.specs, DEFAULT_LIMITS)
-            (arr,) = await read_payload(stream, self.specs, DEFAULT_LIMITS, None if into is None else [into.numpy()])
+            (arr,) = await self._read_sized(stream, self.specs, concurrent, None if into is None else [into.numpy()])
         finally:
             await stream.close()
         return step, (into if into is not None else torch.from_numpy(arr))
 
-    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor,
-                            into: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
-        """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
+    async def pull_delta(self, peer_id: str, addrs: list[str] | None, since: int = -1,
+                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, int, torch.Tensor]:
+        """(outer step, step, pseudo-gradient) a partner published last, decoded into `into` if
+        given. Raises ProtocolError("remote_error", "not_newer") when it has nothing after `since`."""
+        stream = await self._open(peer_id, addrs)
+        numel = self.specs[0].numel
         try:
-            step, model = await asyncio.wait_for(self.pull_model(peer_id, addrs, into), timeout=self.config.pull_timeout_s)
-        except Exception as e:  # every way a partner can fail us ends here, as a counted reason
-            reason = pull_failure_reason(e)
-            bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
-            bucket[reason] = bucket.get(reason, 0) + 1
-            now = self.transport.now()
-            delay = self.picker.failed(peer_id, now)
-            self._penalise(peer_id, reputation_event(reason), reason, now)
-            log.info("pull from %s failed: %s (%s); skipping it for %.0fs", peer_id[:12], reason, str(e)[:80], delay)
-            return None
+            await write_header(stream, gossip.delta_request(self.config.run_id, self.task.name, since))
+            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
+            outer_step, step, comp, specs = gossip.check_delta_header(header, numel, DEFAULT_LIMITS)
+            parts = await self._read_sized(stream, specs, concurrent)
+        finally:
+            await stream.close()
+        delta = await asyncio.to_thread(decompress, comp, parts, numel, into)
+        return outer_step, step, delta
+
+    async def _pulled(self, peer_id: str, pull) -> Any:
+        """Await one pull; every way a partner can fail us ends here, as a counted reason (None).
+        "not_newer" / "not_ready" are a partner with nothing new for us, not a failure."""
+        try:
+            return await pull
+        except ProtocolError as e:
+            if e.reason == "remote_error" and e.detail in QUIET_REPLIES:
+                self.pull_skipped[e.detail] = self.pull_skipped.get(e.detail, 0) + 1
+                return None
+            failure: Exception = e
+        except Exception as e:
+            failure = e
+        reason = pull_failure_reason(failure)
+        bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
+        bucket[reason] = bucket.get(reason, 0) + 1
+        now = self.transport.now()
+        delay = self.picker.failed(peer_id, now)
+        self._penalise(peer_id, reputation_event(reason), reason, now)
+        log.info("pull from %s failed: %s (%s); skipping it for %.0fs", peer_id[:12], reason, str(failure)[:80], delay)
+        return None
+
+    def _validated(self, peer_id: str, own: torch.Tensor, model: torch.Tensor) -> bool:
+        """Whether a received model (or candidate model, with outer steps) may reach the rule."""
         reason = reject_reason(own, model)
+        now = self.transport.now()
         if reason is not None:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            now = self.transport.now()
             self.picker.failed(peer_id, now)
             self._penalise(peer_id, "rejected_update", reason, now)
             log.info("rejected model from %s: %s", peer_id[:12], reason)
-            return None
+            return False
         self.view.mark_proven(peer_id)
-        self.reputation.reward(peer_id, self.transport.now())
-        return step, model
+        self.reputation.reward(peer_id, now)
+        return True
+
+    async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor,
+                            into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, torch.Tensor] | None:
+        """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
+        got = await self._pulled(peer_id, self.pull_model(peer_id, addrs, into, concurrent))
+        if got is None or not self._validated(peer_id, own, got[1]):
+            return None
+        return got
 
     def _penalise(self, peer_id: str, event: str, reason: str, now: float) -> None:
         """Lower a peer's reputation; a banned peer leaves our view and is refused service."""
@@ -386,29 +501,37 @@ class PeerDaemon:
             if self.reputation.bans_total > before:
                 log.warning("banned %s for %.0fs (last: %s)", peer_id[:12], self.reputation.banned_peers(now).get(peer_id, 0), reason)
 
-    async def gossip_round(self) -> bool | None:
-        """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
-        now = self.transport.now()
+    def _choose_partners(self, now: float) -> tuple[dict[str, Any], list[str]]:
+        """The live, unbanned peers (id -> view entry) and this round's partners among them."""
         live = {i.record.peer_id: i for i in self.view.live(now) if not self.reputation.banned(i.record.peer_id, now)}
         if self.hostile is not None:
             live = {p: i for p, i in live.items() if p not in self.hostile.colluders}
-        partners = self.picker.pick(list(live), now)
+        return live, self.picker.pick(list(live), now)
+
+    def _receive_into(self, like: torch.Tensor, n: int) -> list[torch.Tensor | None]:
+        """n receive buffers reused every round (fresh memory for a large model costs more in page
+        faults than the transfer); nothing keeps them past the round (the rule copies what it
+        needs, apply_delta copies the result). An attacker keeps what it pulled: fresh tensors."""
+        if self.hostile is not None:
+            return [None] * n
+        while len(self._receive_buffers) < n:
+            self._receive_buffers.append(torch.empty_like(like))
+        return list(self._receive_buffers[:n])
+
+    async def gossip_round(self) -> bool | None:
+        """One round; True if at least one partner was mixed in, None if there was nobody to ask."""
+        if self.outer is not None:
+            return await self.outer_round()
+        now = self.transport.now()
+        live, partners = self._choose_partners(now)
         if not partners:
+            self.counters["rounds_no_partner"] += 1
             return None
         own = self.trainer.snapshot()
         if self.hostile is not None:
             self.hostile.round_start(own, self.trainer.history())
-        # partners' models land in receive buffers reused every round (fresh memory for a large
-        # model costs more in page faults than the transfer); nothing keeps them past the round
-        # (the rule copies what it needs, apply_delta copies the result). An attacker keeps what
-        # it pulled, so it gets fresh tensors.
-        if self.hostile is None:
-            while len(self._receive_buffers) < len(partners):
-                self._receive_buffers.append(torch.empty_like(own))
-            into = self._receive_buffers[:len(partners)]
-        else:
-            into = [None] * len(partners)
-        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf)
+        into = self._receive_into(own, len(partners))
+        pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf, len(partners))
                                         for p, buf in zip(partners, into)))
         got = [(p, r[1]) for p, r in zip(partners, pulled) if r is not None]
         if not got:
@@ -417,14 +540,19 @@ class PeerDaemon:
         ids, models = [p for p, _ in got], [m for _, m in got]
         if self.hostile is not None:
             self.hostile.observe(ids, models)
+        mixed = await self._mix(own, ids, models, now)
+        self.trainer.apply_delta(mixed.sub_(own))
+        return True
+
+    async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> torch.Tensor:
+        """Run the rule on our model and the partners' (off the event loop), count what it refused
+        and why, and remember the round for `peer status`. Returns the mixed model, in a buffer
+        reused every round (the caller copies what it needs out of it before the next round)."""
         ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self._reported_histories(now),
                            byzantine_fraction=self.config.byzantine_fraction)
-        # the rule writes into one buffer reused every round (no fresh d-sized result to fault in);
-        # apply_delta copies it into the model, so nothing keeps a reference to it past this round
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
         mixed = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
-        self.trainer.apply_delta(mixed.sub_(own))
         distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
         for why in getattr(self.aggregator, "last_refused", {}).values():
             self.refused[why] = self.refused.get(why, 0) + 1
@@ -446,7 +574,121 @@ class PeerDaemon:
         if ctx.loss_deltas is not None:
             self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
             self.last_round["own_loss"] = _finite(ctx.own_loss)
-        return True
+        return mixed
+
+    # --- outer rounds (peer/outer.py) -------------------------------------------------------
+    async def outer_round(self) -> bool | None:
+        """One outer round: publish our compressed pseudo-gradient, pull the partners' newest ones,
+        mix them robustly, take the outer step. True if a partner was mixed in, None if there was
+        nobody to ask, False if nobody delivered. With no partner the outer step uses our own
+        pseudo-gradient alone: error feedback has already moved what we sent out of the residual,
+        so skipping the step would count those coordinates twice in the next round."""
+        async with self._round_lock:
+            outer = self.outer
+            started = time.monotonic()
+            rnd = await asyncio.to_thread(outer.begin, self.trainer.snapshot(), self.trainer.step)
+            self.published = rnd.published()
+            own_model = outer.as_model(rnd.sent)  # anchor − sent: our candidate, the rule's centre
+            try:
+                return await self._outer_round(rnd, own_model, started)
+            except asyncio.CancelledError:
+                # stopping mid-round: the state a final checkpoint saves must be whole. A round
+                # cancelled before its outer step finishes with our own pseudo-gradient alone
+                # (error feedback already counted `sent` as gone); one cancelled during it lets
+                # the step (a worker thread, not cancellable) end and applies it.
+                if rnd.finishing is None:
+                    self.trainer.apply_delta(outer.finish(rnd, own_model))
+                elif not rnd.applied:
+                    self.trainer.apply_delta(await rnd.finishing)
+                raise
+
+    async def _outer_round(self, rnd, own_model: torch.Tensor, started: float) -> bool | None:
+        outer = self.outer
+        sync = outer.sync_due(rnd.outer_step)
+        if self.hostile is not None:
+            self.hostile.round_start(own_model.clone(), self.trainer.history())
+            self._hostile_base = (outer.anchor.clone(), own_model.clone())
+        if sync:  # a consensus round: our own pseudo-gradient alone, then the anchors are mixed
+            await asyncio.to_thread(outer.step, own_model)
+        computed = time.monotonic()
+        now = self.transport.now()
+        live, partners = self._choose_partners(now)
+        ids: list[str] = []
+        models: list[torch.Tensor] = []
+        staleness: list[int] = []
+        if not partners:
+            self.counters["rounds_no_partner"] += 1
+        elif sync:
+            into = self._receive_into(own_model, len(partners))
+            pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), outer.anchor, buf, len(partners))
+                                            for p, buf in zip(partners, into)))
+            for p, got in zip(partners, pulled):
+                if got is not None:
+                    ids.append(p)
+                    models.append(got[1])
+        else:
+            into = self._receive_into(own_model, len(partners))
+            pulled = await asyncio.gather(*(
+                self._pulled(p, self.pull_delta(p, list(live[p].record.addrs), self.outer_seen.get(p, -1), buf, len(partners)))
+                for p, buf in zip(partners, into)))
+            for p, got in zip(partners, pulled):
+                if got is None:
+                    continue
+                their_outer, _, delta = got
+                self._remember_outer(p, their_outer)
+                model = outer.as_model(delta)
+                if self._validated(p, own_model, model):
+                    ids.append(p)
+                    models.append(model)
+                    staleness.append(rnd.outer_step - their_outer)
+        if partners and not ids:
+            self.counters["rounds_failed"] += 1
+        transferred = time.monotonic()
+        if ids and self.hostile is not None:
+            self.hostile.observe(ids, models)
+        if sync:
+            if ids:
+                outer.adopt(await self._mix(outer.anchor, ids, models, now))
+            rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.change, rnd, own_model))
+        else:
+            mixed = await self._mix(own_model, ids, models, now) if ids else own_model
+            rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.finish, rnd, mixed))
+        if not ids:
+            self.last_round = {"partners": [], "weights": [], "tau": None}
+        change = await asyncio.shield(rnd.finishing)
+        self.trainer.apply_delta(change)
+        rnd.applied = True
+        self.served_anchor = (self.trainer.step, outer.anchor.clone())
+        done = time.monotonic()
+        self.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
+                               staleness=staleness, seconds={
+            "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
+            "aggregate": round(done - transferred, 3)})
+        return bool(ids) if partners else None
+
+    def _remember_outer(self, peer_id: str, outer_step: int) -> None:
+        """The partner's outer step we pulled last (sent back as `since`); bounded like `distrusted`."""
+        if peer_id not in self.outer_seen and len(self.outer_seen) >= 4096:
+            self.outer_seen.pop(next(iter(self.outer_seen)))
+        self.outer_seen[peer_id] = outer_step
+
+    async def _serve_delta(self, stream, header: dict[str, Any]) -> None:
+        """Send our newest published pseudo-gradient, or say there is none newer than `since`."""
+        published = self.published
+        if published is None:
+            await write_header(stream, gossip.error_header("not_ready"))
+            return
+        if published.outer_step <= header["since"]:
+            await write_header(stream, gossip.error_header("not_newer"))
+            return
+        payload = published.payload
+        if self.hostile is not None and self._hostile_base is not None:
+            anchor, base = self._hostile_base
+            crafted = self.hostile.craft(stream.remote_peer, base.clone())
+            payload = await asyncio.to_thread(compress, anchor - crafted, self.outer.compression)
+        await write_header(stream, gossip.delta_header(published.outer_step, published.step, payload.header, payload.specs))
+        await asyncio.wait_for(write_payload(stream, payload.parts, DEFAULT_LIMITS),
+                               timeout=self.payload_deadline(payload.nbytes, max(1, self._serving)))
 
     def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
         """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule.
@@ -477,6 +719,9 @@ class PeerDaemon:
                         self.picker.succeeded(info.record.peer_id)
                 if got:
                     self.trainer.load_flat(coordinate_median([m for _, m in got]))
+                    if self.outer is not None:
+                        self.outer.reset(self.trainer.snapshot())
+                        self.served_anchor = (sorted(s for s, _ in got)[len(got) // 2], self.outer.anchor.clone())
                     self.trainer.set_step(sorted(s for s, _ in got)[len(got) // 2])
                     log.info("synced model (step %d) from %d of %d live peers", self.trainer.step, len(got), len(live))
                     return
@@ -486,7 +731,7 @@ class PeerDaemon:
         log.warning("no live peer answered within %.0fs; starting from a fresh model", self.config.join_sync_timeout_s)
 
     async def _serve_model(self, raw_stream) -> None:
-        stream = CountingStream(raw_stream, self.counters, self.config.read_timeout_s)
+        stream = self._stream(raw_stream)
         remote, now = stream.remote_peer, self.transport.now()
         refusal = None
         if self.allowed is not None and remote not in self.allowed:
@@ -509,15 +754,23 @@ class PeerDaemon:
         self._serving_by_peer[remote] = self._serving_by_peer.get(remote, 0) + 1
         try:
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
-            gossip.check_request(header, self.config.run_id, self.task.name)
-            if self.hostile is None:
+            if gossip.check_request(header, self.config.run_id, self.task.name) == "get_delta":
+                await self._serve_delta(stream, header)
+                self.counters["serves"] += 1
+                return
+            if self.outer is not None and self.hostile is None:
+                # with outer steps partners and joiners mix anchors, the point every peer's
+                # inner steps start from (a snapshot replaced, never written, after each round)
+                lease = contextlib.nullcontext(self.served_anchor)
+            elif self.hostile is None:
                 lease = self.snapshots.lease()  # shared while unchanged, never overwritten while sent
             else:
                 snap = self.hostile.craft(stream.remote_peer, self.trainer.snapshot()).contiguous()
                 lease = contextlib.nullcontext((self.trainer.step, snap))
             with lease as (step, snap):
                 await write_header(stream, gossip.model_header(step, self.specs))
-                await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
+                await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS),
+                                       timeout=self.payload_deadline(self.specs[0].nbytes, max(1, self._serving)))
             self.counters["serves"] += 1
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
@@ -540,7 +793,10 @@ class PeerDaemon:
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
-        state = self.trainer.state_dict()
+        async with self._round_lock:  # model and outer state from between two outer rounds
+            state = self.trainer.state_dict()
+            if self.outer is not None:
+                state["outer"] = self.outer.state_dict()
         state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
         try:
             await asyncio.to_thread(ckpt.save_checkpoint, self.config.checkpoint_path, state)
@@ -585,7 +841,8 @@ class PeerDaemon:
             "step": self.trainer.step, "samples": self.trainer.samples, "loss": self.trainer.last_loss,
             "accuracy": m.get("accuracy"), "test_loss": m.get("test_loss"),
             "samples_per_s": round(self.trainer.samples_per_s, 1),
-            **{k: self.counters[k] for k in ("rounds_ok", "rounds_failed", "bytes_sent", "bytes_received")},
+            **{k: self.counters[k] for k in ("rounds_ok", "rounds_failed", "rounds_no_partner", "bytes_sent", "bytes_received")},
+            "outer_step": self.outer.outer_step if self.outer is not None else None,
             "rejected": dict(self.rejected), "pull_failed": dict(self.pull_failed),
         }
 
@@ -615,6 +872,9 @@ class PeerDaemon:
             "last_round": self._last_round_status(),
             "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
             "refused": dict(self.refused),
+            "pull_skipped": dict(self.pull_skipped),
+            "outer": self._outer_status(),
+            "traffic": self._traffic_status(),
             "checkpoint": {
                 "step": self.last_checkpoint[0] if self.last_checkpoint else None,
                 "age_s": round(time.time() - self.last_checkpoint[1], 1) if self.last_checkpoint else None,
@@ -627,7 +887,33 @@ class PeerDaemon:
         tau = r.get("tau")
         return {"partners": r.get("partners", []), "weights": r.get("weights", []),
                 "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
-                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss"), "sybil_checks": r.get("sybil_checks")}
+                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss"), "sybil_checks": r.get("sybil_checks"),
+                "outer_step": r.get("outer_step"), "staleness": r.get("staleness"), "seconds": r.get("seconds")}
+
+    def _outer_status(self) -> dict[str, Any] | None:
+        """Outer-step settings and what the last published pseudo-gradient cost on the wire."""
+        if self.outer is None:
+            return None
+        published = self.published
+        numel = self.specs[0].numel
+        return {"every_steps": self.outer_settings.every_steps, "lr": self.outer_settings.lr,
+                "momentum": self.outer_settings.momentum, "outer_step": self.outer.outer_step,
+                "compression": self.compression.describe(),
+                "payload_bytes": published.payload.nbytes if published else None,
+                "compression_ratio": round(4 * numel / max(published.payload.nbytes, 1), 1) if published else None}
+
+    def _traffic_status(self) -> dict[str, Any]:
+        """Gossip traffic: totals, rates over the last heartbeats, caps and the link estimate."""
+        samples = self._traffic_samples
+        up = down = None
+        if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
+            dt = samples[-1][0] - samples[0][0]
+            up = (samples[-1][1] - samples[0][1]) * 8 / dt / 1e6
+            down = (samples[-1][2] - samples[0][2]) * 8 / dt / 1e6
+        rate = self.link.rate(time.monotonic())
+        return {"upload_mbps": _finite(up), "download_mbps": _finite(down),
+                "max_upload_mbps": self.config.max_upload_mbps or None, "max_download_mbps": self.config.max_download_mbps or None,
+                "link_estimate_mbps": _finite(rate * 8 / 1e6) if rate else None}
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

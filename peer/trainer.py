@@ -97,6 +97,10 @@ class Trainer:
         # due (peer/cadence.py; the daemon starts one); must be thread-safe and quick
         self.step_cadence: StepCadence | None = None
         self.on_steps: Callable[[], None] | None = None
+        self._eval_model: torch.nn.Module | None = None  # a copy evaluated outside the lock (1x the model)
+        self._eval_flat: torch.Tensor | None = None
+        self.eval_seconds = 0.0  # the last evaluation's duration
+        self._eval_lock = threading.Lock()
 
     # --- state shared with the event loop -------------------------------------------------
     def snapshot(self) -> torch.Tensor:
@@ -163,8 +167,23 @@ class Trainer:
             g["lr"] = lr * scale
 
     def evaluate(self) -> dict[str, float]:
+        """The task's evaluation of a copy of the model: the lock is held only for the copy, so
+        gossip (which snapshots under the lock from the event loop) never waits for an evaluation."""
+        with self._eval_lock:  # one evaluation at a time owns the copy
+            return self._evaluate_copy()
+
+    def _evaluate_copy(self) -> dict[str, float]:
         with self.lock:
-            result = self.task.evaluate(self.model)
+            if self._eval_model is None:
+                with torch.random.fork_rng():  # building it must not move the training RNG
+                    self._eval_model = self.task.make_model()
+                self._eval_flat = flatten_parameters(self._eval_model)
+            self._eval_flat.copy_(self.flat)
+            for dst, src in zip(self._eval_model.buffers(), self.model.buffers()):
+                dst.copy_(src)
+        started = time.monotonic()
+        result = self.task.evaluate(self._eval_model)
+        self.eval_seconds = time.monotonic() - started
         self.metrics = result
         return result
 
@@ -224,7 +243,8 @@ class Trainer:
             if now - window_start >= 1.0:
                 self.samples_per_s = window_samples / (now - window_start)
                 window_start, window_samples = now, 0
-            if now - last_eval >= self.eval_every_s or self.done:
+            # evaluations take at most ~1/10 of the training thread's time, however large the model
+            if now - last_eval >= max(self.eval_every_s, 10 * self.eval_seconds) or self.done:
                 self.evaluate()
                 last_eval = now
             if self.step_delay_s:

@@ -103,6 +103,10 @@ class CompressionSpec:
             raise ValueError(f"compression {text!r}: fraction {rest!r} is not a number") from None
         return cls(method=method, topk_fraction=fraction)
 
+    def describe(self) -> str:
+        """The spelling `parse` reads back (`peer status`, logs)."""
+        return f"{self.method}:{self.topk_fraction:g}" if self.method in TOPK_METHODS else self.method
+
     def k(self, numel: int) -> int:
         """How many coordinates the top-k methods keep of `numel`."""
         return min(numel, max(1, math.ceil(self.topk_fraction * numel)))

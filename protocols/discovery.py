@@ -167,6 +167,7 @@ class SwarmView:
     max_per_update: int = 4 * MAX_VIEW_PEERS
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    other_tasks: dict[str, str] = field(default_factory=dict)  # owner -> the task its record names
 
     def update(self, stored: Iterable[StoredRecord], now: float, banned: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
         refused: list[tuple[str | None, str]] = []
@@ -187,6 +188,8 @@ class SwarmView:
                 rec, reason = check_record(item.owner, item.value)
             if reason is None and rec.task != self.task:
                 reason = "record_wrong_task"
+                if item.owner in self.other_tasks or len(self.other_tasks) < 64:  # bounded: names only
+                    self.other_tasks[item.owner] = rec.task[:80]
             if reason is not None:
                 self._reject(reason)
                 refused.append((item.owner, reason))

@@ -5,6 +5,15 @@ Exchange (one stream per pull):
     server -> {"type": "model", "step": S, "tensors": [spec...]} + raw tensor bytes
            or {"type": "error", "reason": "busy" | "wrong_run" | ...}
 
+With outer steps (peer/outer.py) a round pulls the partner's last published pseudo-gradient,
+compressed (protocols/compression.py), instead of its model:
+    client -> {"type": "get_delta", "run_id": R, "task": T, "since": OUTER_STEP}
+    server -> {"type": "delta", "outer_step": O, "step": S, "compression": {...}, "tensors": [spec...]}
+              + the compressed parts' raw bytes
+           or {"type": "error", "reason": "not_ready" | "not_newer" | ...}
+`since` is the partner's outer step we mixed last (-1: none): a server whose newest pseudo-gradient
+is not newer answers "not_newer" without sending it, so nobody downloads the same update twice.
+
 `PartnerPicker` decides whom to pull from each round: k live peers at random, skipping peers
 that failed recently (exponential back-off per peer, reset by a success). It takes `now` and an
 explicit RNG so tests and simulations drive it without clocks or sockets.
@@ -25,17 +34,64 @@ def model_request(run_id: str, task: str) -> dict[str, Any]:
     return {"type": "get_model", "run_id": run_id, "task": task}
 
 
-def check_request(header: dict[str, Any], run_id: str, task: str) -> None:
-    if header.get("type") != "get_model":
-        raise ProtocolError("bad_request", f"type {str(header.get('type'))[:32]!r}")
+def delta_request(run_id: str, task: str, since: int = -1) -> dict[str, Any]:
+    return {"type": "get_delta", "run_id": run_id, "task": task, "since": int(since)}
+
+
+def check_request(header: dict[str, Any], run_id: str, task: str) -> str:
+    """The request's type ("get_model" or "get_delta") once it names our run and task."""
+    kind = header.get("type")
+    if kind not in ("get_model", "get_delta"):
+        raise ProtocolError("bad_request", f"type {str(kind)[:32]!r}")
     if header.get("run_id") != run_id:
         raise ProtocolError("wrong_run", "")
     if header.get("task") != task:
         raise ProtocolError("wrong_task", "")
+    if kind == "get_delta":
+        since = header.get("since")
+        if not isinstance(since, int) or isinstance(since, bool) or since < -1:
+            raise ProtocolError("bad_request", "since")
+    return kind
 
 
 def model_header(step: int, specs: list[TensorSpec]) -> dict[str, Any]:
     return {"type": "model", "step": int(step), "tensors": [s.to_wire() for s in specs]}
+
+
+def delta_header(outer_step: int, step: int, compression: dict[str, Any], specs: list[TensorSpec]) -> dict[str, Any]:
+    return {"type": "delta", "outer_step": int(outer_step), "step": int(step), "compression": compression,
+            "tensors": [s.to_wire() for s in specs]}
+
+
+def _nonneg_int(header: dict[str, Any], key: str) -> int:
+    v = header.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ProtocolError("bad_header", key)
+    return v
+
+
+def check_delta_header(header: dict[str, Any], numel: int, limits: Limits) -> tuple[int, int, dict[str, Any], list[TensorSpec]]:
+    """Validate a pseudo-gradient reply before reading its payload: (outer_step, step,
+    compression header, part specs). The parts must be exactly what the compression header
+    implies for a model of `numel` elements (`compression.expected_parts`), so no size a peer
+    announces is trusted on its own."""
+    from protocols.compression import expected_parts
+
+    kind = header.get("type")
+    if kind == "error":
+        reason = header.get("reason")
+        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
+    if kind != "delta":
+        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
+    outer_step, step = _nonneg_int(header, "outer_step"), _nonneg_int(header, "step")
+    comp = header.get("compression")
+    if not isinstance(comp, dict):
+        raise ProtocolError("bad_header", "compression")
+    expected = expected_parts(comp, numel, limits)
+    specs = parse_tensor_specs(header.get("tensors"), limits)
+    if [(s.dtype, s.shape) for s in specs] != [(s.dtype, s.shape) for s in expected]:
+        raise ProtocolError("wrong_shape", "parts differ from what the compression header implies")
+    return outer_step, step, comp, expected
 
 
 def error_header(reason: str) -> dict[str, Any]:

@@ -42,6 +42,12 @@ class Task:
     # learning-rate multiplier by step: peers train forever, so the rate must decay for models to settle
     lr_schedule: Callable[[int], float] = lambda step: 1.0
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    # how a run of this task gossips unless the peer is told otherwise (peer/outer.py): inner
+    # steps per outer round (0: whole models on the per-step cadence) and what a round sends
+    outer_every_steps: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "fp32"
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

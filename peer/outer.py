@@ -1,0 +1,182 @@
+"""Outer steps: DiLoCo-style rounds on pseudo-gradients, without I/O.
+
+A peer trains H inner steps with the task's optimizer, then runs one outer round:
+
+    Δ_i   = anchor − model                    the pseudo-gradient (what H inner steps changed)
+    sent  = compress(Δ_i + residual)          error feedback keeps what was not sent (`ErrorFeedback`)
+    Δ_j   = partners' last published `sent`   pulled by the daemon, whatever outer step they are at
+    Δ_mix = robust rule on {Δ_i, Δ_j}         the rule runs on models anchor − Δ (see below)
+    anchor ← anchor − lr · nesterov(Δ_mix)    `NesterovOuter`, torch.optim.SGD(nesterov=True)'s update
+    model  ← model + (anchor_new − model_at_round_start)   inner steps taken during the round are kept
+
+The rule sees the candidates as models `anchor − Δ_j` centred on our own `anchor − sent`, so
+every rule of `peer.aggregation` (clipping radius, Sybil weights, the loss screen on our own data)
+works unchanged: `x_i + Σ w clip(x_j − x_i)` on those models is `anchor − (sent + Σ w clip(Δ_j − sent))`,
+a robust mix of the pseudo-gradients, and the loss screen scores "our anchor moved by the
+partner's update", which is what mixing it would do to us.
+
+No barrier: a round uses whatever each partner published last; a partner may be some outer steps
+behind or ahead (`staleness`). Nothing here touches a socket or a clock: the daemon feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from protocols.compression import Compressed, CompressionSpec, ErrorFeedback
+
+
+@dataclass(frozen=True)
+class OuterSettings:
+    every_steps: int = 0  # H inner steps per outer round; 0: no outer steps (models gossip per step)
+    lr: float = 0.7  # DiLoCo's outer learning rate
+    momentum: float = 0.9  # DiLoCo's outer Nesterov momentum
+    # every this many outer rounds, mix partners' anchors instead of their pseudo-gradients
+    # (0: never). Pseudo-gradients alone never pull peers' anchors together: each applies its
+    # own mix, and the differences random-walk (the consensus term of NoLoCo's outer step).
+    sync_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"outer-every-steps must be >= 0 (0 turns outer steps off), got {self.every_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"outer-lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"outer-momentum must be in [0, 1), got {self.momentum}")
+        if self.sync_every < 0:
+            raise ValueError(f"outer-sync-every must be >= 0 (0: never mix anchors), got {self.sync_every}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0
+
+
+class NesterovOuter:
+    """SGD with Nesterov momentum on one flat tensor: exactly the update of
+    `torch.optim.SGD([p], lr, momentum, nesterov=True)` (dampening 0, no weight decay), with the
+    pseudo-gradient as the gradient. The momentum buffer is one model-sized tensor."""
+
+    def __init__(self, lr: float, momentum: float):
+        self.lr, self.momentum = lr, momentum
+        self.buf: torch.Tensor | None = None
+
+    def step(self, params: torch.Tensor, grad: torch.Tensor) -> None:
+        """params ← params − lr · (grad + momentum · buf), buf ← momentum · buf + grad; in place."""
+        if self.momentum == 0:
+            params.add_(grad, alpha=-self.lr)
+            return
+        if self.buf is None or self.buf.shape != grad.shape:
+            self.buf = grad.detach().clone()
+        else:
+            self.buf.mul_(self.momentum).add_(grad)
+        params.add_(grad, alpha=-self.lr).add_(self.buf, alpha=-self.lr * self.momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum_buffer": self.buf}
+
+    def load_state_dict(self, state: dict[str, Any], numel: int) -> None:
+        buf = state.get("momentum_buffer")
+        if buf is not None and (buf.dim() != 1 or buf.numel() != numel):
+            raise ValueError(f"outer momentum buffer has {buf.numel()} elements, the model {numel}")
+        self.buf = None if buf is None else buf.float().clone()
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a peer serves to partners until its next outer round: its newest pseudo-gradient."""
+
+    outer_step: int
+    step: int  # the inner step it was taken at
+    payload: Compressed
+
+
+@dataclass
+class OuterRound:
+    """One outer round in flight: what we published and the model it started from."""
+
+    outer_step: int
+    step: int  # the inner step the pseudo-gradient was taken at
+    model: torch.Tensor  # the model at the round's start (the delta to apply is measured from it)
+    sent: torch.Tensor  # our pseudo-gradient as partners decode it (`as_model` reuses its buffer)
+    payload: Compressed
+    finishing: Any = None  # the daemon's future for `finish`, once the outer step has started
+    applied: bool = False  # whether the daemon has added the step's change to the live model
+
+    def published(self) -> Published:
+        return Published(self.outer_step, self.step, self.payload)
+
+
+class OuterLoop:
+    """The outer-step state of one peer: anchor, outer optimizer, error-feedback residual.
+
+    Memory: three model-sized tensors (anchor, momentum buffer, residual) plus, during a round,
+    the round's start model and our decoded pseudo-gradient.
+    """
+
+    def __init__(self, settings: OuterSettings, compression: CompressionSpec, anchor: torch.Tensor):
+        self.settings = settings
+        self.compression = compression
+        self.anchor = anchor.detach().clone()
+        self.optimizer = NesterovOuter(settings.lr, settings.momentum)
+        self.feedback = ErrorFeedback(anchor.numel())
+        self.outer_step = 0
+
+    def reset(self, model: torch.Tensor) -> None:
+        """Start over from `model` (a join's sync, a resumed checkpoint without outer state): the
+        next pseudo-gradient measures only steps taken from here."""
+        self.anchor.copy_(model)
+
+    def begin(self, model: torch.Tensor, step: int) -> OuterRound:
+        """Our pseudo-gradient since the last outer step, compressed with error feedback.
+        `model` is a snapshot the caller no longer writes (it becomes the round's start model)."""
+        delta = torch.sub(self.anchor, model)
+        payload, sent = self.feedback.compress(delta, self.compression)
+        self.outer_step += 1
+        return OuterRound(self.outer_step, step, model, sent, payload)
+
+    def as_model(self, delta: torch.Tensor) -> torch.Tensor:
+        """`anchor − delta`, in place in `delta`'s buffer: a partner's update as a candidate model."""
+        return delta.neg_().add_(self.anchor)
+
+    def sync_due(self, outer_step: int) -> bool:
+        """Whether the round numbered `outer_step` mixes anchors (a consensus round)."""
+        return self.settings.sync_every > 0 and outer_step % self.settings.sync_every == 0
+
+    def step(self, mixed_model: torch.Tensor) -> None:
+        """The outer step for the robust rule's `mixed_model` (a model near `anchor − Δ`); the
+        buffer of `mixed_model` is used up."""
+        grad = mixed_model.neg_().add_(self.anchor)  # Δ_mix = anchor − mixed
+        self.optimizer.step(self.anchor, grad)
+
+    def adopt(self, mixed_anchor: torch.Tensor) -> None:
+        """A consensus round's result: the robust mix of our anchor and partners' anchors."""
+        self.anchor.copy_(mixed_anchor)
+
+    def change(self, rnd: OuterRound, out: torch.Tensor) -> torch.Tensor:
+        """`anchor − round start model`, into `out`: what the caller adds to the live model with
+        `Trainer.apply_delta`, which keeps the inner steps taken while the round ran. The live
+        model then restarts from the new anchor; what was not sent lives on in the residual."""
+        return out.copy_(self.anchor).sub_(rnd.model)
+
+    def finish(self, rnd: OuterRound, mixed_model: torch.Tensor) -> torch.Tensor:
+        """`step`, then the `change` to apply, in `mixed_model`'s buffer."""
+        self.step(mixed_model)
+        return self.change(rnd, mixed_model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor.clone(), "outer_step": self.outer_step,
+                "optimizer": self.optimizer.state_dict(), "feedback": self.feedback.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchor = state["anchor"]
+        if anchor.shape != self.anchor.shape:
+            raise ValueError(f"outer anchor has shape {tuple(anchor.shape)}, the model {tuple(self.anchor.shape)}")
+        self.anchor.copy_(anchor)
+        self.outer_step = int(state.get("outer_step", 0))
+        self.optimizer.load_state_dict(state.get("optimizer", {}), self.anchor.numel())
+        if "feedback" in state:
+            self.feedback.load_state_dict(state["feedback"])

@@ -1,0 +1,116 @@
+"""Outer steps without I/O: the outer optimizer against torch's, and one peer's round arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from peer.outer import NesterovOuter, OuterLoop, OuterSettings
+from protocols.compression import CompressionSpec
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.floats(0.05, 1.0), st.sampled_from([0.0, 0.5, 0.9]), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_nesterov_outer_matches_torch_sgd(d, lr, momentum, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(d, generator=gen)
+    grads = [torch.randn(d, generator=gen) for _ in range(steps)]
+    ref = torch.nn.Parameter(start.clone())
+    sgd = torch.optim.SGD([ref], lr=lr, momentum=momentum, nesterov=momentum > 0)
+    ours, outer = start.clone(), NesterovOuter(lr, momentum)
+    for g in grads:
+        ref.grad = g.clone()
+        sgd.step()
+        outer.step(ours, g)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_nesterov_state_round_trip_continues_identically():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, generator=gen), None
+    g1, g2 = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
+    one = NesterovOuter(0.7, 0.9)
+    x = a.clone()
+    one.step(x, g1)
+    two = NesterovOuter(0.7, 0.9)
+    two.load_state_dict(one.state_dict(), 50)
+    b = x.clone()
+    one.step(x, g2)
+    two.step(b, g2)
+    torch.testing.assert_close(x, b)
+    with pytest.raises(ValueError, match="momentum buffer"):
+        NesterovOuter(0.7, 0.9).load_state_dict(one.state_dict(), 51)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"every_steps": -1}, "outer-every-steps"), ({"lr": 0.0}, "outer-lr"), ({"lr": float("nan")}, "outer-lr"),
+    ({"momentum": 1.0}, "outer-momentum"), ({"momentum": -0.1}, "outer-momentum"),
+])
+def test_bad_settings_are_refused_with_the_setting_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OuterSettings(**kwargs)
+
+
+def test_a_round_alone_is_diloco_with_one_worker():
+    """No partner: the outer step is lr x nesterov of our own pseudo-gradient, and inner steps
+    taken while the round ran are kept in the live model."""
+    anchor = torch.zeros(8)
+    loop = OuterLoop(OuterSettings(every_steps=5, lr=0.5, momentum=0.0), CompressionSpec("fp32"), anchor)
+    model = anchor - 1.0  # H inner steps moved every coordinate by -1: pseudo-gradient +1
+    rnd = loop.begin(model.clone(), step=5)
+    assert rnd.outer_step == 1 and rnd.step == 5
+    torch.testing.assert_close(rnd.sent, torch.ones(8))
+    own = loop.as_model(rnd.sent)  # anchor - sent
+    torch.testing.assert_close(own, model)
+    change = loop.finish(rnd, own.clone())
+    torch.testing.assert_close(loop.anchor, torch.full((8,), -0.5))  # anchor - 0.5 * 1
+    torch.testing.assert_close(change, torch.full((8,), 0.5))  # new anchor - round start model
+
+
+def test_mean_of_pseudo_gradients_is_applied_through_candidate_models():
+    """The rule sees partners as `anchor - delta_j`; a plain mean of those models is the anchor
+    minus the mean pseudo-gradient, so the outer step moves by lr x the mean."""
+    anchor = torch.zeros(4)
+    loop = OuterLoop(OuterSettings(every_steps=1, lr=1.0, momentum=0.0), CompressionSpec("fp32"), anchor)
+    rnd = loop.begin(torch.tensor([-1.0, -1.0, 0.0, 0.0]), step=1)  # our delta (1, 1, 0, 0)
+    own = loop.as_model(rnd.sent)
+    partner = loop.as_model(torch.tensor([3.0, 1.0, 2.0, 0.0]))
+    mixed = torch.stack([own, partner]).mean(0)
+    loop.finish(rnd, mixed)
+    torch.testing.assert_close(loop.anchor, -torch.tensor([2.0, 1.0, 1.0, 0.0]))
+
+
+def test_compressed_round_keeps_what_was_not_sent_for_the_next_rounds():
+    """With top-k a round sends part of the pseudo-gradient and the live model is reset to the
+    new anchor: what was not sent lives on in the residual only, and goes out in later rounds.
+    Four rounds at 25 % with no further training move the anchor by the whole delta, each
+    coordinate exactly once (no double counting between the model and the residual)."""
+    anchor = torch.zeros(100)
+    loop = OuterLoop(OuterSettings(every_steps=1, lr=1.0, momentum=0.0), CompressionSpec("topk", topk_fraction=0.25), anchor)
+    target = -torch.arange(1.0, 101.0)  # what H inner steps did: delta = 1..100
+    model = target.clone()
+    for _ in range(4):
+        rnd = loop.begin(model.clone(), step=1)
+        assert int((rnd.sent != 0).sum()) == 25
+        model += loop.finish(rnd, loop.as_model(rnd.sent))
+        torch.testing.assert_close(model, loop.anchor)  # the live model follows the anchor
+    torch.testing.assert_close(loop.anchor, target, atol=0.1, rtol=0.01)
+    assert float(loop.feedback.residual.abs().max()) < 0.1
+
+
+def test_state_round_trip_and_reset():
+    loop = OuterLoop(OuterSettings(every_steps=3), CompressionSpec("int8"), torch.zeros(10))
+    rnd = loop.begin(torch.randn(10), step=3)
+    loop.finish(rnd, loop.as_model(rnd.sent))
+    state = loop.state_dict()
+    other = OuterLoop(OuterSettings(every_steps=3), CompressionSpec("int8"), torch.zeros(10))
+    other.load_state_dict(state)
+    assert other.outer_step == 1
+    torch.testing.assert_close(other.anchor, loop.anchor)
+    torch.testing.assert_close(other.feedback.residual, loop.feedback.residual)
+    with pytest.raises(ValueError, match="anchor"):
+        OuterLoop(OuterSettings(every_steps=3), CompressionSpec("int8"), torch.zeros(11)).load_state_dict(state)
+    model = torch.randn(10)
+    other.reset(model)
+    torch.testing.assert_close(other.anchor, model)
