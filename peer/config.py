@@ -73,6 +73,8 @@ class PeerConfig:
     outer_lr: float | None = None
     outer_momentum: float | None = None
     outer_sync_every: int = 10  # outer rounds between two that mix partners' anchors (0: never)
+    # how anchors travel (consensus rounds and joiners' sync): a dense method (fp32, fp16, bf16, int8)
+    outer_anchor_compression: str = "int8"
     # what outer rounds send (protocols/compression.py): fp32, fp16, bf16, int8, topk[:FRACTION],
     # topk-int8[:FRACTION]; empty: the task's default (`Task.compression`)
     compression: str = ""

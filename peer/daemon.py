@@ -140,7 +140,10 @@ class PeerDaemon:
         self.outer = OuterLoop(self.outer_settings, self.compression, self.trainer.flat) if self.outer_settings.enabled else None
         self.published: Published | None = None  # what partners pull from us with outer steps
         # (step, anchor) served to `get_model` with outer steps: consensus rounds and joiners
-        self.served_anchor = (0, self.outer.anchor.clone()) if self.outer is not None else None
+        self.anchor_compression = CompressionSpec.parse(config.outer_anchor_compression)
+        if self.anchor_compression.method.startswith("topk"):
+            raise ValueError(f"outer-anchor-compression {config.outer_anchor_compression!r}: anchors need a dense method (fp32, fp16, bf16, int8)")
+        self.served_anchor = (0, compress(self.outer.anchor, self.anchor_compression)) if self.outer is not None else None
         self.outer_seen: dict[str, int] = {}  # partner -> its outer step we pulled last
         self._round_lock = asyncio.Lock()  # a checkpoint never sees an outer round half done
         self._hostile_base: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -273,7 +276,7 @@ class PeerDaemon:
             except (KeyError, ValueError, TypeError) as e:  # saved without outer steps, or another shape
                 self.outer.reset(self.trainer.snapshot())
                 log.info("checkpoint has no usable outer-step state (%s); outer steps start from its model", e)
-            self.served_anchor = (self.trainer.step, self.outer.anchor.clone())
+            self.served_anchor = (self.trainer.step, compress(self.outer.anchor, self.anchor_compression))
         self.last_checkpoint = (self.trainer.step, time.time())
         log.info("resumed from checkpoint at step %d", self.trainer.step)
         return True
@@ -428,10 +431,15 @@ class PeerDaemon:
         try:
             await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
-            step = gossip.check_model_header(header, self.specs, DEFAULT_LIMITS)
-            (arr,) = await self._read_sized(stream, self.specs, concurrent, None if into is None else [into.numpy()])
+            step, comp, specs = gossip.check_model_reply(header, self.specs, DEFAULT_LIMITS)
+            if comp is None:
+                (arr,) = await self._read_sized(stream, specs, concurrent, None if into is None else [into.numpy()])
+            else:  # a compressed anchor (outer steps)
+                parts = await self._read_sized(stream, specs, concurrent)
         finally:
             await stream.close()
+        if comp is not None:
+            return step, await asyncio.to_thread(decompress, comp, parts, self.specs[0].numel, into)
         return step, (into if into is not None else torch.from_numpy(arr))
 
     async def pull_delta(self, peer_id: str, addrs: list[str] | None, since: int = -1,
@@ -658,7 +666,7 @@ class PeerDaemon:
         change = await asyncio.shield(rnd.finishing)
         self.trainer.apply_delta(change)
         rnd.applied = True
-        self.served_anchor = (self.trainer.step, outer.anchor.clone())
+        self.served_anchor = (self.trainer.step, await asyncio.to_thread(compress, outer.anchor, self.anchor_compression))
         done = time.monotonic()
         self.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
                                staleness=staleness, seconds={
@@ -721,7 +729,7 @@ class PeerDaemon:
                     self.trainer.load_flat(coordinate_median([m for _, m in got]))
                     if self.outer is not None:
                         self.outer.reset(self.trainer.snapshot())
-                        self.served_anchor = (sorted(s for s, _ in got)[len(got) // 2], self.outer.anchor.clone())
+                        self.served_anchor = (sorted(s for s, _ in got)[len(got) // 2], compress(self.outer.anchor, self.anchor_compression))
                     self.trainer.set_step(sorted(s for s, _ in got)[len(got) // 2])
                     log.info("synced model (step %d) from %d of %d live peers", self.trainer.step, len(got), len(live))
                     return
@@ -760,9 +768,14 @@ class PeerDaemon:
                 return
             if self.outer is not None and self.hostile is None:
                 # with outer steps partners and joiners mix anchors, the point every peer's
-                # inner steps start from (a snapshot replaced, never written, after each round)
-                lease = contextlib.nullcontext(self.served_anchor)
-            elif self.hostile is None:
+                # inner steps start from: a compressed payload replaced, never written, after each round
+                step, payload = self.served_anchor
+                await write_header(stream, gossip.model_header(step, payload.specs, payload.header))
+                await asyncio.wait_for(write_payload(stream, payload.parts, DEFAULT_LIMITS),
+                                       timeout=self.payload_deadline(payload.nbytes, max(1, self._serving)))
+                self.counters["serves"] += 1
+                return
+            if self.hostile is None:
                 lease = self.snapshots.lease()  # shared while unchanged, never overwritten while sent
             else:
                 snap = self.hostile.craft(stream.remote_peer, self.trainer.snapshot()).contiguous()

@@ -54,8 +54,13 @@ def check_request(header: dict[str, Any], run_id: str, task: str) -> str:
     return kind
 
 
-def model_header(step: int, specs: list[TensorSpec]) -> dict[str, Any]:
-    return {"type": "model", "step": int(step), "tensors": [s.to_wire() for s in specs]}
+def model_header(step: int, specs: list[TensorSpec], compression: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A model reply; with `compression` the tensors are that payload's parts (outer steps serve
+    their anchor this way), without it one dense float32 tensor."""
+    header = {"type": "model", "step": int(step), "tensors": [s.to_wire() for s in specs]}
+    if compression is not None:
+        header["compression"] = compression
+    return header
 
 
 def delta_header(outer_step: int, step: int, compression: dict[str, Any], specs: list[TensorSpec]) -> dict[str, Any]:
@@ -70,20 +75,18 @@ def _nonneg_int(header: dict[str, Any], key: str) -> int:
     return v
 
 
-def check_delta_header(header: dict[str, Any], numel: int, limits: Limits) -> tuple[int, int, dict[str, Any], list[TensorSpec]]:
-    """Validate a pseudo-gradient reply before reading its payload: (outer_step, step,
-    compression header, part specs). The parts must be exactly what the compression header
-    implies for a model of `numel` elements (`compression.expected_parts`), so no size a peer
-    announces is trusted on its own."""
+def check_model_reply(header: dict[str, Any], expected: list[TensorSpec], limits: Limits) -> tuple[int, dict[str, Any] | None, list[TensorSpec]]:
+    """A model reply, dense or compressed: (step, compression header or None, part specs)."""
+    if header.get("type") == "model" and "compression" in header:
+        step = _nonneg_int(header, "step")
+        comp, specs = _compressed_parts(header, expected[0].numel, limits)
+        return step, comp, specs
+    return check_model_header(header, expected, limits), None, expected
+
+
+def _compressed_parts(header: dict[str, Any], numel: int, limits: Limits) -> tuple[dict[str, Any], list[TensorSpec]]:
     from protocols.compression import expected_parts
 
-    kind = header.get("type")
-    if kind == "error":
-        reason = header.get("reason")
-        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
-    if kind != "delta":
-        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
-    outer_step, step = _nonneg_int(header, "outer_step"), _nonneg_int(header, "step")
     comp = header.get("compression")
     if not isinstance(comp, dict):
         raise ProtocolError("bad_header", "compression")
@@ -91,7 +94,23 @@ def check_delta_header(header: dict[str, Any], numel: int, limits: Limits) -> tu
     specs = parse_tensor_specs(header.get("tensors"), limits)
     if [(s.dtype, s.shape) for s in specs] != [(s.dtype, s.shape) for s in expected]:
         raise ProtocolError("wrong_shape", "parts differ from what the compression header implies")
-    return outer_step, step, comp, expected
+    return comp, expected
+
+
+def check_delta_header(header: dict[str, Any], numel: int, limits: Limits) -> tuple[int, int, dict[str, Any], list[TensorSpec]]:
+    """Validate a pseudo-gradient reply before reading its payload: (outer_step, step,
+    compression header, part specs). The parts must be exactly what the compression header
+    implies for a model of `numel` elements (`compression.expected_parts`), so no size a peer
+    announces is trusted on its own."""
+    kind = header.get("type")
+    if kind == "error":
+        reason = header.get("reason")
+        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
+    if kind != "delta":
+        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
+    outer_step, step = _nonneg_int(header, "outer_step"), _nonneg_int(header, "step")
+    comp, specs = _compressed_parts(header, numel, limits)
+    return outer_step, step, comp, specs
 
 
 def error_header(reason: str) -> dict[str, Any]:
