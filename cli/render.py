@@ -36,9 +36,27 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("run / task", f"{s['run_id']} / {s['task']} (shard {s['shard']}, aggregator {s['aggregator']})")
     head.add_row("phase", f"{s['phase']}, up {s['uptime_s']:.0f}s")
     head.add_row("training", f"step {s['step']}  loss {_fmt(s['loss'])}  accuracy {_fmt(s['accuracy'], pct=True)}  {s['samples_per_s']:.0f} samples/s")
-    head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed; sent {_bytes(s['bytes_sent'])}, received {_bytes(s['bytes_received'])}")
-    if s.get("gossip_cadence"):  # absent from older daemons
+    if s.get("bits_per_byte") is not None:
+        head.add_row("held-out", f"loss {_fmt(s.get('test_loss'))} nats/byte, {_fmt(s['bits_per_byte'])} bits/byte")
+    head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed, {s.get('rounds_no_partner', 0)} found no partner; "
+                           f"sent {_bytes(s['bytes_sent'])}, received {_bytes(s['bytes_received'])}")
+    outer = s.get("outer")
+    if outer:
+        ratio = f", {outer['compression_ratio']:g}x smaller than float32" if outer.get("compression_ratio") else ""
+        head.add_row("outer steps", f"step {outer['outer_step']} (every {outer['every_steps']} inner steps, lr {outer['lr']:g}, "
+                                    f"momentum {outer['momentum']:g}); sends {outer['compression']}{ratio}")
+    elif s.get("gossip_cadence"):
         head.add_row("gossip cadence", s["gossip_cadence"])
+    traffic = s.get("traffic")
+    if traffic:
+        caps = "/".join(_fmt(traffic.get(k)) for k in ("max_upload_mbps", "max_download_mbps"))
+        head.add_row("traffic", f"up {_fmt(traffic['upload_mbps'])} / down {_fmt(traffic['download_mbps'])} Mbit/s (caps {caps}); "
+                                f"training {_fmt(traffic.get('utilisation'), pct=True)} of the time")
+    last = s.get("last_round") or {}
+    if last.get("seconds"):
+        sec = last["seconds"]
+        head.add_row("last round", f"{last.get('kind', 'models')}: compute {sec['compute']:.2f}s, transfer {sec['transfer']:.2f}s, "
+                                   f"aggregate {sec['aggregate']:.2f}s; staleness {last.get('staleness') or '-'}")
     rej = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **s["pull_failed"]}.items()) or "none"
     head.add_row("rejected / failed", rej)
     refused = {**s.get("serve_errors", {}), **s.get("record_rejects", {}), **s.get("dht_rejects", {})}

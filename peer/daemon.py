@@ -170,8 +170,9 @@ class PeerDaemon:
         self.rejected: dict[str, int] = {}
         self.pull_failed: dict[str, int] = {}
         self.pull_skipped: dict[str, int] = {}  # partners with nothing new for us (not failures)
-        # (monotonic time, bytes sent, bytes received) at the last heartbeats: status's rates
-        self._traffic_samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=6)
+        # (monotonic time, bytes sent, bytes received, training seconds) at the last heartbeats:
+        # status's rates and utilisation
+        self._traffic_samples: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=6)
         self.serve_errors: dict[str, int] = {}
         self.addrs: list[str] = []
         self.phase = "starting"
@@ -382,7 +383,8 @@ class PeerDaemon:
                     self._penalise(owner, "bad_record", reason, now)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
-        self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"]))
+        self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"],
+                                      self.trainer.train_seconds))
         self._write_metrics()
 
     async def _withdraw(self) -> None:
@@ -852,7 +854,7 @@ class PeerDaemon:
         m = self.trainer.metrics
         return {
             "step": self.trainer.step, "samples": self.trainer.samples, "loss": self.trainer.last_loss,
-            "accuracy": m.get("accuracy"), "test_loss": m.get("test_loss"),
+            "accuracy": m.get("accuracy"), "test_loss": m.get("test_loss"), "bits_per_byte": m.get("bits_per_byte"),
             "samples_per_s": round(self.trainer.samples_per_s, 1),
             **{k: self.counters[k] for k in ("rounds_ok", "rounds_failed", "rounds_no_partner", "bytes_sent", "bytes_received")},
             "outer_step": self.outer.outer_step if self.outer is not None else None,
@@ -918,13 +920,15 @@ class PeerDaemon:
     def _traffic_status(self) -> dict[str, Any]:
         """Gossip traffic: totals, rates over the last heartbeats, caps and the link estimate."""
         samples = self._traffic_samples
-        up = down = None
+        up = down = busy = None
         if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
             dt = samples[-1][0] - samples[0][0]
             up = (samples[-1][1] - samples[0][1]) * 8 / dt / 1e6
             down = (samples[-1][2] - samples[0][2]) * 8 / dt / 1e6
+            busy = (samples[-1][3] - samples[0][3]) / dt
         rate = self.link.rate(time.monotonic())
-        return {"upload_mbps": _finite(up), "download_mbps": _finite(down),
+        return {"upload_mbps": _finite(up), "download_mbps": _finite(down), "utilisation": _finite(busy),
+                "train_seconds": round(self.trainer.train_seconds, 1),
                 "max_upload_mbps": self.config.max_upload_mbps or None, "max_download_mbps": self.config.max_download_mbps or None,
                 "link_estimate_mbps": _finite(rate * 8 / 1e6) if rate else None}
 

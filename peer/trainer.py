@@ -100,6 +100,8 @@ class Trainer:
         self._eval_model: torch.nn.Module | None = None  # a copy evaluated outside the lock (1x the model)
         self._eval_flat: torch.Tensor | None = None
         self.eval_seconds = 0.0  # the last evaluation's duration
+        # wall time spent in training steps, waits for the lock included (utilisation = its rate)
+        self.train_seconds = 0.0
         self._eval_lock = threading.Lock()
 
     # --- state shared with the event loop -------------------------------------------------
@@ -213,6 +215,7 @@ class Trainer:
     def train_step(self) -> None:
         """One local step on a random batch of this peer's shard (also used by lock-step simulations)."""
         task = self.task
+        started = time.monotonic()
         n = len(task.y_train)
         idx = torch.randint(0, n, (min(task.batch_size, n),), generator=self._gen)
         with self.lock:
@@ -226,6 +229,7 @@ class Trainer:
             self.samples += len(idx)
         self.local_steps += 1
         self.last_loss = float(loss.detach())
+        self.train_seconds += time.monotonic() - started
 
     def _loop(self) -> None:
         last_eval = 0.0
