@@ -11,6 +11,11 @@ record, then all peers run one gossip round concurrently. MNIST-1D, Dirichlet(al
     scripts/robustness.py --json             # the full table as one JSON object
     scripts/robustness.py --aggregators mean,median --attacks none,alie
     scripts/robustness.py --attacks ipm --peer-setting loss_probe_samples=0   # a daemon setting for every peer
+    scripts/robustness.py --quick --outer --compression topk-int8:0.05        # outer steps, compressed
+
+`--outer` makes every round an outer round (peer/outer.py: the `--local-steps` inner steps of the
+round are the pseudo-gradient; an anchor-mixing round every `--peer-setting outer_sync_every=N`);
+`--compression` sets what outer rounds send (protocols/compression.py).
 
 Accuracy is the honest peers' mean test accuracy, averaged over the last 3 rounds. The targeted
 attack's success rate is the fraction of honest predictions on test examples of class 0 (1) that
@@ -150,7 +155,13 @@ def main() -> None:
     ap.add_argument("--peer-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="a PeerConfig setting for every peer, e.g. loss_probe_samples=0 (repeatable)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--outer", action="store_true", help="outer rounds on pseudo-gradients (H = --local-steps)")
+    ap.add_argument("--compression", default=None, help="what outer rounds send, e.g. int8 or topk-int8:0.05 (implies --outer)")
     args = ap.parse_args()
+    if args.outer or args.compression:
+        args.peer_setting = [f"outer_every_steps={args.local_steps}", *args.peer_setting]
+        if args.compression:
+            args.peer_setting.append(f"compression={args.compression}")
 
     aggregators = args.aggregators.split(",") if args.aggregators else (QUICK_AGGREGATORS if args.quick else list(AGGREGATORS))
     attacks = args.attacks.split(",") if args.attacks else ALL_ATTACKS
@@ -186,7 +197,8 @@ def main() -> None:
     asr = {g: (max(asr_all[g][a] for a in targeted) if targeted else None) for g in aggregators}
     if args.json:
         print(json.dumps({"default": DEFAULT_AGGREGATOR, "accuracy": acc, "attack_success_rate": asr,
-                          "attack_success_rate_by_attack": asr_all, "settings": {**kw, "alpha": 0.5},
+                          "attack_success_rate_by_attack": asr_all,
+                          "settings": {**kw, "alpha": 0.5, "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}},
                           "seconds": round(time.monotonic() - t0, 1)}))
         return
     width = max(len(g) for g in aggregators) + 2
