@@ -15,6 +15,13 @@ works unchanged: `x_i + Σ w clip(x_j − x_i)` on those models is `anchor − (
 a robust mix of the pseudo-gradients, and the loss screen scores "our anchor moved by the
 partner's update", which is what mixing it would do to us.
 
+Every `sync_every`-th round is a consensus round instead: the outer step uses our own
+pseudo-gradient alone, then the anchor becomes the robust rule's mix of our anchor and partners'
+anchors (pulled compressed, int8 by default). Pseudo-gradients alone never pull peers' anchors
+together (each peer applies its own mix, so the differences random-walk); NoLoCo's outer step
+has the same consensus term. Measured on digits-mlp, 4 peers, H = 10, top-k 10 %: final model
+spread 0.07-0.19 with a consensus round every 5, 0.33-0.42 without (tests/test_outer_swarm.py).
+
 No barrier: a round uses whatever each partner published last; a partner may be some outer steps
 behind or ahead (`staleness`). Nothing here touches a socket or a clock: the daemon feeds it.
 """

@@ -236,6 +236,8 @@ class Trainer:
         window_start, window_samples = time.monotonic(), 0
         while not self._stop.is_set():
             if self.done:
+                if not self.metrics:  # done before a single step (a joiner adopted a later step)
+                    self.evaluate()
                 self._stop.wait(0.2)
                 continue
             self.train_step()
