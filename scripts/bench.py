@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench.py aggregate     # default rule vs a memory copy, n 8/16/32 x d 1M/10M
     .venv/bin/python scripts/bench.py convergence   # 4 peers vs central vs hivemind.Optimizer to 88 %
     .venv/bin/python scripts/bench.py overhead      # samples/s with gossip on vs off
+    .venv/bin/python scripts/bench.py comms         # LM task: ours vs per-step gossip vs sync DiLoCo vs central
     .venv/bin/python scripts/bench.py all --json    # everything, one JSON object
     .venv/bin/python scripts/bench.py all --tiny    # small sizes, to check the plumbing (~1 min)
 
@@ -31,7 +32,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(SCRIPTS.parent))
 
-BENCHES = ("transfer", "aggregate", "convergence", "overhead")
+BENCHES = ("transfer", "aggregate", "convergence", "overhead", "comms")
 
 # Goals from the issue: (figure, comparison, bound)
 GOALS = {
@@ -41,6 +42,9 @@ GOALS = {
     "samples_ratio_vs_central": ("<=", 2.0),
     "time_ratio_vs_hivemind": ("<", 1.0),
     "overhead_ratio": (">=", 0.9),
+    "bytes_reduction": (">=", 400.0),
+    "loss_gap_vs_central": ("<=", 0.02),
+    "utilisation_capped": (">=", 0.95),
 }
 
 
@@ -95,6 +99,16 @@ def bench_overhead(args) -> dict:
     if args.tiny:
         return bench_overhead.run(task="digits-mlp", partners=1, repeats=1, settle_s=0.5, window_s=2.0)
     return bench_overhead.run(repeats=args.repeats)
+
+
+def bench_comms(args) -> dict:
+    import bench_comms
+
+    if args.tiny:
+        return bench_comms.run(task="lm-tiny", peers=2, steps=40, capped=False, out=None)
+    args.comms_plot.parent.mkdir(parents=True, exist_ok=True)
+    return bench_comms.run(task=args.comms_task, peers=args.comms_peers, steps=args.comms_steps,
+                           cap_mbit=args.cap_mbit, out=args.comms_plot)
 
 
 # --- presentation -----------------------------------------------------------------------------
@@ -152,6 +166,16 @@ def table(name: str, r: dict) -> str:
         lines.append(f"gossip off {r['off_samples_per_s']:>9.0f} samples/s   (per window: "
                      + ", ".join(f"{x['samples_per_s']:.0f}" for x in r["off"]) + ")")
         lines.append(f"overhead_ratio {_f(r['overhead_ratio'])}")
+    elif name == "comms":
+        lines.append(f"{r['peers']} peers, {r['task']}, {r['steps']} inner steps each; capped run at {r['cap_mbit']:g} Mbit/s")
+        lines.append(f"{'system':<28} {'final held-out loss':>20} {'bytes sent/peer/step':>21} {'utilisation (worst)':>20}")
+        for k, res in r["results"].items():
+            lines.append(f"{k:<28} {res['final_loss']:>20.4f} {res['bytes_sent_per_step']:>21.0f} "
+                         f"{_f(res.get('utilisation_worst'), '.3f'):>20}")
+        lines.append(f"bytes_reduction {_f(r['bytes_reduction'], '.1f')}; loss_gap_vs_central {_f(r['loss_gap_vs_central'], '.4f')}; "
+                     f"utilisation_capped {_f(r['utilisation_capped'], '.3f')}" + (f" (skipped: {r['capped_skipped']})" if r.get("capped_skipped") else ""))
+        if r.get("plot"):
+            lines.append(f"plot: {r['plot']}")
     return "\n".join(lines)
 
 
@@ -215,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="convergence: a `peer join` setting for our peers, e.g. --ours-setting gossip-every-s=0.25 "
                          "(repeatable; default: none, i.e. the default configuration)")
     ap.add_argument("--hivemind-max-seconds", type=float, default=180.0, help="convergence: cap per hivemind configuration")
+    ap.add_argument("--comms-task", default="lm-tiny", help="comms: the task (an LM task)")
+    ap.add_argument("--comms-peers", type=int, default=4, help="comms: real peers per swarm")
+    ap.add_argument("--comms-steps", type=int, default=600, help="comms: inner steps each peer trains")
+    ap.add_argument("--cap-mbit", type=float, default=20.0, help="comms: the capped run's link rate, both ways")
+    ap.add_argument("--comms-plot", type=Path, default=Path("runs/bench/comms.png"), help="comms: loss vs time and bytes")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -244,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          ("aggregate", "aggregate_ratio"),
                                                          ("convergence", "samples_ratio_vs_central"),
                                                          ("convergence", "time_ratio_vs_hivemind"),
-                                                         ("overhead", "overhead_ratio"))}
+                                                         ("overhead", "overhead_ratio"),
+                                                         ("comms", "bytes_reduction"), ("comms", "loss_gap_vs_central"),
+                                                         ("comms", "utilisation_capped"))}
     report["goals"] = {k: f"{op} {bound}" for k, (op, bound) in GOALS.items()}
     if args.json:
         print(json.dumps(report))

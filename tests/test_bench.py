@@ -63,8 +63,19 @@ def test_bench_all_tiny_json_has_every_ratio_and_sane_figures():
     assert all(w["rounds_ok"] > 0 and w["bytes_received"] > 0 for w in o["on"])
     assert all(w["rounds_ok"] == 0 and w["serves"] == 0 for w in o["off"])
 
+    m = report["comms"]
+    assert m["peers"] == 2 and m["task"] == "lm-tiny"
+    ours, per_step = m["results"]["(a) ours"], m["results"]["(b) per-step gossip"]
+    # both swarms trained every step and gossiped; outer rounds sent compressed pseudo-gradients
+    assert all(p["steps"] >= m["steps"] and p["rounds_ok"] + p["rounds_no_partner"] > 0 for p in ours["peers"] + per_step["peers"])
+    assert all(p["outer"] and p["outer"]["outer_step"] > 0 for p in ours["peers"])
+    assert m["bytes_reduction"] == pytest.approx(per_step["bytes_sent_per_step"] / ours["bytes_sent_per_step"], rel=0.01)
+    assert m["bytes_reduction"] > 1
+    assert m["loss_gap_vs_central"] == pytest.approx(ours["final_loss"] / m["results"]["(d) central"]["final_loss"] - 1, abs=1e-3)
+
     assert set(report["ratios"]) == {"transfer_ratio", "peak_extra_over_model", "aggregate_ratio",
-                                     "samples_ratio_vs_central", "time_ratio_vs_hivemind", "overhead_ratio"}
+                                     "samples_ratio_vs_central", "time_ratio_vs_hivemind", "overhead_ratio",
+                                     "bytes_reduction", "loss_gap_vs_central", "utilisation_capped"}
 
 
 def test_bench_rejects_an_unknown_benchmark_and_hivemind_config():
