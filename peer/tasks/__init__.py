@@ -1,6 +1,7 @@
 """Tasks: what a run trains. A `Task` bundles model, optimizer, data and evaluation.
 
-Built-in: `mnist1d-cnn` (default) and `digits-mlp` (tiny, for fast tests). A user's own task is
+Built-in: `mnist1d-cnn` (default), `digits-mlp` (tiny, for fast tests), and the byte-level language
+models `lm-tiny`, `lm`, `lm-large` (peer/tasks/lm.py). A user's own task is
 `--task my_module:build`, where `build(**options)` returns a `Task`.
 
 Every peer of a run must build the same model from the same seed; each trains on its own shard
@@ -216,7 +217,20 @@ def digits_mlp(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: f
     )
 
 
-BUILTIN: dict[str, Callable[..., Task]] = {"mnist1d-cnn": mnist1d_cnn, "digits-mlp": digits_mlp}
+def _lm(size: str) -> Callable[..., Task]:
+    """A byte-level language-model task (peer/tasks/lm.py), imported only when built: importing
+    peer.tasks must not read the corpus."""
+    def build(**options) -> Task:
+        from peer.tasks.lm import lm_task
+
+        return lm_task(size=size, **options)
+    return build
+
+
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "mnist1d-cnn": mnist1d_cnn, "digits-mlp": digits_mlp,
+    "lm-tiny": _lm("tiny"), "lm": _lm("base"), "lm-large": _lm("large"),
+}
 
 
 def load_task(name: str, **options) -> Task:
