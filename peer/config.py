@@ -63,7 +63,7 @@ class PeerConfig:
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round
     # (the default rule's loss screen, peer/aggregation/loss.py); 0 turns the screen off
-    loss_probe_samples: int = 256
+    loss_probe_samples: int | None = None  # None: the task's (`Task.loss_probe_samples`)
     partners: int = 4  # robust rules need several partners per round to tell outliers apart
     # Outer steps (peer/outer.py): a round every this many inner steps exchanges compressed
     # pseudo-gradients and applies a Nesterov outer step; 0: rounds exchange whole models on the

@@ -125,9 +125,9 @@ class PeerDaemon:
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
         # the default rule's loss screen needs each partner's loss on our own data
-        self.loss_probe = (LossProbe(self.task, config.loss_probe_samples)
-                           if config.loss_probe_samples > 0 and getattr(self.aggregator, "loss_screen", None) is not None
-                           else None)
+        probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
+        self.loss_probe = (LossProbe(self.task, probe)
+                           if probe > 0 and getattr(self.aggregator, "loss_screen", None) is not None else None)
         self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")

@@ -249,8 +249,8 @@ class Trainer:
             if now - window_start >= 1.0:
                 self.samples_per_s = window_samples / (now - window_start)
                 window_start, window_samples = now, 0
-            # evaluations take at most ~1/10 of the training thread's time, however large the model
-            if now - last_eval >= max(self.eval_every_s, 10 * self.eval_seconds) or self.done:
+            # evaluations take at most ~2 % of the training thread's time, however large the model
+            if now - last_eval >= max(self.eval_every_s, 50 * self.eval_seconds) or self.done:
                 self.evaluate()
                 last_eval = now
             if self.step_delay_s:

@@ -27,15 +27,16 @@ from peer.launcher import start_swarm, stop_all
 
 def swarm_table(peers, statuses, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("peer", "shard", "step", "test accuracy", "loss", "live peers seen", "rounds ok/failed"):
+    for col in ("peer", "shard", "step", "test accuracy", "loss", "bits/byte", "live peers seen", "rounds ok/failed"):
         t.add_column(col)
     for p, s in zip(peers, statuses):
         if s is None:
-            t.add_row(p.data_dir.name, "-", "-", "-", "-", "-", "-")
+            t.add_row(p.data_dir.name, "-", "-", "-", "-", "-", "-", "-")
             continue
         acc = f"{100 * s['accuracy']:.1f}%" if s["accuracy"] is not None else "-"
         loss = f"{s['loss']:.3f}" if s["loss"] is not None else "-"
-        t.add_row(s["peer_id"][:16] + "…", s["shard"], str(s["step"]), acc, loss, str(len(s["live_peers"])),
+        bpb = f"{s['bits_per_byte']:.2f}" if s.get("bits_per_byte") is not None else "-"
+        t.add_row(s["peer_id"][:16] + "…", s["shard"], str(s["step"]), acc, loss, bpb, str(len(s["live_peers"])),
                   f"{s['rounds_ok']}/{s['rounds_failed']}")
     return t
 
@@ -44,12 +45,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--task", default="mnist1d-cnn")
-    ap.add_argument("--target", type=float, default=0.90, help="stop once every peer reaches this test accuracy")
+    ap.add_argument("--target", type=float, default=None,
+                    help="stop once every peer reaches this test accuracy (next-byte accuracy for lm tasks) "
+                         "[default: 0.90; 0.30 for lm tasks]")
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--min-seconds", type=float, default=20.0)
     ap.add_argument("--root", type=Path, default=Path("runs/quickstart"))
     ap.add_argument("--json", action="store_true", help="print the final per-peer results as JSON")
     args = ap.parse_args()
+    if args.target is None:
+        args.target = 0.30 if args.task.startswith("lm") else 0.90
 
     console = Console(stderr=args.json)
     args.root.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,8 @@ def main() -> int:
         stop_all(peers)
 
     elapsed = time.monotonic() - start
-    final = [{"peer_id": s["peer_id"], "shard": s["shard"], "step": s["step"], "accuracy": s["accuracy"]} if s else None for s in statuses]
+    final = [{"peer_id": s["peer_id"], "shard": s["shard"], "step": s["step"], "accuracy": s["accuracy"],
+              "bits_per_byte": s.get("bits_per_byte")} if s else None for s in statuses]
     table = Table(title=f"final test accuracy after {elapsed:.0f}s of training", title_justify="left")
     for col in ("peer", "shard", "steps", "test accuracy"):
         table.add_column(col)

@@ -49,6 +49,9 @@ class Task:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     compression: str = "fp32"
+    # examples of a peer's own training data on which the default rule's loss screen scores each
+    # partner every round (one forward pass each): 256 MNIST-1D signals, a few LM windows
+    loss_probe_samples: int = 256
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
