@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a scenario of real `peer join` daemons on 127.0.0.1 with churn, attackers and slow peers.
 
-    scripts/experiment.py scripts/scenarios/churn.toml [--out DIR] [--duration S]
+    scripts/experiment.py scripts/scenarios/churn.toml [--out DIR] [--duration S] [--allow-unshaped] [--shaper auto|netem|switch]
     scripts/experiment.py --collect DIR      # summarise data dirs (this runner's, or gathered elsewhere)
 
 Each peer is a real daemon (real p2pd, real protocol, real training) started through
@@ -49,18 +49,19 @@ class Slot:
 
 
 class Runner:
-    def __init__(self, sc: Scenario, out: Path, quiet: bool = False, shaped: bool = False):
+    def __init__(self, sc: Scenario, out: Path, quiet: bool = False, net: network.Plan | None = None):
         self.sc, self.out, self.quiet = sc, out, quiet
         self.netns: network.Namespaces | None = None
         self.where: dict[int, tuple[list[str], str]] = {}  # slot -> (command prefix, listen address)
-        if shaped:
-            self.netns = network.Namespaces()
+        if net is not None and net.via is not None:
+            self.netns = network.Namespaces(via=net.via, seed=sc.seed)
             try:
                 self.netns.up()
                 for i in range(sc.total_peers):
-                    g = sc.settings_for(i)
-                    self.where[i] = self.netns.add(i, g.delay_ms, g.rate_mbit, g.loss_pct)
-            except RuntimeError:
+                    c = net.conditions.get(i, network.Condition())
+                    self.where[i] = self.netns.add(i, c.delay_ms, c.rate_mbit, c.loss_pct)
+                self.netns.start()
+            except BaseException:  # a failed command, or Ctrl-C while setting up: leave nothing behind
                 self.netns.down()
                 raise
         self.events_file = open(out / "events.jsonl", "a")
@@ -138,7 +139,10 @@ class Runner:
 
     def poll(self) -> None:
         """Reap exits (an exit nobody asked for, or a failed graceful leave, is a crash) and
-        read every running daemon's status."""
+        read every running daemon's status. A network that stopped working ends the run: peers
+        cut off from each other would measure nothing the scenario asked for."""
+        if self.netns is not None and (broken := self.netns.failure()):
+            raise PeerProcessError(f"network: {broken}")
         for s in self.slots:
             if s.peer is None or s.state == "down":
                 continue
@@ -231,10 +235,12 @@ class Runner:
             except PeerProcessError as e:
                 self.log("crash", s, exit_code=None, log_tail=str(e)[-400:])
             s.state = "down"
+        if self.netns is not None:
+            stats = self.netns.down()
+            if stats is not None:
+                self.log("network_stats", switch=stats)  # packets forwarded, lost, dropped at a full queue
         self.log("run_end")
         self.events_file.close()
-        if self.netns is not None:
-            self.netns.down()
 
     def display(self):
         """A rich progress bar with live counts; a line every 30 s when not on a terminal."""
@@ -282,6 +288,11 @@ def main() -> int:
                     help='print the churn schedule as "SECONDS ACTION SLOT" lines (for deploy/k8s/churn.sh) and exit')
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no live display; a progress line every 30 s on stderr")
+    ap.add_argument("--allow-unshaped", action="store_true",
+                    help="run even when some network condition cannot be applied here (named in one line); default: refuse, exit 2")
+    ap.add_argument("--shaper", choices=network.SHAPERS, default="auto",
+                    help="how to apply delay/loss: auto (tc netem where the kernel has it, else the userspace delay switch), "
+                         "netem (tc only), switch (the delay switch for every condition, caps included)")
     args = ap.parse_args()
 
     if args.collect:
@@ -312,26 +323,37 @@ def main() -> int:
     if out.exists() and any(out.iterdir()):
         print(f"experiment: {out} exists and is not empty; choose another --out", file=sys.stderr)
         return 2
+
+    # Every condition the scenario asks for is applied, or named in one line with the reason:
+    # a run is refused (exit 2) rather than quietly measuring an unshaped network.
+    asked = {}
+    for i in range(sc.total_peers):
+        g = sc.settings_for(i)
+        asked[i] = network.Condition(g.delay_ms, g.rate_mbit, g.loss_pct)
+    net = network.plan(asked, args.shaper)
+    notices = []
+    if net.missing:
+        what = f"network conditions {network.Plan.describe(net.missing)} cannot be applied: {net.why}"
+        if not args.allow_unshaped:
+            print(f"experiment: {what}; refusing to start (--allow-unshaped runs without them)", file=sys.stderr)
+            return 2
+        print(f"{what}; running without them (--allow-unshaped)", file=sys.stderr)
+        notices.append(f"not applied (--allow-unshaped): {network.Plan.describe(net.missing)}: {net.why}")
     (out / "peers").mkdir(parents=True, exist_ok=True)
     shutil.copy(args.scenario, out / "scenario.toml")
-
-    wants_net = any(g.delay_ms or g.rate_mbit or g.loss_pct for g in sc.heterogeneity)
-    notice = network.probe(need_netem=any(g.delay_ms or g.loss_pct for g in sc.heterogeneity)) if wants_net else None
-    if notice:
-        print(f"network conditions skipped: {notice}; every peer runs on 127.0.0.1 unshaped", file=sys.stderr)
     print(f"experiment {sc.name}: {sc.peers} honest + {sc.attack.count} attackers, {sc.duration_s:.0f} s, data in {out}",
           file=sys.stderr)
     try:
-        runner = Runner(sc, out, quiet=args.quiet, shaped=wants_net and notice is None)
-    except RuntimeError as e:
+        runner = Runner(sc, out, quiet=args.quiet, net=net)
+    except (RuntimeError, OSError) as e:
         print(f"experiment: setting up network namespaces failed: {e}", file=sys.stderr)
         return 1
     if runner.netns is not None:
-        shaped = [(i, sc.settings_for(i)) for i in range(sc.total_peers)]
-        notice = "applied: " + ", ".join(
-            f"p{i}" + "".join(f" {v:g}{unit}" for v, unit in ((g.delay_ms, "ms delay"), (g.rate_mbit, "Mbit/s"), (g.loss_pct, "% loss")) if v)
-            for i, g in shaped if g.delay_ms or g.rate_mbit or g.loss_pct)
-        print(f"network conditions {notice}; every peer in its own namespace on 10.231.0.0/16", file=sys.stderr)
+        where = ("veth pairs on a bridge, 10.231.0.0/16, shaped with tc" if net.via == "bridge" else
+                 "TUN devices, 10.232.0.0/16, through the userspace delay switch (peer/experiment/delayswitch.py)")
+        notices.insert(0, f"applied: {network.Plan.describe(net.conditions)}; every peer in its own namespace, {where}")
+        print(f"network conditions {notices[0]}", file=sys.stderr)
+    notice = "; ".join(notices) or None
     def terminated(*_):  # `kill`, a CI timeout: stop the peers as Ctrl-C does, leave nothing behind
         raise KeyboardInterrupt
 

@@ -51,7 +51,7 @@ class Attack:
 class Slow:
     peers: list[int]
     step_delay_s: float = 0.0     # a sleep after every training step
-    delay_ms: float = 0.0         # network conditions (need tc netem; skipped with a notice otherwise)
+    delay_ms: float = 0.0         # network conditions (need root: peer/experiment/network.py; never skipped silently)
     rate_mbit: float = 0.0
     loss_pct: float = 0.0
 
