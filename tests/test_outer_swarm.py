@@ -42,3 +42,62 @@ async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(
     assert st["rounds_no_partner"] >= 3 and st["rounds_ok"] == 0 and st["rounds_failed"] == 0
     # the live model follows the anchor: no pseudo-gradient is lost or counted twice
     assert d.outer.feedback.residual.abs().max() < 1.0
+
+
+async def test_a_peer_of_another_task_is_ignored_with_one_line(memory_swarm, caplog):
+    """Different task names (an lm task's name carries its corpus digest) never mix: the view
+    drops the other's records and the log says why in one line."""
+    caplog.set_level("INFO", logger="peer.daemon")
+    a = await memory_swarm.add("a", shard="0/2")
+    b = await memory_swarm.add("b", shard="1/2", task="mnist1d-cnn")
+    await wait_until(lambda: a.view.rejected.get("record_wrong_task", 0) >= 2, 20, "a to see b's record")
+    assert not a.view.live(a.transport.now()) and not b.view.live(b.transport.now())
+    lines = [r.getMessage() for r in caplog.records if "trains task" in r.getMessage()]
+    assert any("'mnist1d-cnn'" in m and "'digits-mlp'" in m for m in lines), lines
+    assert a.counters["rounds_ok"] == 0 and b.counters["rounds_ok"] == 0
+
+
+async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swarm):
+    """A partner answering get_delta with an inconsistent or oversized compressed payload is
+    counted under `rejected` and backed off; the honest peer keeps training and mixing."""
+    import numpy as np
+
+    from protocols import gossip
+    from protocols.codec import TensorSpec, read_header, write_header, write_payload
+    from protocols.discovery import PeerRecord, run_key
+
+    honest = await memory_swarm.add("honest", shard="0/2", outer_every_steps=5, compression="topk:0.1", partners=4,
+                                    step_delay_s=0.005)
+    other = await memory_swarm.add("other", shard="1/2", outer_every_steps=5, compression="topk:0.1", step_delay_s=0.005)
+    numel = honest.specs[0].numel
+    served = {}
+
+    async def serve(kind, stream):
+        req = await read_header(stream)
+        served[kind] = req.get("type")
+        k = numel // 2  # above the 25 % cap on top-k
+        if kind == "huge_k":
+            comp = {"method": "topk", "numel": numel, "k": k}
+            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "float16", (k,))]))
+        elif kind == "lying_parts":
+            comp = {"method": "topk", "numel": numel, "k": 10}
+            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (10**8,)), TensorSpec("values", "float16", (10,))]))
+        elif kind == "duplicate_indices":
+            comp = {"method": "topk", "numel": numel, "k": 4}
+            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (4,)), TensorSpec("values", "float16", (4,))]))
+            await write_payload(stream, [np.array([1, 1, 2, 3], dtype="<u4"), np.ones(4, dtype="<f2")])
+
+    for kind in ("huge_k", "lying_parts", "duplicate_indices"):
+        t = memory_swarm.net.transport(f"bad-{kind}")
+        await t.start()
+        await t.set_handler(gossip.PROTOCOL, lambda s, kind=kind: serve(kind, s))
+        rec = PeerRecord(t.peer_id, (f"/memory/{t.peer_id}",), honest.task.name, 1, 1.0, 1, t.now())
+        await t.publish(run_key("test"), rec.to_wire(), t.now() + 60)
+    await wait_until(lambda: len(served) == 3, 30, "every hostile partner to be asked")
+    assert set(served.values()) == {"get_delta"}
+    await wait_until(lambda: sum(honest.rejected.values()) >= 3, 30, "the three bad replies to be counted")
+    assert honest.rejected.get("too_large", 0) >= 1 and honest.rejected.get("wrong_shape", 0) >= 1
+    assert honest.rejected.get("bad_payload", 0) >= 1
+    ok = honest.counters["rounds_ok"]
+    await wait_until(lambda: honest.counters["rounds_ok"] > ok, 30, "mixing with the honest partner to go on")
+    assert bool(torch.isfinite(honest.trainer.snapshot()).all()) and other.phase == "training"

@@ -115,3 +115,30 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
     finally:
         stop_all(peers)
     assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]
+
+
+@pytest.mark.timeout(300)
+def test_real_peers_with_outer_steps_compression_and_a_bandwidth_cap(tmp_path):
+    """Two real daemons (p2pd on 127.0.0.1) exchanging int8 pseudo-gradients every 5 inner steps
+    under a 2 Mbit/s cap both ways, enforced by the daemons themselves."""
+    config = tmp_path / "peer.toml"
+    config.write_text("heartbeat-s = 1.0\neval-every-s = 1.0\nstep-delay-s = 0.02\n")
+    common = ["--run-id", "captest", "--task", "digits-mlp", "--config", str(config), "--outer-every-steps", "5",
+              "--compression", "int8", "--max-upload-mbps", "2", "--max-download-mbps", "2"]
+    p0 = LocalPeer(tmp_path / "p0", [*common, "--shard", "0/2"]).start()
+    peers = [p0]
+    try:
+        p0.wait_ready(90)
+        p1 = LocalPeer(tmp_path / "p1", [*common, "--shard", "1/2", "--initial-peer", p0.addrs[0]]).start()
+        peers.append(p1)
+        p1.wait_ready(90)
+        statuses = wait_for(peers, lambda ss: all(s["rounds_ok"] >= 3 and s["outer"]["outer_step"] >= 3 for s in ss),
+                            120, "both peers to mix pseudo-gradients")
+        for s in statuses:
+            assert s["traffic"]["max_upload_mbps"] == 2 and s["traffic"]["max_download_mbps"] == 2
+            assert s["outer"]["compression"] == "int8" and s["outer"]["compression_ratio"] > 3
+            assert s["bytes_received"] > 0 and not s["pull_failed"] and not s["rejected"]
+            assert s["last_round"]["seconds"]["transfer"] >= 0
+    finally:
+        stop_all(peers)
+    assert all(p.proc.returncode == 0 for p in peers)
