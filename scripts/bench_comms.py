@@ -66,6 +66,7 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
             p.wait_ready(180)
         t0 = time.monotonic()
         curve, first, done = [], {}, {}
+        staleness: dict[tuple[int, int], list[int]] = {}  # (peer, its outer step) -> partners' staleness
         while len(done) < n:
             if time.monotonic() - t0 > timeout_s:
                 raise RuntimeError(f"peers did not finish {steps} steps within {timeout_s:.0f}s")
@@ -79,6 +80,9 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
                 if not s:
                     continue
                 first.setdefault(i, (now, s["traffic"]["train_seconds"]))
+                last = s.get("last_round") or {}
+                if last.get("staleness") is not None and last.get("outer_step") is not None:
+                    staleness[(i, last["outer_step"])] = last["staleness"]
                 if i not in done and s["step"] >= steps and s.get("test_loss") is not None:
                     done[i] = (now, s)
             losses = [s["test_loss"] for s in live if s.get("test_loss") is not None]
@@ -100,7 +104,9 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
                 "pull_failed": s["pull_failed"], "rejected": s["rejected"], "outer": s.get("outer"),
                 "wall_s": round(t_end, 1),
             })
+        seen = [x for v in staleness.values() for x in v]
         return {"curve": curve, "peers": per_peer,
+                "staleness": {str(k): seen.count(k) for k in sorted(set(seen))},  # outer steps behind -> partners
                 "final_loss": sum(p["test_loss"] for p in per_peer) / n,
                 "bytes_sent_per_step": sum(p["bytes_sent_per_step"] for p in per_peer) / n,
                 "utilisation_worst": min(p["utilisation"] for p in per_peer),
