@@ -158,6 +158,7 @@ class PeerDaemon:
         caps = [c for c in (config.max_upload_mbps, config.max_download_mbps) if c]
         # before any measurement: the slowest home link we plan for (a cap is a ceiling, not a rate)
         self.link = LinkEstimator(prior_rate_bytes_per_s=min([1e6, *(c * 125_000 for c in caps)]))
+        self.upload_link = LinkEstimator(prior_rate_bytes_per_s=min([1e6, *(c * 125_000 for c in caps)]))
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
         self.view = SwarmView(self.peer_id, self.task.name, allowed=self.allowed)
         self.reputation = Reputation()
@@ -415,13 +416,18 @@ class PeerDaemon:
         a finished transfer teaches the link estimate."""
         nbytes = sum(s.nbytes for s in specs)
         started = time.monotonic()
+        deadline = self.payload_deadline(nbytes, concurrent)
         try:
-            parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into),
-                                           timeout=self.payload_deadline(nbytes, concurrent))
+            parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into), timeout=deadline)
         except asyncio.TimeoutError:
-            # the link is slower than we thought: learn it (as if the rest would take as long
-            # again), or every later pull of this size would time out the same way
-            self.link.observe(nbytes, 2 * (time.monotonic() - started), time.monotonic(), concurrent)
+            # The payload deadline itself ran out: the link is slower than we thought. Learn it
+            # (as if the rest would take as long again), or every later pull of this size would
+            # time out the same way. A stalled read (read_timeout_s, a partner that stops
+            # sending) teaches nothing: it says nothing about the link, and counting its
+            # announced size as moved would teach a faster link than we have.
+            elapsed = time.monotonic() - started
+            if elapsed >= 0.99 * deadline:
+                self.link.observe(nbytes, 2 * elapsed, time.monotonic(), concurrent)
             raise
         self.link.observe(nbytes, time.monotonic() - started, time.monotonic(), concurrent)
         return parts
@@ -460,14 +466,17 @@ class PeerDaemon:
         delta = await asyncio.to_thread(decompress, comp, parts, numel, into)
         return outer_step, step, delta
 
-    async def _pulled(self, peer_id: str, pull) -> Any:
+    async def _pulled(self, peer_id: str, pull, quiet_ok: bool = False) -> Any:
         """Await one pull; every way a partner can fail us ends here, as a counted reason (None).
-        "not_newer" / "not_ready" are a partner with nothing new for us, not a failure."""
+        With `quiet_ok` (pseudo-gradient pulls), "not_newer" / "not_ready" are a partner with
+        nothing new for us: no reputation cost, but a back-off like a failure, so that a partner
+        that never has anything new does not hold a slot every round."""
         try:
             return await pull
         except ProtocolError as e:
-            if e.reason == "remote_error" and e.detail in QUIET_REPLIES:
+            if quiet_ok and e.reason == "remote_error" and e.detail in QUIET_REPLIES:
                 self.pull_skipped[e.detail] = self.pull_skipped.get(e.detail, 0) + 1
+                self.picker.failed(peer_id, self.transport.now())
                 return None
             failure: Exception = e
         except Exception as e:
@@ -596,21 +605,39 @@ class PeerDaemon:
         async with self._round_lock:
             outer = self.outer
             started = time.monotonic()
-            rnd = await asyncio.to_thread(outer.begin, self.trainer.snapshot(), self.trainer.step)
+            # every stage that changes outer state runs in a worker thread, which a cancellation
+            # cannot stop: each is shielded, and a failed or cancelled round waits for it
+            beginning = asyncio.ensure_future(asyncio.to_thread(outer.begin, self.trainer.snapshot(), self.trainer.step))
+            try:
+                rnd = await asyncio.shield(beginning)
+            except asyncio.CancelledError:
+                rnd = await beginning
+                self.trainer.apply_delta(outer.finish(rnd, outer.as_model(rnd.sent)))
+                raise
             self.published = rnd.published()
             own_model = outer.as_model(rnd.sent)  # anchor − sent: our candidate, the rule's centre
             try:
                 return await self._outer_round(rnd, own_model, started)
-            except asyncio.CancelledError:
-                # stopping mid-round: the state a final checkpoint saves must be whole. A round
-                # cancelled before its outer step finishes with our own pseudo-gradient alone
-                # (error feedback already counted `sent` as gone); one cancelled during it lets
-                # the step (a worker thread, not cancellable) end and applies it.
-                if rnd.finishing is None:
-                    self.trainer.apply_delta(outer.finish(rnd, own_model))
-                elif not rnd.applied:
-                    self.trainer.apply_delta(await rnd.finishing)
+            except BaseException:
+                await self._settle(rnd, own_model)
                 raise
+
+    async def _settle(self, rnd, own_model: torch.Tensor) -> None:
+        """Complete a round that failed or was cancelled part way, so that the live model, the
+        anchor and the residual stay consistent (a final checkpoint saves them): the outer step on
+        our own pseudo-gradient alone, unless the round's step was already taken."""
+        outer = self.outer
+        if rnd.finishing is not None:
+            if not rnd.applied:
+                self.trainer.apply_delta(await rnd.finishing)
+                rnd.applied = True
+            return
+        if rnd.stepping is not None:  # a consensus round: our own step is taken (or being taken)
+            await rnd.stepping
+            self.trainer.apply_delta(outer.change(rnd, own_model))
+        else:
+            self.trainer.apply_delta(outer.finish(rnd, own_model))
+        rnd.applied = True
 
     async def _outer_round(self, rnd, own_model: torch.Tensor, started: float) -> bool | None:
         outer = self.outer
@@ -619,7 +646,8 @@ class PeerDaemon:
             self.hostile.round_start(own_model.clone(), self.trainer.history())
             self._hostile_base = (outer.anchor.clone(), own_model.clone())
         if sync:  # a consensus round: our own pseudo-gradient alone, then the anchors are mixed
-            await asyncio.to_thread(outer.step, own_model)
+            rnd.stepping = asyncio.ensure_future(asyncio.to_thread(outer.step, own_model))
+            await asyncio.shield(rnd.stepping)
         computed = time.monotonic()
         now = self.transport.now()
         live, partners = self._choose_partners(now)
@@ -639,7 +667,8 @@ class PeerDaemon:
         else:
             into = self._receive_into(own_model, len(partners))
             pulled = await asyncio.gather(*(
-                self._pulled(p, self.pull_delta(p, list(live[p].record.addrs), self.outer_seen.get(p, -1), buf, len(partners)))
+                self._pulled(p, self.pull_delta(p, list(live[p].record.addrs), self.outer_seen.get(p, -1), buf, len(partners)),
+                             quiet_ok=True)
                 for p, buf in zip(partners, into)))
             for p, got in zip(partners, pulled):
                 if got is None:
@@ -684,11 +713,16 @@ class PeerDaemon:
 
     async def _serve_delta(self, stream, header: dict[str, Any]) -> None:
         """Send our newest published pseudo-gradient, or say there is none newer than `since`."""
+        if self.outer is None:  # a settings mismatch, not a transient state: not a quiet reply
+            await write_header(stream, gossip.error_header("no_outer_steps"))
+            return
         published = self.published
         if published is None:
             await write_header(stream, gossip.error_header("not_ready"))
             return
-        if published.outer_step <= header["since"]:
+        # `since` is the outer step of ours the requester mixed last; one above ours means we
+        # restarted from an older checkpoint, and what we have is new to it
+        if published.outer_step == header["since"]:
             await write_header(stream, gossip.error_header("not_newer"))
             return
         payload = published.payload
@@ -697,8 +731,17 @@ class PeerDaemon:
             crafted = self.hostile.craft(stream.remote_peer, base.clone())
             payload = await asyncio.to_thread(compress, anchor - crafted, self.outer.compression)
         await write_header(stream, gossip.delta_header(published.outer_step, published.step, payload.header, payload.specs))
-        await asyncio.wait_for(write_payload(stream, payload.parts, DEFAULT_LIMITS),
-                               timeout=self.payload_deadline(payload.nbytes, max(1, self._serving)))
+        await self._send_sized(stream, payload.parts, payload.nbytes)
+
+    async def _send_sized(self, stream, parts: list, nbytes: int) -> None:
+        """Serve a payload with a deadline from its size, our upload cap and the goodput our
+        earlier serves measured (not our download rate: home links are asymmetric)."""
+        now, concurrent = time.monotonic(), max(1, self._serving)
+        deadline = self.upload_link.deadline(nbytes, now, concurrent)
+        if self.upload_cap is not None and not self.upload_cap.unlimited:
+            deadline = max(deadline, self.upload_link.base_s + nbytes * concurrent / (0.5 * self.upload_cap.rate))
+        await asyncio.wait_for(write_payload(stream, parts, DEFAULT_LIMITS), timeout=min(self.config.max_pull_s, deadline))
+        self.upload_link.observe(nbytes, time.monotonic() - now, time.monotonic(), concurrent)
 
     def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
         """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule.
@@ -773,8 +816,7 @@ class PeerDaemon:
                 # inner steps start from: a compressed payload replaced, never written, after each round
                 step, payload = self.served_anchor
                 await write_header(stream, gossip.model_header(step, payload.specs, payload.header))
-                await asyncio.wait_for(write_payload(stream, payload.parts, DEFAULT_LIMITS),
-                                       timeout=self.payload_deadline(payload.nbytes, max(1, self._serving)))
+                await self._send_sized(stream, payload.parts, payload.nbytes)
                 self.counters["serves"] += 1
                 return
             if self.hostile is None:
@@ -784,8 +826,7 @@ class PeerDaemon:
                 lease = contextlib.nullcontext((self.trainer.step, snap))
             with lease as (step, snap):
                 await write_header(stream, gossip.model_header(step, self.specs))
-                await asyncio.wait_for(write_payload(stream, [snap.numpy()], DEFAULT_LIMITS),
-                                       timeout=self.payload_deadline(self.specs[0].nbytes, max(1, self._serving)))
+                await self._send_sized(stream, [snap.numpy()], self.specs[0].nbytes)
             self.counters["serves"] += 1
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
@@ -796,7 +837,8 @@ class PeerDaemon:
         except Exception as e:
             reason = pull_failure_reason(e)
             self.serve_errors[reason] = self.serve_errors.get(reason, 0) + 1
-            self._penalise(remote, reputation_event(reason), reason, self.transport.now())
+            if reason != "timeout":  # a send that timed out may be our own slow uplink's doing
+                self._penalise(remote, reputation_event(reason), reason, self.transport.now())
             self.peer_log.info((remote, reason), "serving %s failed: %s", remote[:12], reason)
         finally:
             self._serving -= 1
@@ -903,7 +945,8 @@ class PeerDaemon:
         return {"partners": r.get("partners", []), "weights": r.get("weights", []),
                 "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
                 "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss"), "sybil_checks": r.get("sybil_checks"),
-                "outer_step": r.get("outer_step"), "staleness": r.get("staleness"), "seconds": r.get("seconds")}
+                "outer_step": r.get("outer_step"), "kind": r.get("kind"), "staleness": r.get("staleness"),
+                "seconds": r.get("seconds")}
 
     def _outer_status(self) -> dict[str, Any] | None:
         """Outer-step settings and what the last published pseudo-gradient cost on the wire."""

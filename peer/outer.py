@@ -83,7 +83,8 @@ class NesterovOuter:
         params.add_(grad, alpha=-self.lr).add_(self.buf, alpha=-self.lr * self.momentum)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"momentum_buffer": self.buf}
+        """A copy: a checkpoint is written in a thread while the next round may step."""
+        return {"momentum_buffer": None if self.buf is None else self.buf.clone()}
 
     def load_state_dict(self, state: dict[str, Any], numel: int) -> None:
         buf = state.get("momentum_buffer")
@@ -110,8 +111,9 @@ class OuterRound:
     model: torch.Tensor  # the model at the round's start (the delta to apply is measured from it)
     sent: torch.Tensor  # our pseudo-gradient as partners decode it (`as_model` reuses its buffer)
     payload: Compressed
-    finishing: Any = None  # the daemon's future for `finish`, once the outer step has started
-    applied: bool = False  # whether the daemon has added the step's change to the live model
+    stepping: Any = None  # the daemon's future for a consensus round's own outer step
+    finishing: Any = None  # the daemon's future for `finish`/`change`, once it has started
+    applied: bool = False  # whether the daemon has added the round's change to the live model
 
     def published(self) -> Published:
         return Published(self.outer_step, self.step, self.payload)
@@ -179,11 +181,15 @@ class OuterLoop:
                 "optimizer": self.optimizer.state_dict(), "feedback": self.feedback.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """All or nothing: every part is checked on fresh objects before any is adopted."""
         anchor = state["anchor"]
         if anchor.shape != self.anchor.shape:
             raise ValueError(f"outer anchor has shape {tuple(anchor.shape)}, the model {tuple(self.anchor.shape)}")
-        self.anchor.copy_(anchor)
-        self.outer_step = int(state.get("outer_step", 0))
-        self.optimizer.load_state_dict(state.get("optimizer", {}), self.anchor.numel())
+        optimizer = NesterovOuter(self.settings.lr, self.settings.momentum)
+        optimizer.load_state_dict(state.get("optimizer", {}), self.anchor.numel())
+        feedback = ErrorFeedback(self.anchor.numel())
         if "feedback" in state:
-            self.feedback.load_state_dict(state["feedback"])
+            feedback.load_state_dict(state["feedback"])
+        outer_step = int(state.get("outer_step", 0))
+        self.anchor.copy_(anchor)
+        self.optimizer, self.feedback, self.outer_step = optimizer, feedback, outer_step

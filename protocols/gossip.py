@@ -80,6 +80,8 @@ def check_model_reply(header: dict[str, Any], expected: list[TensorSpec], limits
     if header.get("type") == "model" and "compression" in header:
         step = _nonneg_int(header, "step")
         comp, specs = _compressed_parts(header, expected[0].numel, limits)
+        if str(comp.get("method", "")).startswith("topk"):  # a model is sent whole (dense methods)
+            raise ProtocolError("bad_compression", "a model reply cannot be top-k")
         return step, comp, specs
     return check_model_header(header, expected, limits), None, expected
 

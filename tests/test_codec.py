@@ -142,3 +142,20 @@ def test_tensor_specs_never_exceed_limits(raw):
     except ProtocolError:
         return
     assert sum(s.numel for s in specs) <= limits.max_total_elements
+
+
+def test_compressed_model_replies_are_checked_and_never_top_k():
+    import torch
+
+    from protocols.compression import CompressionSpec, compress
+
+    numel = SPEC[0].numel
+    dense = compress(torch.ones(numel), CompressionSpec("int8"))
+    step, comp, specs = gossip.check_model_reply(gossip.model_header(3, dense.specs, dense.header), SPEC, DEFAULT_LIMITS)
+    assert step == 3 and comp["method"] == "int8" and [s.shape for s in specs] == [s.shape for s in dense.specs]
+    sparse = compress(torch.ones(numel), CompressionSpec("topk", topk_fraction=0.1))
+    with pytest.raises(ProtocolError, match="bad_compression"):
+        gossip.check_model_reply(gossip.model_header(3, sparse.specs, sparse.header), SPEC, DEFAULT_LIMITS)
+    lying = gossip.model_header(3, [TensorSpec("values", "int8", (numel * 4,)), dense.specs[1]], dense.header)
+    with pytest.raises(ProtocolError, match="wrong_shape"):
+        gossip.check_model_reply(lying, SPEC, DEFAULT_LIMITS)

@@ -101,3 +101,52 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
     ok = honest.counters["rounds_ok"]
     await wait_until(lambda: honest.counters["rounds_ok"] > ok, 30, "mixing with the honest partner to go on")
     assert bool(torch.isfinite(honest.trainer.snapshot()).all()) and other.phase == "training"
+
+
+import asyncio  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("sync_every", [0, 1], ids=["pseudo-gradient round", "consensus round"])
+async def test_a_round_cancelled_while_pulling_leaves_model_anchor_and_residual_consistent(tmp_path, sync_every):
+    """Stopping the daemon while a round waits on a partner: the round ends as if alone (our own
+    pseudo-gradient, one outer step), so the final checkpoint holds a whole state."""
+    from peer.daemon import PeerDaemon
+    from protocols import gossip
+    from protocols.codec import read_header
+    from protocols.discovery import PeerRecord, run_key
+    from protocols.transport.memory import MemoryNetwork
+    from tests.conftest import fast_config
+
+    net = MemoryNetwork()
+    d = PeerDaemon(fast_config(tmp_path / "d", outer_every_steps=5, compression="fp32", outer_lr=0.5,
+                               outer_momentum=0.0, outer_sync_every=sync_every), net.transport("d"))
+    await d.transport.start()
+    asked = asyncio.Event()
+
+    async def stall(stream):
+        await read_header(stream)
+        asked.set()
+        await asyncio.Event().wait()
+
+    t = net.transport("staller")
+    await t.start()
+    await t.set_handler(gossip.PROTOCOL, stall)
+    await t.publish(run_key("test"), PeerRecord("staller", ("/memory/staller",), d.task.name, 1, 1.0, 1, t.now()).to_wire(), t.now() + 60)
+    await d._heartbeat_once()
+    anchor0 = d.outer.anchor.clone()
+    moved = anchor0 - 0.01  # as if H inner steps moved every coordinate by -0.01
+    d.trainer.load_flat(moved)
+    rnd = asyncio.ensure_future(d.outer_round())
+    await asyncio.wait_for(asked.wait(), 10)
+    rnd.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await rnd
+    assert d.outer.outer_step == 1
+    expected = anchor0 - 0.5 * 0.01  # one outer step on our own pseudo-gradient (+0.01), lr 0.5
+    torch.testing.assert_close(d.outer.anchor, expected)
+    torch.testing.assert_close(d.trainer.snapshot(), expected)  # the live model restarts from the anchor
+    assert float(d.outer.feedback.residual.abs().max()) == 0.0
+    await d.transport.stop()
+    await t.stop()
