@@ -600,8 +600,7 @@ class PeerDaemon:
         """One outer round: publish our compressed pseudo-gradient, pull the partners' newest ones,
         mix them robustly, take the outer step. True if a partner was mixed in, None if there was
         nobody to ask, False if nobody delivered. With no partner the outer step uses our own
-        pseudo-gradient alone: error feedback has already moved what we sent out of the residual,
-        so skipping the step would count those coordinates twice in the next round."""
+        pseudo-gradient alone (DiLoCo with one worker)."""
         async with self._round_lock:
             outer = self.outer
             started = time.monotonic()
@@ -612,10 +611,10 @@ class PeerDaemon:
                 rnd = await asyncio.shield(beginning)
             except asyncio.CancelledError:
                 rnd = await beginning
-                self.trainer.apply_delta(outer.finish(rnd, outer.as_model(rnd.sent)))
+                self.trainer.apply_delta(outer.finish(rnd, rnd.own_model))
                 raise
             self.published = rnd.published()
-            own_model = outer.as_model(rnd.sent)  # anchor − sent: our candidate, the rule's centre
+            own_model = rnd.own_model  # anchor − sent: our candidate, the rule's centre
             try:
                 return await self._outer_round(rnd, own_model, started)
             except BaseException:
@@ -623,9 +622,9 @@ class PeerDaemon:
                 raise
 
     async def _settle(self, rnd, own_model: torch.Tensor) -> None:
-        """Complete a round that failed or was cancelled part way, so that the live model, the
-        anchor and the residual stay consistent (a final checkpoint saves them): the outer step on
-        our own pseudo-gradient alone, unless the round's step was already taken."""
+        """Complete a round that failed or was cancelled part way, so that the live model and the
+        anchor stay consistent (a final checkpoint saves them): the outer step on our own
+        pseudo-gradient alone, unless the round's step was already taken."""
         outer = self.outer
         if rnd.finishing is not None:
             if not rnd.applied:

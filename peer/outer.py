@@ -2,12 +2,14 @@
 
 A peer trains H inner steps with the task's optimizer, then runs one outer round:
 
-    Δ_i   = anchor − model                    the pseudo-gradient (what H inner steps changed)
-    sent  = compress(Δ_i + residual)          error feedback keeps what was not sent (`ErrorFeedback`)
+    Δ_i   = anchor − model                    the pseudo-gradient (what inner steps changed since)
+    sent  = decode(compress(Δ_i))             what partners will see
     Δ_j   = partners' last published `sent`   pulled by the daemon, whatever outer step they are at
-    Δ_mix = robust rule on {Δ_i, Δ_j}         the rule runs on models anchor − Δ (see below)
+    Δ_mix = robust rule on {sent, Δ_j}        the rule runs on models anchor − Δ (see below)
     anchor ← anchor − lr · nesterov(Δ_mix)    `NesterovOuter`, torch.optim.SGD(nesterov=True)'s update
-    model  ← model + (anchor_new − model_at_round_start)   inner steps taken during the round are kept
+    model  ← model + (anchor_new − anchor_old) + sent
+                                              what compression left out stays in the model (error
+                                              feedback), and so do inner steps taken during the round
 
 The rule sees the candidates as models `anchor − Δ_j` centred on our own `anchor − sent`, so
 every rule of `peer.aggregation` (clipping radius, Sybil weights, the loss screen on our own data)
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from protocols.compression import Compressed, CompressionSpec, ErrorFeedback
+from protocols.compression import Compressed, CompressionSpec, compress, decompress
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,11 @@ class Published:
 
 @dataclass
 class OuterRound:
-    """One outer round in flight: what we published and the model it started from."""
+    """One outer round in flight: what we published and our own candidate model."""
 
     outer_step: int
     step: int  # the inner step the pseudo-gradient was taken at
-    model: torch.Tensor  # the model at the round's start (the delta to apply is measured from it)
-    sent: torch.Tensor  # our pseudo-gradient as partners decode it (`as_model` reuses its buffer)
+    own_model: torch.Tensor  # anchor − sent: our candidate for the rule; the live model's change is measured from it
     payload: Compressed
     stepping: Any = None  # the daemon's future for a consensus round's own outer step
     finishing: Any = None  # the daemon's future for `finish`/`change`, once it has started
@@ -120,10 +121,17 @@ class OuterRound:
 
 
 class OuterLoop:
-    """The outer-step state of one peer: anchor, outer optimizer, error-feedback residual.
+    """The outer-step state of one peer: the anchor and the outer optimizer.
 
-    Memory: three model-sized tensors (anchor, momentum buffer, residual) plus, during a round,
-    the round's start model and our decoded pseudo-gradient.
+    Error feedback lives in the live model: a round moves the live model by the anchor's change
+    plus what we sent, so what compression left out stays in the model's deviation from the new
+    anchor, and the next pseudo-gradient (anchor − model) carries it again. The model keeps
+    training from a point that includes all its own progress; an explicit residual with the model
+    reset to the anchor instead was measured worse: synchronous DiLoCo on lm-tiny, 4 replicas,
+    H = 25, top-k 1.56 % int8, 600 steps: held-out loss 1.78 against 2.04 (dense int8: 1.59).
+
+    Memory: two model-sized tensors (anchor, momentum buffer) plus, during a round, our candidate
+    model and one temporary in the outer step.
     """
 
     def __init__(self, settings: OuterSettings, compression: CompressionSpec, anchor: torch.Tensor):
@@ -131,7 +139,6 @@ class OuterLoop:
         self.compression = compression
         self.anchor = anchor.detach().clone()
         self.optimizer = NesterovOuter(settings.lr, settings.momentum)
-        self.feedback = ErrorFeedback(anchor.numel())
         self.outer_step = 0
 
     def reset(self, model: torch.Tensor) -> None:
@@ -140,15 +147,16 @@ class OuterLoop:
         self.anchor.copy_(model)
 
     def begin(self, model: torch.Tensor, step: int) -> OuterRound:
-        """Our pseudo-gradient since the last outer step, compressed with error feedback.
-        `model` is a snapshot the caller no longer writes (it becomes the round's start model)."""
-        delta = torch.sub(self.anchor, model)
-        payload, sent = self.feedback.compress(delta, self.compression)
+        """Our pseudo-gradient since the last outer step, compressed. `model` is a snapshot the
+        caller gives up (its buffer becomes our candidate model)."""
+        delta = model.neg_().add_(self.anchor)  # Δ = anchor − model
+        payload = compress(delta, self.compression)
+        sent = decompress(payload.header, payload.parts, delta.numel(), out=delta)  # as partners decode it
         self.outer_step += 1
-        return OuterRound(self.outer_step, step, model, sent, payload)
+        return OuterRound(self.outer_step, step, self.as_model(sent), payload)
 
     def as_model(self, delta: torch.Tensor) -> torch.Tensor:
-        """`anchor − delta`, in place in `delta`'s buffer: a partner's update as a candidate model."""
+        """`anchor − delta`, in place in `delta`'s buffer: a pseudo-gradient as a candidate model."""
         return delta.neg_().add_(self.anchor)
 
     def sync_due(self, outer_step: int) -> bool:
@@ -157,28 +165,29 @@ class OuterLoop:
 
     def step(self, mixed_model: torch.Tensor) -> None:
         """The outer step for the robust rule's `mixed_model` (a model near `anchor − Δ`); the
-        buffer of `mixed_model` is used up."""
-        grad = mixed_model.neg_().add_(self.anchor)  # Δ_mix = anchor − mixed
-        self.optimizer.step(self.anchor, grad)
+        input is only read."""
+        self.optimizer.step(self.anchor, torch.sub(self.anchor, mixed_model))  # Δ_mix = anchor − mixed
 
     def adopt(self, mixed_anchor: torch.Tensor) -> None:
         """A consensus round's result: the robust mix of our anchor and partners' anchors."""
         self.anchor.copy_(mixed_anchor)
 
     def change(self, rnd: OuterRound, out: torch.Tensor) -> torch.Tensor:
-        """`anchor − round start model`, into `out`: what the caller adds to the live model with
-        `Trainer.apply_delta`, which keeps the inner steps taken while the round ran. The live
-        model then restarts from the new anchor; what was not sent lives on in the residual."""
-        return out.copy_(self.anchor).sub_(rnd.model)
+        """`anchor − own candidate model` (the anchor's change plus what we sent), into `out`: what
+        the caller adds to the live model with `Trainer.apply_delta`, which keeps the inner steps
+        taken while the round ran, and what compression left out. `out` may be `rnd.own_model`."""
+        if out is rnd.own_model:
+            return out.neg_().add_(self.anchor)
+        return out.copy_(self.anchor).sub_(rnd.own_model)
 
     def finish(self, rnd: OuterRound, mixed_model: torch.Tensor) -> torch.Tensor:
-        """`step`, then the `change` to apply, in `mixed_model`'s buffer."""
+        """`step`, then the `change` to apply, in `mixed_model`'s buffer (which may be
+        `rnd.own_model` itself: a round with nobody to mix)."""
         self.step(mixed_model)
         return self.change(rnd, mixed_model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.clone(), "outer_step": self.outer_step,
-                "optimizer": self.optimizer.state_dict(), "feedback": self.feedback.state_dict()}
+        return {"anchor": self.anchor.clone(), "outer_step": self.outer_step, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """All or nothing: every part is checked on fresh objects before any is adopted."""
@@ -187,9 +196,6 @@ class OuterLoop:
             raise ValueError(f"outer anchor has shape {tuple(anchor.shape)}, the model {tuple(self.anchor.shape)}")
         optimizer = NesterovOuter(self.settings.lr, self.settings.momentum)
         optimizer.load_state_dict(state.get("optimizer", {}), self.anchor.numel())
-        feedback = ErrorFeedback(self.anchor.numel())
-        if "feedback" in state:
-            feedback.load_state_dict(state["feedback"])
         outer_step = int(state.get("outer_step", 0))
         self.anchor.copy_(anchor)
-        self.optimizer, self.feedback, self.outer_step = optimizer, feedback, outer_step
+        self.optimizer, self.outer_step = optimizer, outer_step

@@ -253,4 +253,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     res = run(args.task, args.peers, args.steps, args.cap_mbit, args.plot, capped=not args.no_capped)
-    print(json.dumps({k: v for k, v in res.items() if k != "results"}, indent=1))
+    print(json.dumps(res))

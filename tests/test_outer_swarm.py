@@ -40,8 +40,9 @@ async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(
     await wait_until(lambda: d.trainer.done and d.outer.outer_step >= 3, 60, "outer steps")
     st = d.status()
     assert st["rounds_no_partner"] >= 3 and st["rounds_ok"] == 0 and st["rounds_failed"] == 0
-    # the live model follows the anchor: no pseudo-gradient is lost or counted twice
-    assert d.outer.feedback.residual.abs().max() < 1.0
+    # alone, the live model deviates from the anchor only by what int8 left out and by the inner
+    # steps since the last round (training has stopped: none)
+    assert float((d.trainer.snapshot() - d.outer.anchor).abs().max()) < 0.05
 
 
 async def test_a_peer_of_another_task_is_ignored_with_one_line(memory_swarm, caplog):
@@ -146,7 +147,6 @@ async def test_a_round_cancelled_while_pulling_leaves_model_anchor_and_residual_
     assert d.outer.outer_step == 1
     expected = anchor0 - 0.5 * 0.01  # one outer step on our own pseudo-gradient (+0.01), lr 0.5
     torch.testing.assert_close(d.outer.anchor, expected)
-    torch.testing.assert_close(d.trainer.snapshot(), expected)  # the live model restarts from the anchor
-    assert float(d.outer.feedback.residual.abs().max()) == 0.0
+    torch.testing.assert_close(d.trainer.snapshot(), expected)  # fp32 sends everything: model = anchor
     await d.transport.stop()
     await t.stop()
