@@ -104,15 +104,20 @@ def check_delta_header(header: dict[str, Any], numel: int, limits: Limits) -> tu
     compression header, part specs). The parts must be exactly what the compression header
     implies for a model of `numel` elements (`compression.expected_parts`), so no size a peer
     announces is trusted on its own."""
-    kind = header.get("type")
-    if kind == "error":
-        reason = header.get("reason")
-        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
-    if kind != "delta":
-        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
+    _expect_type(header, "delta")
     outer_step, step = _nonneg_int(header, "outer_step"), _nonneg_int(header, "step")
     comp, specs = _compressed_parts(header, numel, limits)
     return outer_step, step, comp, specs
+
+
+def _expect_type(header: dict[str, Any], kind: str) -> None:
+    """A reply of type `kind`; a partner's error reply is raised as `remote_error` with its reason."""
+    got = header.get("type")
+    if got == "error":
+        reason = header.get("reason")
+        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
+    if got != kind:
+        raise ProtocolError("bad_header", f"type {str(got)[:32]!r}")
 
 
 def error_header(reason: str) -> dict[str, Any]:
@@ -125,15 +130,8 @@ def check_model_header(header: dict[str, Any], expected: list[TensorSpec], limit
     Every peer of a run trains the same model, so the announced tensors must equal ours exactly:
     this rejects a 10^9-element claim before a single byte is allocated.
     """
-    kind = header.get("type")
-    if kind == "error":
-        reason = header.get("reason")
-        raise ProtocolError("remote_error", str(reason)[:64] if isinstance(reason, str) else "?")
-    if kind != "model":
-        raise ProtocolError("bad_header", f"type {str(kind)[:32]!r}")
-    step = header.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ProtocolError("bad_header", "step")
+    _expect_type(header, "model")
+    step = _nonneg_int(header, "step")
     specs = parse_tensor_specs(header.get("tensors"), limits)
     if specs != expected:
         raise ProtocolError("wrong_shape", "tensors differ from this run's model")

@@ -105,7 +105,7 @@ def bench_comms(args) -> dict:
     import bench_comms
 
     if args.tiny:
-        return bench_comms.run(task="lm-tiny", peers=2, steps=40, capped=False, out=None)
+        return bench_comms.run(task="lm-tiny", peers=2, steps=40, capped=False, out=None, ours_args=("--outer-every-steps", "10"))
     args.comms_plot.parent.mkdir(parents=True, exist_ok=True)
     return bench_comms.run(task=args.comms_task, peers=args.comms_peers, steps=args.comms_steps,
                            cap_mbit=args.cap_mbit, out=args.comms_plot)

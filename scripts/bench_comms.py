@@ -195,14 +195,15 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run(task: str = "lm-tiny", peers: int = 4, steps: int = 600, cap_mbit: float = 20.0, out: Path | None = None,
-        capped: bool = True, per_step: bool = True) -> dict:
+        capped: bool = True, per_step: bool = True, ours_args: tuple[str, ...] = ()) -> dict:
+    """`ours_args`: extra `peer join` flags for (a) and (a'), e.g. a shorter `--outer-every-steps`."""
     from peer.experiment import network
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-comms-"))
     results: dict[str, dict] = {}
     eval_every = max(steps // 30, 1)
     try:
-        results["(a) ours"] = run_swarm(tmp / "a", task, peers, steps, [])
+        results["(a) ours"] = run_swarm(tmp / "a", task, peers, steps, list(ours_args))
         if per_step:
             results["(b) per-step gossip"] = run_swarm(tmp / "b", task, peers, steps, ["--outer-every-steps", "0", "--compression", "fp32"])
         results["(c) sync DiLoCo"] = run_diloco(task, peers, steps, eval_every)
@@ -214,7 +215,8 @@ def run(task: str = "lm-tiny", peers: int = 4, steps: int = 600, cap_mbit: float
                 ns = network.Namespaces()
                 ns.up()
                 try:
-                    results[f"(a') ours, {cap_mbit:g} Mbit/s"] = run_swarm(tmp / "cap", task, peers, steps, [], netns=ns, cap_mbit=cap_mbit)
+                    results[f"(a') ours, {cap_mbit:g} Mbit/s"] = run_swarm(tmp / "cap", task, peers, steps, list(ours_args),
+                                                                          netns=ns, cap_mbit=cap_mbit)
                 finally:
                     ns.down()
             else:
