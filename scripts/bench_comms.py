@@ -6,7 +6,8 @@ and central training, side by side in one run on a language-model task (`scripts
     (b) per-step: the same daemons exchanging whole float32 models on the per-step cadence
                   (`--outer-every-steps 0 --compression fp32`)
     (c) DiLoCo:   N replicas in this process; every H inner steps their pseudo-gradients are
-                  averaged exactly and one Nesterov outer step is taken (the synchronous anchor)
+                  averaged exactly and one Nesterov outer step is taken (the synchronous anchor;
+                  `--diloco-only --every H --compression SPEC` runs it alone with other settings)
     (d) central:  one model on the union of the data, batch N x the task's, the same inner
                   optimizer: the same samples per step as the N peers together
     (a') capped:  (a) again with every peer in its own network namespace capped at
@@ -116,20 +117,25 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
         boot.shutdown()
 
 
-def run_diloco(task_name: str, n: int, steps: int, eval_every: int) -> dict:
-    """Synchronous DiLoCo in this process: exact mean of the n pseudo-gradients every H steps."""
+def run_diloco(task_name: str, n: int, steps: int, eval_every: int, every: int | None = None,
+               lr: float | None = None, momentum: float | None = None, compression: str = "fp32") -> dict:
+    """Synchronous DiLoCo in this process: exact mean of the n pseudo-gradients every H steps
+    (the task's H, outer lr and momentum unless given). With `compression`, each replica's
+    pseudo-gradient is compressed and what was left out stays in its model, as in `OuterLoop`."""
     import torch
 
     from peer.outer import NesterovOuter
     from peer.tasks import load_task
     from peer.trainer import Trainer
+    from protocols.compression import CompressionSpec, compress, decompress
 
     torch.set_num_threads(1)
     trainers = [Trainer(load_task(task_name, shard=i, num_shards=n), seed=0) for i in range(n)]
     task = trainers[0].task
-    h = task.outer_every_steps or 50
+    h = every or task.outer_every_steps or 50
     anchor = trainers[0].flat.clone()
-    outer = NesterovOuter(task.outer_lr, task.outer_momentum)
+    outer = NesterovOuter(task.outer_lr if lr is None else lr, task.outer_momentum if momentum is None else momentum)
+    spec = CompressionSpec.parse(compression)
     d = anchor.numel()
     curve, busy, sent = [], 0.0, 0.0
     for step in range(1, steps + 1):
@@ -137,16 +143,21 @@ def run_diloco(task_name: str, n: int, steps: int, eval_every: int) -> dict:
         for tr in trainers:
             tr.train_step()
         if step % h == 0 or step == steps:
-            delta = torch.stack([anchor - tr.snapshot() for tr in trainers]).mean(0)
-            outer.step(anchor, delta)
+            deltas = []
             for tr in trainers:
-                tr.load_flat(anchor)
-            sent += 2 * (n - 1) / n * 4 * d  # a ring all-reduce of float32 pseudo-gradients, per peer
+                c = compress(anchor - tr.snapshot(), spec)
+                deltas.append(decompress(c.header, c.parts, d))
+            before = anchor.clone()
+            outer.step(anchor, torch.stack(deltas).mean(0))
+            for tr, delta in zip(trainers, deltas):
+                tr.apply_delta(anchor - before + delta)  # to the new anchor, keeping what was not sent
+            sent += 2 * (n - 1) / n * c.nbytes  # a ring all-reduce's share per peer
         busy += (time.perf_counter() - t) / n  # as if the n replicas ran in parallel
         if step % eval_every == 0 or step == steps:
             loss = trainers[0].evaluate()["test_loss"]
             curve.append({"t": round(busy, 2), "loss": loss, "bytes_per_peer": sent, "step": step})
-    return {"curve": curve, "final_loss": curve[-1]["loss"], "bytes_sent_per_step": sent / steps, "every_steps": h}
+    return {"curve": curve, "final_loss": curve[-1]["loss"], "bytes_sent_per_step": sent / steps, "every_steps": h,
+            "compression": spec.describe()}
 
 
 def run_central(task_name: str, n: int, steps: int, eval_every: int) -> dict:
@@ -252,7 +263,23 @@ if __name__ == "__main__":
     ap.add_argument("--cap-mbit", type=float, default=20.0)
     ap.add_argument("--no-capped", action="store_true")
     ap.add_argument("--plot", type=Path, default=Path("runs/bench/comms.png"))
+    ap.add_argument("--diloco-only", action="store_true",
+                    help="only (c), synchronous DiLoCo, with the settings below (and (d) with --central)")
+    ap.add_argument("--every", type=int, default=None, help="--diloco-only: H (default: the task's)")
+    ap.add_argument("--outer-lr", type=float, default=None)
+    ap.add_argument("--outer-momentum", type=float, default=None)
+    ap.add_argument("--compression", default="fp32", help="--diloco-only: e.g. int8, topk-int8:0.0156")
+    ap.add_argument("--central", action="store_true", help="--diloco-only: also (d)")
     args = ap.parse_args()
+    if args.diloco_only:
+        ev = max(args.steps // 6, 1)
+        out = {"diloco": run_diloco(args.task, args.peers, args.steps, ev, args.every, args.outer_lr, args.outer_momentum,
+                                    args.compression)}
+        if args.central:
+            out["central"] = run_central(args.task, args.peers, args.steps, ev)
+        print(json.dumps({k: {"final_loss": round(v["final_loss"], 4), **{x: v[x] for x in ("every_steps", "compression") if x in v},
+                              "curve": [(p["step"], round(p["loss"], 3)) for p in v["curve"]]} for k, v in out.items()}))
+        sys.exit(0)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     res = run(args.task, args.peers, args.steps, args.cap_mbit, args.plot, capped=not args.no_capped)
     print(json.dumps(res))
