@@ -8,10 +8,15 @@ Two real `peer join` daemons (p2pd on 127.0.0.1) train an MLP of the given size 
 consensus round every 2nd round, until each has done 4 outer rounds (pseudo-gradient and anchor
 rounds both), and one checkpoint. The figure is each daemon's peak resident memory (`VmHWM` of
 the Python process; p2pd's separately), divided by one float32 copy of the model (4 bytes x
-parameters). The copies the daemon is built to hold: the model, its gradient, two Adam moments,
-the evaluation copy, the outer anchor, the outer momentum and the error-feedback residual (8),
-plus during a round the snapshot, our decoded pseudo-gradient, one receive buffer per partner
-and the rule's output.
+parameters). Two peers of 100M need about 2 x 12 GB at the measured rate: more than a 24 GB
+machine has beside the rest.
+
+What holds model-sized memory (read from the code): between rounds the flat parameters, the
+gradient, two Adam moments, the update history's origin and mixed-in sum (`Trainer`), the
+evaluation copy, the loss probe's model, the sketcher's signs, the outer anchor and momentum (11);
+during a round our candidate model, top-k's temporaries, one receive buffer per partner, the
+rule's output and temporaries, the outer step's temporary; during a checkpoint the model, history
+and outer-state copies handed to the writer thread.
 """
 
 from __future__ import annotations
