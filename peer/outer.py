@@ -21,8 +21,9 @@ Every `sync_every`-th round is a consensus round instead: the outer step uses ou
 pseudo-gradient alone, then the anchor becomes the robust rule's mix of our anchor and partners'
 anchors (pulled compressed, int8 by default). Pseudo-gradients alone never pull peers' anchors
 together (each peer applies its own mix, so the differences random-walk); NoLoCo's outer step
-has the same consensus term. Measured on digits-mlp, 4 peers, H = 10, top-k 10 %: final model
-spread 0.07-0.19 with a consensus round every 5, 0.33-0.42 without (tests/test_outer_swarm.py).
+has the same consensus term. Measured on digits-mlp, 4 peers, H = 10, top-k 10 % int8: final
+model spread 0.07-0.15 with a consensus round every 2, 0.14-0.32 every 5, 0.38-0.48 without
+(tests/test_outer_swarm.py).
 
 No barrier: a round uses whatever each partner published last; a partner may be some outer steps
 behind or ahead (`staleness`). Nothing here touches a socket or a clock: the daemon feeds it.
