@@ -155,10 +155,11 @@ class PeerDaemon:
                 raise ValueError(f"{name.replace('_', '-')} must be a number of Mbit/s >= 0 (0: no cap), got {getattr(config, name)}")
         self.upload_cap = RateLimiter(config.max_upload_mbps * 125_000) if config.max_upload_mbps else None
         self.download_cap = RateLimiter(config.max_download_mbps * 125_000) if config.max_download_mbps else None
-        caps = [c for c in (config.max_upload_mbps, config.max_download_mbps) if c]
-        # before any measurement: the slowest home link we plan for (a cap is a ceiling, not a rate)
-        self.link = LinkEstimator(prior_rate_bytes_per_s=min([1e6, *(c * 125_000 for c in caps)]))
-        self.upload_link = LinkEstimator(prior_rate_bytes_per_s=min([1e6, *(c * 125_000 for c in caps)]))
+        # before any measurement: the slowest home link we plan for, or a lower cap (a cap is a
+        # ceiling, not a rate), never below the estimator's own floor of 10 kB/s
+        prior = max(10_000.0, min([1e6, *(c * 125_000 for c in (config.max_upload_mbps, config.max_download_mbps) if c)]))
+        self.link = LinkEstimator(prior_rate_bytes_per_s=prior)
+        self.upload_link = LinkEstimator(prior_rate_bytes_per_s=prior)
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
         self.view = SwarmView(self.peer_id, self.task.name, allowed=self.allowed)
         self.reputation = Reputation()

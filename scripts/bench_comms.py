@@ -36,10 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _poll(peers, t0: float) -> list[dict | None]:
-    return [p.status() for p in peers]
-
-
 def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns=None, cap_mbit: float = 0,
               timeout_s: float = 1800) -> dict:
     """Start n daemons (shards i/n), poll until every one has trained `steps` inner steps, stop them.
@@ -75,7 +71,7 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
                 if not p.alive:
                     raise RuntimeError(f"peer {p.data_dir.name} died:\n{p.log_tail()}")
             now = time.monotonic() - t0
-            sts = _poll(peers, t0)
+            sts = [p.status() for p in peers]
             live = [s for s in sts if s]
             for i, s in enumerate(sts):
                 if not s:
