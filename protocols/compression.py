@@ -9,7 +9,9 @@ Methods (wire names):
     fp16/bf16  each coordinate rounded to 16 bits, saturated at the type's largest finite value
     int8       blocks of `block` consecutive coordinates; per block a float32 scale max|x|/127 and
                int8 values round(x/scale) in [-127, 127]
-    topk       the k largest-magnitude coordinates: uint32 indices strictly increasing, float16 values
+    topk       the k largest-magnitude coordinates, float16 values; the indices, strictly
+               increasing, travel as a uint32 count per chunk of INDEX_CHUNK = 65536 coordinates
+               and each index's uint16 offset within its chunk: 2 bytes an index, not 4
     topk-int8  the same indices; the kept values int8 with per-block scales over the kept values
 
 Invariants:
@@ -45,8 +47,9 @@ BLOCK_METHODS = ("int8", "topk-int8")
 MAX_TOPK_FRACTION = 0.25
 # Largest int8 block a header may announce (a block is one scale; larger blocks only lose accuracy).
 MAX_BLOCK = 1 << 20
-# top-k indices travel as uint32.
-MAX_TOPK_NUMEL = 1 << 32
+# Top-k indices travel as offsets within chunks of this many coordinates (uint16), after the
+# count of kept coordinates in each chunk (uint32).
+INDEX_CHUNK = 1 << 16
 
 _INT8_MAX = 127
 
@@ -148,10 +151,11 @@ def part_specs(header: dict[str, Any]) -> list[TensorSpec]:
         return [TensorSpec("values", "int8", (numel,)),
                 TensorSpec("scales", "float32", (-(-numel // header["block"]),))]
     k = header["k"]
+    index = [TensorSpec("chunk_counts", "uint32", (-(-numel // INDEX_CHUNK),)), TensorSpec("offsets", "uint16", (k,))]
     if method == "topk":
-        return [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "float16", (k,))]
+        return [*index, TensorSpec("values", "float16", (k,))]
     if method == "topk-int8":
-        return [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "int8", (k,)),
+        return [*index, TensorSpec("values", "int8", (k,)),
                 TensorSpec("scales", "float32", (-(-k // header["block"]),))]
     raise AssertionError(method)
 
@@ -177,8 +181,6 @@ def _check_header(header: Any, numel: int) -> None:
         if not _is_int(block) or not 1 <= block <= MAX_BLOCK:
             raise ProtocolError("bad_compression", f"block must be an int in [1, {MAX_BLOCK}]")
     if method in TOPK_METHODS:
-        if numel > MAX_TOPK_NUMEL:
-            raise ProtocolError("too_large", "top-k indices are uint32")
         k = header.get("k")
         if not _is_int(k) or not 1 <= k <= numel:
             raise ProtocolError("bad_compression", "k must be an int in [1, numel]")
@@ -266,6 +268,29 @@ def _to16(x: torch.Tensor, dtype: torch.dtype, largest: float) -> torch.Tensor:
     return h.clamp_(-largest, largest)  # finite input can round to inf; saturate instead
 
 
+def _encode_indices(indices: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Strictly increasing indices as (count per chunk, offset within its chunk)."""
+    counts = np.bincount(indices // INDEX_CHUNK, minlength=-(-numel // INDEX_CHUNK)).astype("<u4")
+    return counts, (indices % INDEX_CHUNK).astype("<u2")
+
+
+def topk_indices(parts: list[np.ndarray], numel: int) -> np.ndarray:
+    """The int64 indices that a top-k payload's first two parts (chunk counts, offsets) encode.
+    ProtocolError("bad_payload") unless they are strictly increasing and below `numel`, so each
+    is in range and none repeats. The counts are checked against the offsets' length before the
+    indices are allocated: a peer cannot make us allocate more than its header announced."""
+    counts, offsets = parts[0], parts[1]
+    if int(counts.sum(dtype=np.int64)) != offsets.size:
+        raise _bad("top-k chunk counts do not add up to k")
+    starts = np.arange(counts.size, dtype=np.int64) * INDEX_CHUNK
+    indices = np.repeat(starts, counts.astype(np.int64)) + offsets
+    # An offset is below INDEX_CHUNK (uint16), so each index lies in the chunk its count gave it;
+    # strictly increasing and the last below numel puts all of them in range, each once.
+    if not (np.all(indices[1:] > indices[:-1]) and int(indices[-1]) < numel):
+        raise _bad("top-k indices not strictly increasing below numel")
+    return indices
+
+
 def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:
     """Compress a non-empty, finite, 1-D float32 vector (ValueError otherwise)."""
     vec = _check_vector(vec)
@@ -281,19 +306,17 @@ def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:
         header["block"] = spec.block
         parts = list(_quantize(vec, spec.block))
     else:
-        if n > MAX_TOPK_NUMEL:
-            raise ValueError("top-k indices are uint32: vector too long")
         k = spec.k(n)
         header["k"] = k
         _, idx = torch.topk(vec.abs(), k, sorted=False)
         idx, _ = torch.sort(idx)
         values = vec[idx]
-        indices = idx.numpy().astype("<u4")
+        index = _encode_indices(idx.numpy(), n)
         if method == "topk":
-            parts = [indices, _to16(values, torch.float16, _FP16_MAX).numpy()]
+            parts = [*index, _to16(values, torch.float16, _FP16_MAX).numpy()]
         else:
             header["block"] = spec.block
-            parts = [indices, *_quantize(values, spec.block)]
+            parts = [*index, *_quantize(values, spec.block)]
     payload = Compressed(header, [np.ascontiguousarray(p) for p in parts])
     assert [(p.dtype, p.shape) for p in payload.parts] == [
         (DTYPES[s.dtype], s.shape) for s in payload.specs]
@@ -354,21 +377,18 @@ def decompress(header: dict[str, Any], parts: list[np.ndarray], numel: int,
         _check_int8(values)
         _dequantize(values, scales, header["block"], out)
     else:
-        indices = parts[0]
-        # Strictly increasing and the last below numel: every index is in range, none repeats.
-        if not (np.all(indices[1:] > indices[:-1]) and int(indices[-1]) < numel):
-            raise _bad("top-k indices not strictly increasing below numel")
+        indices = topk_indices(parts, numel)
         if method == "topk":
-            values = torch.from_numpy(parts[1]).to(torch.float32)
+            values = torch.from_numpy(parts[2]).to(torch.float32)
             _check_finite(values, "top-k")
         else:
-            q, scales = parts[1], parts[2]
+            q, scales = parts[2], parts[3]
             _check_scales(scales)
             _check_int8(q)
             values = torch.empty(q.shape[0], dtype=torch.float32)
             _dequantize(q, scales, header["block"], values)
         out.zero_()
-        out.index_copy_(0, torch.from_numpy(indices.astype(np.int64)), values)
+        out.index_copy_(0, torch.from_numpy(indices), values)
     return out
 
 

@@ -18,8 +18,8 @@ from protocols.codec import (
     write_payload,
 )
 from protocols.compression import (
-    MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback, compress,
-    decompress, expected_parts, ratio,
+    INDEX_CHUNK, MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback,
+    _encode_indices, compress, decompress, expected_parts, ratio, topk_indices,
 )
 from tests.fuzz_targets import BytesStream
 
@@ -109,7 +109,7 @@ def assert_int8(x: np.ndarray, y: np.ndarray, q: np.ndarray, scales: np.ndarray,
 
 def check_top_k(x: np.ndarray, y: np.ndarray, payload, spec: CompressionSpec) -> np.ndarray:
     """Exactly k indices, strictly increasing, holding the k largest magnitudes; zeros elsewhere."""
-    indices = payload.parts[0].astype(np.int64)
+    indices = topk_indices(payload.parts, x.size)
     k = spec.k(x.size)
     assert payload.header["k"] == k == indices.size
     assert np.all(np.diff(indices) > 0) and indices[-1] < x.size
@@ -140,15 +140,26 @@ def test_round_trip(x, spec):
         if method == "topk":
             assert_16bit(x[indices], y[indices], FP16_MAX, 10, 2.0 ** -24)
         else:
-            assert_int8(x[indices], y[indices], payload.parts[1], payload.parts[2], spec.block)
+            assert_int8(x[indices], y[indices], payload.parts[2], payload.parts[3], spec.block)
 
 
 def test_payload_sizes():
-    n = 10_000
+    n = 200_000  # 4 index chunks
     x = torch.randn(n)
     sizes = {m: compress(x, CompressionSpec(m, 0.01, 1000)).nbytes for m in METHODS}
-    assert sizes == {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n + 4 * 10,
-                     "topk": 100 * (4 + 2), "topk-int8": 100 * (4 + 1) + 4}
+    assert sizes == {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n + 4 * 200,
+                     "topk": 4 * 4 + 2000 * (2 + 2), "topk-int8": 4 * 4 + 2000 * (2 + 1) + 2 * 4}
+
+
+@FAST
+@given(st.integers(1, 5 * INDEX_CHUNK), st.data())
+def test_index_encoding_round_trip(numel, data):
+    """Any strictly increasing indices below numel, across chunk boundaries, come back exactly."""
+    k = data.draw(st.integers(1, min(numel, 300)))
+    indices = np.sort(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).choice(numel, k, replace=False))
+    parts = list(_encode_indices(indices, numel))
+    assert parts[0].size == -(-numel // INDEX_CHUNK) and parts[1].dtype == np.dtype("<u2")
+    assert np.array_equal(topk_indices(parts, numel), indices)
 
 
 def test_payload_does_not_alias_the_vector():
@@ -312,12 +323,12 @@ def test_payload_over_the_byte_limit_refused():
     assert e.value.reason == "too_large"
 
 
-def test_top_k_needs_uint32_indices():
-    numel = 2**32 + 1
-    limits = Limits(max_total_elements=2**40)
+def test_top_k_chunk_counts_checked_before_the_indices_are_made():
+    """Counts that add up to more than k would make np.repeat allocate what they claim."""
+    counts, offsets = np.array([2**31, 2**31], dtype="<u4"), np.zeros(4, dtype="<u2")
     with no_allocation(), pytest.raises(ProtocolError) as e:
-        expected_parts({"method": "topk", "numel": numel, "k": 10}, numel, limits)
-    assert e.value.reason == "too_large"
+        topk_indices([counts, offsets], 2 * INDEX_CHUNK)
+    assert e.value.reason == "bad_payload"
 
 
 def test_receiver_numel_must_be_a_positive_int():
@@ -335,8 +346,8 @@ def corrupted(method: str, how: str, n: int = 3000):
     payload = compress(x, CompressionSpec(method, 0.01, 256))
     parts = [p.copy() for p in payload.parts]
     names = [s.name for s in payload.specs]
-    if how.startswith("index"):
-        idx = parts[0]
+    if how.startswith("index") or how.startswith("count"):
+        counts, idx = parts[0], parts[1]
         if how == "index_swapped":
             idx[[3, 4]] = idx[[4, 3]]
         elif how == "index_duplicate":
@@ -344,9 +355,14 @@ def corrupted(method: str, how: str, n: int = 3000):
         elif how == "index_numel":
             idx[-1] = n
         elif how == "index_max":
-            idx[-1] = 2**32 - 1
+            idx[-1] = 2**16 - 1
         elif how == "index_first_after_last":
             idx[0] = idx[-1] + 1
+        elif how == "count_short":
+            counts[-1] -= 1
+        elif how == "count_long":
+            counts[-1] += 1
+
     elif how.startswith("scale"):
         value = {"scale_nan": np.nan, "scale_inf": np.inf, "scale_negative": -1.0,
                  "scale_overflows": np.nextafter(np.float32(MAX_SCALE), np.float32(np.inf))}[how]
@@ -364,11 +380,24 @@ def corrupted(method: str, how: str, n: int = 3000):
 
 CORRUPTIONS = (
     [(m, h) for m in TOPK_METHODS for h in
-     ["index_swapped", "index_duplicate", "index_numel", "index_max", "index_first_after_last"]]
+     ["index_swapped", "index_duplicate", "index_numel", "index_max", "index_first_after_last",
+      "count_short", "count_long"]]
     + [(m, h) for m in ("int8", "topk-int8") for h in
        ["scale_nan", "scale_inf", "scale_negative", "scale_overflows", "int8_min"]]
     + [(m, h) for m in ("fp32", "fp16", "bf16", "topk") for h in ["nan", "inf", "neg_inf"]]
 )
+
+
+def test_chunk_counts_that_move_an_index_to_another_chunk_refused():
+    """The same total, but an index claimed by a later chunk: out of order or past numel. (Counts
+    that move indices and still decode in order and in range are just other valid indices.)"""
+    numel = 2 * INDEX_CHUNK + 10
+    indices = np.array([5, 70_000, INDEX_CHUNK * 2 + 3])
+    counts, offsets = _encode_indices(indices, numel)
+    for moved in ([1, 0, 2], [0, 1, 2]):
+        with pytest.raises(ProtocolError):
+            topk_indices([np.array(moved, dtype="<u4"), offsets], numel)
+    assert np.array_equal(topk_indices([counts, offsets], numel), indices)
 
 
 @pytest.mark.parametrize("method, how", CORRUPTIONS)
@@ -398,7 +427,8 @@ def test_random_part_bytes_refused_or_finite(method, numel, data):
     parts = [np.frombuffer(data.draw(st.binary(min_size=s.nbytes, max_size=s.nbytes)), dtype=DTYPES[s.dtype])
              .reshape(s.shape).copy() for s in specs]
     if method in TOPK_METHODS and data.draw(st.booleans()):  # valid indices, so the values get checked too
-        parts[0] = np.sort(np.random.default_rng(numel).choice(numel, header["k"], replace=False)).astype("<u4")
+        indices = np.sort(np.random.default_rng(numel).choice(numel, header["k"], replace=False))
+        parts[0], parts[1] = _encode_indices(indices, numel)
     try:
         y = decompress(header, parts, numel)
     except ProtocolError as e:

@@ -66,6 +66,7 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
 
     from protocols import gossip
     from protocols.codec import TensorSpec, read_header, write_header, write_payload
+    from protocols.compression import INDEX_CHUNK
     from protocols.discovery import PeerRecord, run_key
 
     honest = await memory_swarm.add("honest", shard="0/2", outer_every_steps=5, compression="topk:0.1", partners=4,
@@ -74,20 +75,25 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
     numel = honest.specs[0].numel
     served = {}
 
+    def index_specs(k):
+        return [TensorSpec("chunk_counts", "uint32", (-(-numel // INDEX_CHUNK),)), TensorSpec("offsets", "uint16", (k,))]
+
     async def serve(kind, stream):
         req = await read_header(stream)
         served[kind] = req.get("type")
         k = numel // 2  # above the 25 % cap on top-k
         if kind == "huge_k":
             comp = {"method": "topk", "numel": numel, "k": k}
-            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (k,)), TensorSpec("values", "float16", (k,))]))
+            await write_header(stream, gossip.delta_header(1, 1, comp, [*index_specs(k), TensorSpec("values", "float16", (k,))]))
         elif kind == "lying_parts":
             comp = {"method": "topk", "numel": numel, "k": 10}
-            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (10**8,)), TensorSpec("values", "float16", (10,))]))
+            await write_header(stream, gossip.delta_header(1, 1, comp, [*index_specs(10**8), TensorSpec("values", "float16", (10,))]))
         elif kind == "duplicate_indices":
             comp = {"method": "topk", "numel": numel, "k": 4}
-            await write_header(stream, gossip.delta_header(1, 1, comp, [TensorSpec("indices", "uint32", (4,)), TensorSpec("values", "float16", (4,))]))
-            await write_payload(stream, [np.array([1, 1, 2, 3], dtype="<u4"), np.ones(4, dtype="<f2")])
+            await write_header(stream, gossip.delta_header(1, 1, comp, [*index_specs(4), TensorSpec("values", "float16", (4,))]))
+            counts = np.zeros(-(-numel // INDEX_CHUNK), dtype="<u4")
+            counts[0] = 4
+            await write_payload(stream, [counts, np.array([1, 1, 2, 3], dtype="<u2"), np.ones(4, dtype="<f2")])
 
     for kind in ("huge_k", "lying_parts", "duplicate_indices"):
         t = memory_swarm.net.transport(f"bad-{kind}")
