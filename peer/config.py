@@ -72,7 +72,8 @@ class PeerConfig:
     # outer learning rate and Nesterov momentum (None: the task's; DiLoCo used 0.7 and 0.9)
     outer_lr: float | None = None
     outer_momentum: float | None = None
-    outer_sync_every: int = 10  # outer rounds between two that mix partners' anchors (0: never)
+    # outer rounds between two that mix partners' anchors (0: never); None: the task's
+    outer_sync_every: int | None = None
     # how anchors travel (consensus rounds and joiners' sync): a dense method (fp32, fp16, bf16, int8)
     outer_anchor_compression: str = "int8"
     # what outer rounds send (protocols/compression.py): fp32, fp16, bf16, int8, topk[:FRACTION],

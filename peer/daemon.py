@@ -135,7 +135,8 @@ class PeerDaemon:
         every = config.outer_every_steps if config.outer_every_steps is not None else self.task.outer_every_steps
         self.outer_settings = OuterSettings(
             every, self.task.outer_lr if config.outer_lr is None else config.outer_lr,
-            self.task.outer_momentum if config.outer_momentum is None else config.outer_momentum, config.outer_sync_every)
+            self.task.outer_momentum if config.outer_momentum is None else config.outer_momentum,
+            self.task.outer_sync_every if config.outer_sync_every is None else config.outer_sync_every)
         self.compression = CompressionSpec.parse(config.compression or self.task.compression)
         self.outer = OuterLoop(self.outer_settings, self.compression, self.trainer.flat) if self.outer_settings.enabled else None
         self.published: Published | None = None  # what partners pull from us with outer steps
@@ -172,6 +173,8 @@ class PeerDaemon:
         self.rejected: dict[str, int] = {}
         self.pull_failed: dict[str, int] = {}
         self.pull_skipped: dict[str, int] = {}  # partners with nothing new for us (not failures)
+        # payload bytes we served, by what they were: where a run's upload goes
+        self.served_bytes = {"pseudo_gradients": 0, "anchors": 0, "models": 0}
         # (monotonic time, bytes sent, bytes received, training seconds) at the last heartbeats:
         # status's rates and utilisation
         self._traffic_samples: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=6)
@@ -732,6 +735,7 @@ class PeerDaemon:
             payload = await asyncio.to_thread(compress, anchor - crafted, self.outer.compression)
         await write_header(stream, gossip.delta_header(published.outer_step, published.step, payload.header, payload.specs))
         await self._send_sized(stream, payload.parts, payload.nbytes)
+        self.served_bytes["pseudo_gradients"] += payload.nbytes
 
     async def _send_sized(self, stream, parts: list, nbytes: int) -> None:
         """Serve a payload with a deadline from its size, our upload cap and the goodput our
@@ -817,6 +821,7 @@ class PeerDaemon:
                 step, payload = self.served_anchor
                 await write_header(stream, gossip.model_header(step, payload.specs, payload.header))
                 await self._send_sized(stream, payload.parts, payload.nbytes)
+                self.served_bytes["anchors"] += payload.nbytes
                 self.counters["serves"] += 1
                 return
             if self.hostile is None:
@@ -827,6 +832,7 @@ class PeerDaemon:
             with lease as (step, snap):
                 await write_header(stream, gossip.model_header(step, self.specs))
                 await self._send_sized(stream, [snap.numpy()], self.specs[0].nbytes)
+            self.served_bytes["models"] += self.specs[0].nbytes
             self.counters["serves"] += 1
         except ProtocolError as e:
             self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
@@ -971,7 +977,7 @@ class PeerDaemon:
             busy = (samples[-1][3] - samples[0][3]) / dt
         rate = self.link.rate(time.monotonic())
         return {"upload_mbps": _finite(up), "download_mbps": _finite(down), "utilisation": _finite(busy),
-                "train_seconds": round(self.trainer.train_seconds, 1),
+                "train_seconds": round(self.trainer.train_seconds, 1), "served_bytes": dict(self.served_bytes),
                 "max_upload_mbps": self.config.max_upload_mbps or None, "max_download_mbps": self.config.max_download_mbps or None,
                 "link_estimate_mbps": _finite(rate * 8 / 1e6) if rate else None}
 

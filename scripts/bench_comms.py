@@ -99,6 +99,7 @@ def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns
                 "utilisation": round((s["traffic"]["train_seconds"] - busy0) / max(t_end - t_start, 1e-9), 4),
                 "rounds_ok": s["rounds_ok"], "rounds_failed": s["rounds_failed"], "rounds_no_partner": s.get("rounds_no_partner"),
                 "pull_failed": s["pull_failed"], "rejected": s["rejected"], "outer": s.get("outer"),
+                "served_bytes": s["traffic"].get("served_bytes"),
                 "wall_s": round(t_end, 1),
             })
         seen = [x for v in staleness.values() for x in v]

@@ -38,7 +38,13 @@ async def test_outer_steps_with_compression_converge(memory_swarm):
 
 async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(memory_swarm):
     d = await memory_swarm.add("alone", max_steps=60, outer_every_steps=5, compression="int8")
-    await wait_until(lambda: d.trainer.done and d.outer.outer_step >= 3, 60, "outer steps")
+
+    def settled() -> bool:  # the last round published every inner step and has been applied
+        pub = d.published  # (`last_round` is written after a round's change is applied)
+        return (d.trainer.done and pub is not None and pub.step == d.trainer.step and pub.outer_step >= 3
+                and d.last_round.get("outer_step") == pub.outer_step)
+
+    await wait_until(settled, 60, "outer steps")
     st = d.status()
     assert st["rounds_no_partner"] >= 3 and st["rounds_ok"] == 0 and st["rounds_failed"] == 0
     # alone, the live model deviates from the anchor only by what int8 left out and by the inner

@@ -48,6 +48,7 @@ class Task:
     outer_every_steps: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    outer_sync_every: int = 10  # outer rounds between two consensus rounds that mix anchors (0: never)
     compression: str = "fp32"
     # examples of a peer's own training data on which the default rule's loss screen scores each
     # partner every round (one forward pass each): 256 MNIST-1D signals, a few LM windows

@@ -323,6 +323,10 @@ def lm_task(size: str = "base", shard: int = 0, num_shards: int = 1, split: str 
         # gave 1.62, DiLoCo's 0.9 gave 1.66, none (lr 1.0) 1.68. H = 50 halves the bytes of
         # H = 25 for 2 % more loss at 600 steps.
         outer_every_steps=50, outer_lr=0.7, outer_momentum=0.5,
+        # A consensus round sends a whole int8 anchor (1 byte a parameter) to each puller, 25x a
+        # top-k round's payload: every 20th round (1,000 inner steps) keeps anchors under half
+        # of the bytes (docs/benchmarks.md, comms).
+        outer_sync_every=20,
         # SparseLoCo's fraction: the 1.56 % largest coordinates, int8 values (~51x smaller than
         # float32). At H = 25: loss 1.78 against 1.59 dense int8, for 13x fewer bytes per round.
         compression="topk-int8:0.0156",
