@@ -101,6 +101,9 @@ class PeerConfig:
     # closed run: a file of admitted peer ids, one per line; others' records and requests are dropped
     allow_peers: str = ""
     log_format: str = "text"
+    # Prometheus endpoint (peer/metrics.py): None is off, 0 picks a free port (status says which)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def socket_path(self) -> Path:

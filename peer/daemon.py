@@ -33,6 +33,7 @@ from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
 from peer.loss_probe import LossProbe
+from peer.metrics import Exporter
 from peer.outer import OuterLoop, OuterSettings, Published
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
@@ -50,7 +51,11 @@ from protocols.transport.base import CountingStream, Transport, TransportError
 log = logging.getLogger("peer.daemon")
 
 
-class DataDirLocked(Exception):
+class StartError(Exception):
+    """The daemon cannot start; the message says why and how to fix it, in one line."""
+
+
+class DataDirLocked(StartError):
     pass
 
 
@@ -194,6 +199,8 @@ class PeerDaemon:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
+        self.exporter: Exporter | None = None  # the Prometheus endpoint, when metrics_port is set
+        self.metrics_port: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -202,10 +209,25 @@ class PeerDaemon:
     async def run(self) -> int:
         self._lock_data_dir()
         try:
+            self._start_metrics()
             await self._run()
         finally:
+            if self.exporter is not None:
+                self.exporter.stop()
             self._unlock_data_dir()
         return self.exit_code
+
+    def _start_metrics(self) -> None:
+        if self.config.metrics_port is None:
+            return
+        exporter = Exporter(self.config.metrics_host, self.config.metrics_port)
+        try:
+            self.metrics_port = exporter.start()
+        except OSError as e:
+            raise StartError(f"metrics endpoint {self.config.metrics_host}:{self.config.metrics_port}: {e.strerror or e}; "
+                             "choose another --metrics-port (0 picks a free one)") from None
+        self.exporter = exporter
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
 
     async def _run(self) -> None:
         ckpt.remove_stale_temp_files(self.data_dir)
@@ -391,6 +413,8 @@ class PeerDaemon:
         self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"],
                                       self.trainer.train_seconds))
         self._write_metrics()
+        if self.exporter is not None:
+            self.exporter.update(self.status())
 
     async def _withdraw(self) -> None:
         now = self.transport.now()
@@ -931,7 +955,7 @@ class PeerDaemon:
             "dht_rejects": dict(getattr(getattr(self.transport, "run_records", None), "rejected", None) or {}),
             "reputation": self.reputation.summary(now),
             "banned": self.reputation.banned_peers(now),
-            "closed_run": self.allowed is not None,
+            "closed_run": self.allowed is not None, "metrics_port": self.metrics_port,
             "last_round": self._last_round_status(),
             "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
             "refused": dict(self.refused),

@@ -43,7 +43,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     import uvloop
 
     from peer.config import load_allowed_peers
-    from peer.daemon import DataDirLocked, PeerDaemon
+    from peer.daemon import PeerDaemon, StartError
     from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
 
@@ -76,8 +76,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
         announcer = asyncio.create_task(announce())
         try:
             return await daemon.run()
-        except DataDirLocked as e:
-            log.error("%s", e)
+        except StartError as e:
+            log.error("cannot start: %s", e)
             return 2
         finally:
             announcer.cancel()
