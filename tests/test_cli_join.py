@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -132,6 +133,17 @@ def test_task_module_errors_are_one_line(tmp_path, body, phrase):
     out = peer("join", "--data-dir", str(tmp_path / "d"), "--listen", "/ip4/127.0.0.1/tcp/0", "--task", "my_task:build",
                torch_free=False, cwd=tmp_path)
     assert_cannot_start(out, phrase)
+
+
+def test_data_dir_in_use_is_one_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    fd = os.open(tmp_path / "d" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running daemon holds it
+        out = peer("join", "--data-dir", str(tmp_path / "d"), "--listen", "/ip4/127.0.0.1/tcp/0", torch_free=False)
+    finally:
+        os.close(fd)
+    assert_cannot_start(out, "another peer daemon is running", "peer leave")
 
 
 @pytest.mark.timeout(120)
