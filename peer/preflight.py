@@ -207,7 +207,8 @@ def check_config(cfg: PeerConfig, threads: int = 1) -> None:
     for name in ("partners", "num_shards", "max_concurrent_serves", "max_serves_per_peer"):
         _number(_flag(name), getattr(cfg, name), low=1)
     for name in ("gossip_every_steps", "gossip_steps_until", "outer_sync_every"):
-        _number(_flag(name), getattr(cfg, name), low=0)
+        if getattr(cfg, name) is not None:
+            _number(_flag(name), getattr(cfg, name), low=0)
     _number("train-nice", cfg.train_nice, low=0, high=19)
     if cfg.metrics_port is not None:
         _number("metrics-port", cfg.metrics_port, low=0, high=65535)

@@ -251,3 +251,9 @@ def test_join_line_from_two_interfaces_lists_both():
     usable, _ = shareable_addrs([], ["/ip4/127.0.0.1/tcp/5", "/ip4/10.1.0.2/tcp/5", "/ip4/172.16.4.2/tcp/5"], PID)
     assert usable == [f"/ip4/10.1.0.2/tcp/5/p2p/{PID}", f"/ip4/172.16.4.2/tcp/5/p2p/{PID}"]
     assert join_line(cfg, ["/ip4/10.1.0.2/tcp/5", "/ip4/172.16.4.2/tcp/5"], PID).count("--initial-peer") == 2
+
+
+def test_defaults_pass_the_checks(tmp_path):
+    from peer.preflight import check_config
+
+    check_config(PeerConfig(data_dir=tmp_path / "d", listen=["/ip4/127.0.0.1/tcp/0"]))
