@@ -7,7 +7,10 @@ or hivemind, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,58 +20,99 @@ from peer.aggregation import DEFAULT_AGGREGATOR
 from peer.aggregation import help_text as aggregation_help
 from peer.config import default_data_dir
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Peer-to-peer volunteer training daemon.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Peer-to-peer volunteer training daemon.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
-DataDir = typer.Option(None, "--data-dir", envvar="PEER_DATA_DIR", help="Identity key, checkpoints, control socket, logs. [default: $XDG_DATA_HOME/peer]")
+NET, TRAIN, ROBUST, FILES = "Network", "Training", "Robustness", "Files and other"
+
+DataDir = typer.Option(None, "--data-dir", envvar="PEER_DATA_DIR", metavar="DIR", show_default="$XDG_DATA_HOME/peer",
+                       rich_help_panel=FILES, help="Identity key, checkpoints, control socket, logs.")
 
 
 def _data_dir(value: Optional[Path]) -> Path:
     return Path(value) if value else default_data_dir()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"peer {version('peer')}")
+        except PackageNotFoundError:
+            typer.echo("peer (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Peer-to-peer volunteer training daemon."""
+
+
 @app.command()
 def join(
-    data_dir: Optional[Path] = DataDir,
-    run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", help="Name of the run to join. [default: default]"),
-    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", help="mnist1d-cnn, digits-mlp, lm-tiny, lm, lm-large, or module:function. [default: mnist1d-cnn]"),
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", help="Multiaddr of a peer already in the run, with /p2p/<id>. Repeatable."),
-    listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", help="Multiaddr to listen on. Repeatable. [default: /ip4/0.0.0.0/tcp/0]"),
-    announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", help="Multiaddr to announce to others (e.g. a public address). Repeatable."),
-    aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", help=f"Aggregation rule, one of: {aggregation_help()}. [default: {DEFAULT_AGGREGATOR}]"),
-    byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", help="Fraction of a round's partners the robust rules assume Byzantine. [default: 0.25]"),
+    # network
+    run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", metavar="NAME", show_default="default", rich_help_panel=NET, help="Name of the run to join."),
+    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
+    listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
+    announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
+    max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip upload in Mbit/s, enforced by the daemon."),
+    max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip download in Mbit/s."),
+    # training
+    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", metavar="NAME", show_default="mnist1d-cnn", rich_help_panel=TRAIN, help="mnist1d-cnn, digits-mlp, lm-tiny, lm, lm-large, or module:function."),
+    shard: Optional[str] = typer.Option(None, "--shard", envvar="PEER_SHARD", metavar="I/N", show_default="from the peer id", rich_help_panel=TRAIN, help="This peer's data shard."),
+    split: Optional[str] = typer.Option(None, "--split", envvar="PEER_SPLIT", metavar="iid|dirichlet", show_default="iid", rich_help_panel=TRAIN, help="How shards are drawn."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", envvar="PEER_ALPHA", metavar="A", show_default="0.5", rich_help_panel=TRAIN, help="Dirichlet concentration for --split dirichlet."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="PEER_MAX_STEPS", metavar="N", show_default="no limit", rich_help_panel=TRAIN, help="Stop training (keep gossiping and serving) after this many steps."),
+    threads: int = typer.Option(1, "--threads", envvar="PEER_THREADS", metavar="N", rich_help_panel=TRAIN, help="Torch threads for training (0: torch's default)."),
+    outer_every_steps: Optional[int] = typer.Option(None, "--outer-every-steps", envvar="PEER_OUTER_EVERY_STEPS", metavar="H", show_default="the task's", rich_help_panel=TRAIN, help="Inner steps per outer round (compressed pseudo-gradients, Nesterov outer step); 0: whole models every few steps."),
+    outer_lr: Optional[float] = typer.Option(None, "--outer-lr", envvar="PEER_OUTER_LR", metavar="LR", show_default="the task's", rich_help_panel=TRAIN, help="Outer learning rate."),
+    outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", envvar="PEER_OUTER_MOMENTUM", metavar="M", show_default="the task's", rich_help_panel=TRAIN, help="Outer Nesterov momentum."),
+    compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", metavar="SPEC", show_default="the task's", rich_help_panel=TRAIN, help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION], topk-int8[:FRACTION]."),
+    # robustness
+    aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", metavar="NAME", show_default=DEFAULT_AGGREGATOR, rich_help_panel=ROBUST, help=f"Aggregation rule, one of: {aggregation_help()}."),
+    byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", metavar="F", show_default="0.25", rich_help_panel=ROBUST, help="Fraction of a round's partners the robust rules assume Byzantine."),
+    allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", metavar="FILE", show_default="open run", rich_help_panel=ROBUST, help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped."),
     experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/hostile.py)."),
-    shard: Optional[str] = typer.Option(None, "--shard", envvar="PEER_SHARD", help="This peer's data shard i/n. [default: from the peer id]"),
-    split: Optional[str] = typer.Option(None, "--split", envvar="PEER_SPLIT", help="iid or dirichlet. [default: iid]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", envvar="PEER_ALPHA", help="Dirichlet concentration for --split dirichlet. [default: 0.5]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", envvar="PEER_MAX_STEPS", help="Stop training (keep gossiping and serving) after this many steps."),
-    threads: int = typer.Option(1, "--threads", envvar="PEER_THREADS", help="Torch threads for training (0: torch's default)."),
-    config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", help="TOML file with any of these settings (flags and PEER_* win)."),
-    allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped. [default: open run]"),
-    log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", help="text or json. [default: text]"),
-    outer_every_steps: Optional[int] = typer.Option(None, "--outer-every-steps", envvar="PEER_OUTER_EVERY_STEPS", help="Inner steps per outer round (compressed pseudo-gradients, Nesterov outer step); 0: whole models every few steps. [default: the task's]"),
-    outer_lr: Optional[float] = typer.Option(None, "--outer-lr", envvar="PEER_OUTER_LR", help="Outer learning rate. [default: the task's]"),
-    outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", envvar="PEER_OUTER_MOMENTUM", help="Outer Nesterov momentum. [default: the task's]"),
-    compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION], topk-int8[:FRACTION]. [default: the task's]"),
-    max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", help="Cap on gossip upload in Mbit/s, enforced by the daemon (0: none). [default: 0]"),
-    max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", help="Cap on gossip download in Mbit/s (0: none). [default: 0]"),
+    # files and other
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", rich_help_panel=FILES, help="TOML file with any of these settings (flags and PEER_* win)."),
+    log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", metavar="text|json", show_default="text", rich_help_panel=FILES, help="Log line format on stderr and in daemon.log."),
+    debug: bool = typer.Option(False, "--debug", metavar="", envvar="PEER_DEBUG", rich_help_panel=FILES, help="Show the traceback behind a 'cannot start' line."),
 ) -> None:
-    """Start a peer daemon in the foreground and join (or start) a training run."""
-    from peer.config import resolve
-    from peer.main import run_daemon
+    """Start a peer daemon in the foreground and join (or start) a training run.
 
-    cfg = resolve(
-        {
-            "data_dir": data_dir, "run_id": run_id, "task": task, "initial_peers": initial_peer,
-            "listen": listen, "announce": announce, "aggregator": aggregator, "shard": shard,
-            "split": split, "alpha": alpha, "max_steps": max_steps, "log_format": log_format,
-            "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
-            "allow_peers": str(allow_peers) if allow_peers else None,
-            "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
-            "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
-        },
-        config,
-    )
-    raise typer.Exit(run_daemon(cfg, threads=threads))
+    A bad setting or a failed start prints one line, 'cannot start: <reason and fix>', and exits 2.
+    """
+    from peer.preflight import StartError, check_config, load_config
+
+    try:
+        cfg = load_config(
+            {
+                "data_dir": data_dir, "run_id": run_id, "task": task, "initial_peers": initial_peer,
+                "listen": listen, "announce": announce, "aggregator": aggregator, "shard": shard,
+                "split": split, "alpha": alpha, "max_steps": max_steps, "log_format": log_format,
+                "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
+                "allow_peers": str(allow_peers) if allow_peers else None,
+                "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
+                "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
+            },
+            config,
+        )
+        if ":" in cfg.task and os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # `--task my_module:build` from the folder holding my_module.py
+        check_config(cfg, threads)
+        from peer.main import run_daemon
+
+        code = run_daemon(cfg, threads=threads)
+    except StartError as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"cannot start: {e}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _request(data_dir: Optional[Path], cmd: str) -> dict:
@@ -92,8 +136,8 @@ def _request(data_dir: Optional[Path], cmd: str) -> dict:
 @app.command()
 def status(
     data_dir: Optional[Path] = DataDir,
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
-    watch: bool = typer.Option(False, "--watch", help="Refresh until interrupted."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="One JSON object on stdout."),
+    watch: bool = typer.Option(False, "--watch", metavar="", help="Refresh until interrupted."),
     interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes with --watch."),
 ) -> None:
     """Show the local daemon and the swarm it sees."""
@@ -145,5 +189,23 @@ def identity(data_dir: Optional[Path] = DataDir) -> None:
     typer.echo(ensure_identity(str(d / "identity.key")))
 
 
+def main() -> None:
+    """The `peer` command. A usage error (unknown flag, a value of the wrong kind) is one line too."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # typer before it vendored click
+        from click.exceptions import ClickException
+    try:
+        code = typer.main.get_command(app).main(prog_name="peer", standalone_mode=False)
+    except ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        name = ctx.info_name if ctx is not None and ctx.info_name != "peer" else ""
+        prefix = "cannot start" if name == "join" else "peer"
+        if e.format_message():  # empty when the help was printed instead (`peer` alone)
+            typer.echo(f"{prefix}: {e.format_message()} (see peer {name + ' ' if name else ''}--help)", err=True)
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,6 +7,7 @@ environment variable set; `resolve` fills the rest from the files and defaults.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -143,11 +144,23 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "data_dir":
         return Path(os.path.expanduser(str(value)))
     if kind.startswith("list"):
-        return [str(v) for v in (value.split() if isinstance(value, str) else value)]
-    if "int" in kind and value is not None:
+        if isinstance(value, str):
+            return value.split()
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError("expected a list of strings")
+        return list(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind != "bool":
+        raise TypeError("expected a number" if "int" in kind or "float" in kind else "expected a string")
+    if "int" in kind:
+        if isinstance(value, float) and not value.is_integer():
+            raise TypeError("expected a whole number")
         return int(value)
     if "float" in kind:
         return float(value)
+    if kind == "str" and not isinstance(value, str):
+        raise TypeError("expected a string")
     return value
 
 
@@ -158,7 +171,9 @@ def settings_by_field(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            raise ValueError(f"{source}: unknown setting {key!r}")
+            close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+            hint = f"did you mean {close[0].replace('_', '-')!r}?" if close else "README.md lists the settings"
+            raise ValueError(f"{source}: unknown setting {key!r} ({hint})")
         try:
             out[name] = _coerce(name, value)
         except (TypeError, ValueError) as e:
@@ -168,7 +183,10 @@ def settings_by_field(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
     return settings_by_field(raw, str(path))
 
 

@@ -32,9 +32,11 @@ from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
+from peer.known_peers import KnownPeers
 from peer.loss_probe import LossProbe
 from peer.metrics import Exporter
 from peer.outer import OuterLoop, OuterSettings, Published
+from peer.preflight import StartError
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
@@ -49,10 +51,6 @@ from protocols.reputation import Reputation
 from protocols.transport.base import CountingStream, Transport, TransportError
 
 log = logging.getLogger("peer.daemon")
-
-
-class StartError(Exception):
-    """The daemon cannot start; the message says why and how to fix it, in one line."""
 
 
 class DataDirLocked(StartError):
@@ -102,7 +100,8 @@ def _finite(x: float | None) -> float | None:
 
 
 class PeerDaemon:
-    def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None):
+    def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None,
+                 known_peers: KnownPeers | None = None):
         self.config = config
         self.transport = transport
         self.peer_id = transport.peer_id
@@ -168,6 +167,8 @@ class PeerDaemon:
         self.upload_link = LinkEstimator(prior_rate_bytes_per_s=prior)
         self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
         self.view = SwarmView(self.peer_id, self.task.name, allowed=self.allowed)
+        # peers of the run seen live, remembered in the data dir for the next start (peer/known_peers.py)
+        self.known_peers = known_peers or KnownPeers(self.data_dir, config.run_id, self.peer_id)
         self.reputation = Reputation()
         self.peer_log = LogLimiter(log)  # lines about peers' misbehaviour, at most 1/min per peer and reason
         self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
@@ -205,6 +206,10 @@ class PeerDaemon:
     # --- lifecycle -------------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     async def run(self) -> int:
         self._lock_data_dir()
@@ -408,6 +413,13 @@ class PeerDaemon:
                 # (not a wrong task or a closed run's admissions: those are settings, not lies)
                 if owner is not None and owner != self.peer_id and reason.startswith(("malformed_record", "record_owner_mismatch")):
                     self._penalise(owner, "bad_record", reason, now)
+            live = self.view.live(now)
+            self.known_peers.note((i.record.peer_id, i.record.addrs) for i in live)
+            other = sorted({self.view.other_tasks.get(o, "?") for o, r in refused if r == "record_wrong_task"})
+            if other and not live:  # every peer of the run trains another task: say so, once a minute
+                self.peer_log.info(("wrong_task",), "run %s trains task %s, you asked for %s: no peer here trains "
+                                   "yours; restart with --task %s to join the run, or pick another --run-id",
+                                   self.config.run_id, " and ".join(other), self.task.name, other[0])
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
         self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"],

@@ -1,16 +1,19 @@
-"""Process entry for `peer join`: logging, the event loop (uvloop), signals, the join line."""
+"""Process entry for `peer join`: logging, the event loop (uvloop), signals, the join line, and
+the start failures that become one `cannot start:` line (StartError)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-import os
 import logging
+import os
 import signal
 import sys
 import time
 
 from peer.config import PeerConfig
+from peer.preflight import StartError, parse_multiaddr
 
 
 class _JsonFormatter(logging.Formatter):
@@ -31,19 +34,72 @@ def setup_logging(cfg: PeerConfig) -> None:
     logging.getLogger("hivemind").setLevel(os.environ.get("PEER_HIVEMIND_LOGLEVEL", "WARNING"))
 
 
-def join_line(cfg: PeerConfig, addrs: list[str]) -> str:
-    """The exact command another volunteer pastes to join this peer's run."""
-    public = [a for a in addrs if "/127.0.0.1/" not in a and "/::1/" not in a]
-    best = (public or addrs)[0]
-    return f"peer join --run-id {cfg.run_id} --task {cfg.task} --initial-peer {best}"
+def shareable_addrs(announced: list[str], addrs: list[str], peer_id: str) -> tuple[list[str], bool]:
+    """Addresses another machine could dial, with /p2p/<peer_id>: announced first, then public,
+    then private; never 0.0.0.0 or an IPv6 link-local one; loopback only when nothing else is
+    left. The flag is True when the list is loopback only."""
+    ranked: dict[str, int] = {}
+    for rank_hint, addr in [(0, a) for a in announced] + [(None, a) for a in addrs]:
+        try:
+            parts = parse_multiaddr(addr)
+        except ValueError:
+            continue
+        host = next(((n, v) for n, v in parts if n in ("ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr")), None)
+        if host is None:
+            continue
+        rank = rank_hint
+        if rank is None:
+            if host[0].startswith("dns"):
+                rank = 1
+            else:
+                ip = ipaddress.ip_address(host[1])
+                if ip.is_unspecified or (ip.version == 6 and ip.is_link_local):
+                    continue
+                rank = 3 if ip.is_loopback else 1 if ip.is_global else 2
+        full = addr.split("/p2p/", 1)[0] + f"/p2p/{peer_id}"
+        ranked[full] = min(rank, ranked.get(full, rank))
+    ordered = sorted(ranked, key=lambda a: ranked[a])  # stable: the daemon's order within a rank
+    reachable = [a for a in ordered if ranked[a] < 3]
+    return (reachable, False) if reachable else (ordered, bool(ordered))
+
+
+def join_line(cfg: PeerConfig, addrs: list[str], peer_id: str) -> str:
+    """What another volunteer pastes to join this peer's run: every address they could use, each
+    as an `--initial-peer` (any one that answers is enough), with a header saying from where."""
+    usable, loopback_only = shareable_addrs(cfg.announce, addrs, peer_id)
+    command = f"peer join --run-id {cfg.run_id} --task {cfg.task}" + "".join(f" --initial-peer {a}" for a in usable)
+    if loopback_only:
+        return ("To join this run from this machine only (it listens on loopback alone; for other machines "
+                "use --listen /ip4/0.0.0.0/tcp/PORT):\n  " + command)
+    return "To join this run from another machine:\n  " + command
+
+
+def start_failure(e: BaseException, cfg: PeerConfig) -> StartError | None:
+    """A StartError for what p2pd or the daemon reports when it cannot start; None if unknown."""
+    text = str(e)
+    if "failed to connect to bootstrap peers" in text or (cfg.initial_peers and "failed to start in" in text):
+        return StartError(f"no --initial-peer answered ({', '.join(cfg.initial_peers)}): check the peer is "
+                          "running, the address is the one it printed now (ports change on restart), and "
+                          "that this machine can reach it (firewall, NAT)")
+    if "address already in use" in text:
+        return StartError(f"--listen {' '.join(cfg.listen)}: the port is in use (another peer daemon?): pick "
+                          "another port, or tcp/0 for any free one")
+    if "cannot assign requested address" in text:
+        return StartError(f"--listen {' '.join(cfg.listen)}: not an address of this machine: use one of its "
+                          "addresses, or 0.0.0.0 for all")
+    if type(e).__name__ in ("P2PDaemonError", "P2PHandlerError"):
+        return StartError(f"the p2p daemon (p2pd) failed: {text.splitlines()[-1] if text else type(e).__name__}")
+    return None
 
 
 def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
+    """Run a daemon until it leaves; its exit code. A failed start raises StartError."""
     import torch
     import uvloop
 
     from peer.config import load_allowed_peers
-    from peer.daemon import PeerDaemon, StartError
+    from peer.daemon import DataDirLocked, PeerDaemon
+    from peer.known_peers import KnownPeers
     from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
 
@@ -56,12 +112,13 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             allowed = load_allowed_peers(cfg.allow_peers)
+            known = KnownPeers(cfg.data_dir, cfg.run_id)
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
-                                          run_key=run_key(cfg.run_id), allowed=allowed)
-            daemon = PeerDaemon(cfg, transport)
-        except ValueError as e:  # a bad setting (aggregator, attack, shard, task...): one line, exit 2
-            log.error("cannot start: %s", e)
-            return 2
+                                          run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs())
+            known.self_id = transport.peer_id
+            daemon = PeerDaemon(cfg, transport, known_peers=known)
+        except (ValueError, TypeError) as e:  # a bad setting or task (peer.tasks.load_task words it)
+            raise StartError(str(e)) from e
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
@@ -71,14 +128,25 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
                 await asyncio.sleep(0.05)
             if daemon.addrs:
                 print(f"peer {daemon.peer_id} listening on:", *daemon.addrs, sep="\n  ", flush=True)
-                print("To join this run from another machine:\n  " + join_line(cfg, daemon.addrs), flush=True)
+                print(join_line(cfg, daemon.addrs, daemon.peer_id), flush=True)
 
         announcer = asyncio.create_task(announce())
         try:
             return await daemon.run()
-        except StartError as e:
-            log.error("cannot start: %s", e)
-            return 2
+        except DataDirLocked as e:
+            raise StartError(f"{e}: stop it (peer leave --data-dir {cfg.data_dir}) or use another --data-dir") from e
+        except StartError:
+            raise
+        except Exception as e:
+            if daemon.phase != "starting":
+                raise
+            if daemon.stop_requested:  # Ctrl-C while p2pd was starting (and got the signal too)
+                log.info("interrupted while starting")
+                return 130
+            failure = start_failure(e, cfg)
+            if failure is None:
+                raise
+            raise failure from e
         finally:
             announcer.cancel()
 

@@ -142,3 +142,33 @@ def test_real_peers_with_outer_steps_compression_and_a_bandwidth_cap(tmp_path):
     finally:
         stop_all(peers)
     assert all(p.proc.returncode == 0 for p in peers)
+
+
+@pytest.mark.timeout(300)
+def test_restarted_first_peer_finds_its_run_again(tmp_path):
+    """The first peer of a run has no --initial-peer; restarted, it dials the peers its data dir
+    remembers (peers-<run>.json) and sees its old partner again within 30 s."""
+    config = tmp_path / "peer.toml"
+    config.write_text("heartbeat-s = 1.0\ngossip-every-s = 0.5\ncheckpoint-every-s = 3.0\neval-every-s = 1.0\n")
+    common = ["--run-id", "remember", "--task", "digits-mlp", "--config", str(config)]
+    a = LocalPeer(tmp_path / "a", [*common, "--shard", "0/2"]).start()
+    peers = [a]
+    try:
+        a.wait_ready(90)
+        b = LocalPeer(tmp_path / "b", [*common, "--shard", "1/2", "--initial-peer", a.addrs[0]]).start()
+        peers.append(b)
+        b.wait_ready(90)
+        wait_for(peers, lambda ss: all(len(s["live_peers"]) == 1 for s in ss), 60, "a and b to see each other")
+        remembered = tmp_path / "a" / "peers-remember.json"
+        deadline = time.monotonic() + 30
+        while not (remembered.exists() and b.peer_id in json.loads(remembered.read_text())["peers"]):
+            assert time.monotonic() < deadline, "a's data dir never remembered b"
+            time.sleep(0.2)
+        assert a.leave(60) == 0
+        a.start()  # the same data dir and arguments: still no --initial-peer
+        a.wait_ready(90)
+        wait_for(peers, lambda ss: [q["peer_id"] for q in ss[0]["live_peers"]] == [b.peer_id]
+                 and [q["peer_id"] for q in ss[1]["live_peers"]] == [a.peer_id], 30, "the restarted first peer and b to meet again")
+    finally:
+        stop_all(peers)
+    assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]

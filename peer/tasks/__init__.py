@@ -244,7 +244,17 @@ def load_task(name: str, **options) -> Task:
     if ":" not in name:
         raise ValueError(f"unknown task {name!r}: built-in are {', '.join(BUILTIN)}, or use module:function")
     module, func = name.split(":", 1)
-    task = getattr(importlib.import_module(module), func)(**options)
+    try:
+        imported = importlib.import_module(module)
+    except Exception as e:
+        raise ValueError(f"--task {name}: importing {module} failed: {type(e).__name__}: {e}") from e
+    build = getattr(imported, func, None)
+    if not callable(build):
+        raise ValueError(f"--task {name}: {module} has no function {func!r}")
+    try:
+        task = build(**options)
+    except Exception as e:
+        raise ValueError(f"--task {name}: {func}() raised {type(e).__name__}: {e}") from e
     if not isinstance(task, Task):
         raise TypeError(f"{name} returned {type(task).__name__}, not peer.tasks.Task")
     task.name = name  # peers match tasks by the name they were started with

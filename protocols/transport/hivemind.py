@@ -175,13 +175,17 @@ class HivemindTransport(Transport):
         initial_peers: list[str] | None = None,
         run_key: str | None = None,
         allowed: frozenset[str] | None = None,
+        remembered: list[str] | None = None,
     ):
+        """`remembered`: addresses (with /p2p/<id>) of peers seen before, dialled at start besides
+        `initial_peers`; unlike those, none of them has to answer."""
         self.identity_path = identity_path
         self.listen = listen
         self.announce = announce or []
         self.initial_peers = initial_peers or []
         self.run_key = run_key
         self.allowed = allowed
+        self.remembered = remembered or []
         self.p2p = None
         self.dht = None
         self.run_records = None
@@ -203,6 +207,7 @@ class HivemindTransport(Transport):
             check_if_identity_free=False,
         )
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
+        reached = await self._dial(self.remembered)
         validators = [self.validator]
         if self.run_key is not None:
             self.run_records = RunRecordValidator(self.run_key, self.allowed)
@@ -211,7 +216,7 @@ class HivemindTransport(Transport):
             p2p=self.p2p,
             # Derived from the peer id, not from the global `random` (which libraries reseed).
             node_id=DHTID.generate(source=self.peer_id.encode()),
-            initial_peers=self.initial_peers or None,
+            initial_peers=[*self.initial_peers, *reached] or None,
             record_validator=safe_validator(validators, self.run_records),
             ensure_bootstrap_success=False,
         )
@@ -222,13 +227,45 @@ class HivemindTransport(Transport):
             self.dht.protocol.cache = bounded_storage(self.run_records)
         assert self.p2p.peer_id.to_base58() == self.peer_id
 
+    DIAL_TIMEOUT_S = 5.0
+
+    async def _dial(self, addrs: list[str]) -> list[str]:
+        """Connect to the peers behind `addrs` (concurrently, each within DIAL_TIMEOUT_S); the
+        addresses of those that answered."""
+        from hivemind.p2p import PeerID
+        from hivemind.utils.multiaddr import Multiaddr
+
+        by_peer: dict[str, list[str]] = {}
+        for a in addrs:
+            pid = a.partition("/p2p/")[2]
+            if pid and pid != self.peer_id:
+                by_peer.setdefault(pid, []).append(a)
+
+        async def dial(pid: str, full: list[str]) -> bool:
+            try:
+                maddrs = [Multiaddr(a.partition("/p2p/")[0]) for a in full]
+                await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(pid), maddrs), self.DIAL_TIMEOUT_S)
+                return True
+            except Exception as e:
+                log.debug("remembered peer %s did not answer: %s", pid[:12], e)
+                return False
+
+        answered = await asyncio.gather(*(dial(pid, full) for pid, full in by_peer.items()))
+        if by_peer:
+            log.info("dialled %d remembered peers of the run: %d answered", len(by_peer), sum(answered))
+        return [a for ok, full in zip(answered, by_peer.values()) if ok for a in full]
+
     # hivemind's DHT shutdown asks p2pd to drop its handlers; with p2pd already gone (a signal to
     # the whole process group) that request waited forever and `peer join` never exited (seen after
     # SIGTERM to a benchmark). Each step is bounded; p2pd is killed if it outlives its TERM.
     STOP_TIMEOUT_S = 5.0
 
     async def stop(self) -> None:
-        if self.dht is not None:
+        child = getattr(self.p2p, "_child", None)
+        p2pd_gone = child is not None and child.returncode is not None
+        if p2pd_gone:  # Ctrl-C in a terminal signals the whole process group, p2pd included
+            log.info("p2pd exited already (code %s)", child.returncode)
+        if self.dht is not None and not p2pd_gone:  # the DHT's shutdown would wait on p2pd
             try:
                 await asyncio.wait_for(self.dht.shutdown(), self.STOP_TIMEOUT_S)
             except Exception as e:  # TimeoutError included
@@ -244,6 +281,15 @@ class HivemindTransport(Transport):
                         child.kill()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(child.wait(), 2.0)
+        self._forget_lost_connection()
+
+    def _forget_lost_connection(self) -> None:
+        """Retrieve the error of hivemind's control-connection tasks that ended with p2pd, so
+        asyncio does not print it as a traceback at exit ("Task exception was never retrieved")."""
+        control = getattr(getattr(self.p2p, "_client", None), "control", None)
+        for task in (getattr(control, "_read_task", None), getattr(control, "_write_task", None)):
+            if isinstance(task, asyncio.Task) and task.done() and not task.cancelled():
+                task.exception()
 
     async def addrs(self) -> list[str]:
         return [str(a) for a in await self.p2p.get_visible_maddrs(latest=True)]
