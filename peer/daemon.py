@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from peer import state as ckpt
-from peer.aggregation import RoundContext, coordinate_median, make_aggregator
+from peer.aggregation import RoundContext, check_byzantine_fraction, coordinate_median, make_aggregator
 from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
@@ -103,6 +103,7 @@ def _finite(x: float | None) -> float | None:
 
 class PeerDaemon:
     def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None):
+        check_byzantine_fraction(config.byzantine_fraction)  # every round's RoundContext needs it
         self.config = config
         self.transport = transport
         self.peer_id = transport.peer_id
