@@ -23,8 +23,13 @@ def setup_logging(cfg: PeerConfig) -> None:
     root = logging.getLogger("peer")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(cfg.data_dir / "daemon.log")):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:  # a data dir that cannot be created or written is reported by prepare_data_dir, in one line
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handlers.append(logging.FileHandler(cfg.data_dir / "daemon.log"))
+    except OSError:
+        pass
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -44,6 +49,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
 
     from peer.config import load_allowed_peers
     from peer.daemon import PeerDaemon, StartError
+    from peer.datadir import LocalStateError, prepare_data_dir
     from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
 
@@ -53,8 +59,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     log = logging.getLogger("peer")
 
     async def main() -> int:
-        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            prepare_data_dir(cfg.data_dir, cfg.socket_path.name)  # before the identity key is read or made
             allowed = load_allowed_peers(cfg.allow_peers)
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
                                           run_key=run_key(cfg.run_id), allowed=allowed)
@@ -76,7 +82,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
         announcer = asyncio.create_task(announce())
         try:
             return await daemon.run()
-        except StartError as e:
+        except (StartError, LocalStateError) as e:
             log.error("cannot start: %s", e)
             return 2
         finally:
