@@ -766,14 +766,14 @@ class PeerDaemon:
         change = await asyncio.shield(rnd.finishing)
         self.trainer.apply_delta(change)
         rnd.applied = True
-        if ids:
-            self._adopt_swarm_step(steps)
         self.served_anchor = (self.trainer.step, await asyncio.to_thread(compress, outer.anchor, self.anchor_compression))
         done = time.monotonic()
         self.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
                                staleness=staleness, seconds={
             "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
             "aggregate": round(done - transferred, 3)})
+        if ids:  # last: a step adopted here may end training (max_steps), and the round is complete
+            self._adopt_swarm_step(steps)
         return bool(ids) if partners else None
 
     def _remember_outer(self, peer_id: str, outer_step: int) -> None:
@@ -988,6 +988,7 @@ class PeerDaemon:
             "gossip_cadence": f"{self.cadence.describe(self.trainer.step)}; at least every {self.config.gossip_every_s:g} s",
             "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
+            "steps_adopted": self.counters["steps_adopted"],
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
                  "last_seen_s": round(now - i.last_seen, 1), "addrs": list(i.record.addrs)}
