@@ -313,7 +313,6 @@ class PeerDaemon:
         except ValueError as e:  # checked before anything was loaded: the trainer is unchanged
             log.error("checkpoint %s is for another model: %s; moved to %s", path.name, e, ckpt.set_aside(path, "mismatch").name)
             return False
-        self.trainer.load_state_dict(state)
         if self.outer is not None:
             try:
                 self.outer.load_state_dict(state["outer"])
