@@ -182,11 +182,17 @@ def leave(
 @app.command()
 def identity(data_dir: Optional[Path] = DataDir) -> None:
     """Print this data dir's peer id (creating the identity key if there is none)."""
+    from peer.datadir import prepare_data_dir
     from protocols.transport.hivemind import ensure_identity
 
     d = _data_dir(data_dir)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    typer.echo(ensure_identity(str(d / "identity.key")))
+    try:
+        prepare_data_dir(d)
+        peer_id = ensure_identity(str(d / "identity.key"))
+    except ValueError as e:  # LocalStateError, IdentityError: one line, nothing overwritten
+        typer.echo(f"cannot read the identity: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(peer_id)
 
 
 def main() -> None:

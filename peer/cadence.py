@@ -10,8 +10,9 @@ step mixes no more often than before). Measured on MNIST-1D in docs/benchmarks.m
 
 The phase is read from the trainer's `step`, the run's progress, not from this process's own
 steps: a peer joining a late run adopts the swarm's step (`Trainer.set_step`) and a restarted peer
-restores its own, so both go straight to the late phase, as the swarm they mix with has; only a
-fresh run (or a peer that found nobody to sync from) mixes often.
+restores its own (and takes the swarm's once most partners it mixes are ahead), so both go
+straight to the late phase, as the swarm they mix with has; only a fresh run (or a peer that
+found nobody to sync from) mixes often.
 """
 
 from __future__ import annotations

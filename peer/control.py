@@ -13,6 +13,8 @@ import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from peer.datadir import check_control_path
+
 MAX_LINE = 64 * 1024
 
 
@@ -22,6 +24,7 @@ class NoDaemon(Exception):
 
 async def serve_control(path: Path, handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> asyncio.AbstractServer:
     path = Path(path)
+    check_control_path(path)  # a directory or file there is someone's: refused, never removed
     if path.exists() or path.is_symlink():
         path.unlink()  # left by a killed daemon; the data-dir lock proves no live one owns it
 

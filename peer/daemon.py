@@ -27,11 +27,12 @@ from typing import Any
 import torch
 
 from peer import state as ckpt
-from peer.aggregation import RoundContext, coordinate_median, make_aggregator
+from peer.aggregation import RoundContext, check_byzantine_fraction, coordinate_median, make_aggregator
 from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
+from peer.datadir import prepare_data_dir
 from peer.known_peers import KnownPeers
 from peer.loss_probe import LossProbe
 from peer.metrics import Exporter
@@ -102,6 +103,7 @@ def _finite(x: float | None) -> float | None:
 class PeerDaemon:
     def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None,
                  known_peers: KnownPeers | None = None):
+        check_byzantine_fraction(config.byzantine_fraction)  # every round's RoundContext needs it
         self.config = config
         self.transport = transport
         self.peer_id = transport.peer_id
@@ -125,6 +127,8 @@ class PeerDaemon:
         )
         if self.hostile is not None and self.hostile.data_seed_override is not None:
             self.trainer._gen.manual_seed(self.hostile.data_seed_override)
+        # one checkpoint per run and task: the data dir is shared by every run this user joins
+        self.checkpoint_path = ckpt.checkpoint_path(self.data_dir, config.run_id, self.task.name)
         self.snapshots = ServedSnapshots(self.trainer)  # what partners pull
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
         self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
@@ -175,6 +179,7 @@ class PeerDaemon:
         self.counters: dict[str, Any] = {
             "rounds_ok": 0, "rounds_failed": 0, "rounds_no_partner": 0, "bytes_sent": 0, "bytes_received": 0,
             "serves": 0, "serve_refused": 0, "checkpoints": 0, "checkpoint_errors": 0,
+            "steps_adopted": 0,  # steps skipped to the swarm's, when partners were ahead
         }
         self.rejected: dict[str, int] = {}
         self.pull_failed: dict[str, int] = {}
@@ -236,9 +241,11 @@ class PeerDaemon:
 
     async def _run(self) -> None:
         ckpt.remove_stale_temp_files(self.data_dir)
+        ckpt.adopt_legacy_checkpoint(self.data_dir)
         resumed = self._resume()
         await self.transport.start()
         control = None
+        started = False  # a start that failed saves no checkpoint: it has nothing new to save
         try:
             self.addrs = await self.transport.addrs()
             await self.transport.set_handler(gossip.PROTOCOL, self._serve_model)
@@ -249,6 +256,7 @@ class PeerDaemon:
                 await self._sync_from_swarm()
             self.trainer.start()
             self.phase = "training"
+            started = True
             log.info("training %s as %s (shard %d/%d, aggregator %s)", self.task.name, self.peer_id, *self.shard, self.config.aggregator)
             loops = [self._every(self.config.heartbeat_s, self._heartbeat_once),
                      self._gossip_loop(),
@@ -262,7 +270,8 @@ class PeerDaemon:
         finally:
             self.phase = "leaving"
             self.trainer.stop()
-            await self._checkpoint()
+            if started:
+                await self._checkpoint()
             self._write_metrics("leave")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._withdraw(), timeout=5)
@@ -274,7 +283,7 @@ class PeerDaemon:
             log.info("left the swarm at step %d", self.trainer.step)
 
     def _lock_data_dir(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        prepare_data_dir(self.data_dir, self.config.socket_path.name)  # LocalStateError: one line
         fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,20 +298,26 @@ class PeerDaemon:
             self._lock_fd = None
 
     def _resume(self) -> bool:
+        """Resume from this run's checkpoint, if there is a usable one. One that cannot be used is
+        renamed aside with one log line (never deleted, and never overwritten by our next save),
+        and the peer starts as a joiner does: from the swarm's models."""
+        path = self.checkpoint_path
         try:
-            state = ckpt.load_checkpoint(self.config.checkpoint_path)
+            state = ckpt.load_checkpoint(path)
         except ValueError as e:
-            # Never overwrite evidence: move it aside and start from the swarm instead.
-            bad = self.config.checkpoint_path.with_suffix(f".bad-{int(time.time())}")
-            os.replace(self.config.checkpoint_path, bad)
-            log.error("%s; moved to %s", e, bad.name)
+            log.error("%s; moved to %s", e, ckpt.set_aside(path, "bad").name)
             return False
         if state is None:
             return False
         if state.get("task") != self.task.name or state.get("run_id") != self.config.run_id:
-            log.error("checkpoint is for run %r task %r, not this one; ignoring it", state.get("run_id"), state.get("task"))
+            log.error("checkpoint %s is for run %r task %r, not this one; moved to %s", path.name,
+                      state.get("run_id"), state.get("task"), ckpt.set_aside(path, "other").name)
             return False
-        self.trainer.load_state_dict(state)
+        try:
+            self.trainer.load_state_dict(state)
+        except ValueError as e:  # checked before anything was loaded: the trainer is unchanged
+            log.error("checkpoint %s is for another model: %s; moved to %s", path.name, e, ckpt.set_aside(path, "mismatch").name)
+            return False
         if self.outer is not None:
             try:
                 self.outer.load_state_dict(state["outer"])
@@ -592,16 +607,39 @@ class PeerDaemon:
         into = self._receive_into(own, len(partners))
         pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf, len(partners))
                                         for p, buf in zip(partners, into)))
-        got = [(p, r[1]) for p, r in zip(partners, pulled) if r is not None]
+        got = [(p, r[0], r[1]) for p, r in zip(partners, pulled) if r is not None]
         if not got:
             self.counters["rounds_failed"] += 1
             return False
-        ids, models = [p for p, _ in got], [m for _, m in got]
+        ids, steps, models = [p for p, _, _ in got], [s for _, s, _ in got], [m for _, _, m in got]
         if self.hostile is not None:
             self.hostile.observe(ids, models)
         mixed = await self._mix(own, ids, models, now)
         self.trainer.apply_delta(mixed.sub_(own))
+        self._adopt_swarm_step(steps)
         return True
+
+    def _adopt_swarm_step(self, steps: list[int]) -> None:
+        """After a mix, take the swarm's step if it is ahead of ours: the lower median of our step
+        and the steps of the partners the rule mixed (`steps`: one per partner of the round).
+
+        A peer restarted from its checkpoint (up to `checkpoint_every_s` old, much older after a
+        long absence) mixes the swarm's model back in within a few rounds, but its step, and with
+        it the learning-rate schedule and the gossip cadence's phase, would stay behind for good.
+        Our own step counts in the median, so a later step is taken only when most partners are
+        ahead, and never beyond what one of them mixed in claims: an attacker announcing step
+        10^9 moves nothing unless it is most of the round."""
+        weights = getattr(self.aggregator, "last_weights", None)
+        if weights is not None and len(weights) == len(steps):
+            steps = [s for s, w in zip(steps, weights) if w > 0]
+        if not steps:
+            return
+        values = sorted([self.trainer.step, *steps])
+        before, target = self.trainer.step, values[(len(values) - 1) // 2]
+        if target > before and self.trainer.advance_step(target):
+            if self.counters["steps_adopted"] == 0:
+                log.info("the swarm is ahead: step %d adopted from partners (ours was %d)", target, before)
+            self.counters["steps_adopted"] += target - before
 
     async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> torch.Tensor:
         """Run the rule on our model and the partners' (off the event loop), count what it refused
@@ -691,6 +729,7 @@ class PeerDaemon:
         now = self.transport.now()
         live, partners = self._choose_partners(now)
         ids: list[str] = []
+        steps: list[int] = []  # each mixed partner's (inner) step
         models: list[torch.Tensor] = []
         staleness: list[int] = []
         if not partners:
@@ -702,6 +741,7 @@ class PeerDaemon:
             for p, got in zip(partners, pulled):
                 if got is not None:
                     ids.append(p)
+                    steps.append(got[0])
                     models.append(got[1])
         else:
             into = self._receive_into(own_model, len(partners))
@@ -712,11 +752,12 @@ class PeerDaemon:
             for p, got in zip(partners, pulled):
                 if got is None:
                     continue
-                their_outer, _, delta = got
+                their_outer, their_step, delta = got
                 self._remember_outer(p, their_outer)
                 model = outer.as_model(delta)
                 if self._validated(p, own_model, model):
                     ids.append(p)
+                    steps.append(their_step)
                     models.append(model)
                     staleness.append(rnd.outer_step - their_outer)
         if partners and not ids:
@@ -742,6 +783,8 @@ class PeerDaemon:
                                staleness=staleness, seconds={
             "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
             "aggregate": round(done - transferred, 3)})
+        if ids:  # last: a step adopted here may end training (max_steps), and the round is complete
+            self._adopt_swarm_step(steps)
         return bool(ids) if partners else None
 
     def _remember_outer(self, peer_id: str, outer_step: int) -> None:
@@ -898,10 +941,11 @@ class PeerDaemon:
                 state["outer"] = self.outer.state_dict()
         state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
         try:
-            await asyncio.to_thread(ckpt.save_checkpoint, self.config.checkpoint_path, state)
-        except Exception as e:  # a full disk must not kill training; the old checkpoint stays intact
+            await asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state)
+        except Exception as e:  # a full disk must not stop training; the previous checkpoint is intact
             self.counters["checkpoint_errors"] += 1
-            log.error("checkpoint failed, keeping the previous one: %s", e)
+            kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"
+            log.error("%s; the previous checkpoint (%s) is kept", e, kept)
             return
         self.counters["checkpoints"] += 1
         self.last_checkpoint = (state["step"], time.time())
@@ -955,6 +999,7 @@ class PeerDaemon:
             "gossip_cadence": f"{self.cadence.describe(self.trainer.step)}; at least every {self.config.gossip_every_s:g} s",
             "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
+            "steps_adopted": self.counters["steps_adopted"],
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
                  "last_seen_s": round(now - i.last_seen, 1), "addrs": list(i.record.addrs)}

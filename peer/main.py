@@ -26,8 +26,13 @@ def setup_logging(cfg: PeerConfig) -> None:
     root = logging.getLogger("peer")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(cfg.data_dir / "daemon.log")):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:  # a data dir that cannot be created or written is reported by prepare_data_dir, in one line
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handlers.append(logging.FileHandler(cfg.data_dir / "daemon.log"))
+    except OSError:
+        pass
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -99,6 +104,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
 
     from peer.config import load_allowed_peers
     from peer.daemon import DataDirLocked, PeerDaemon
+    from peer.datadir import LocalStateError, prepare_data_dir
     from peer.known_peers import KnownPeers
     from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
@@ -109,8 +115,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     log = logging.getLogger("peer")
 
     async def main() -> int:
-        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            prepare_data_dir(cfg.data_dir, cfg.socket_path.name)  # before the identity key is read or made
             allowed = load_allowed_peers(cfg.allow_peers)
             known = KnownPeers(cfg.data_dir, cfg.run_id)
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
@@ -137,6 +143,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             raise StartError(f"{e}: stop it (peer leave --data-dir {cfg.data_dir}) or use another --data-dir") from e
         except StartError:
             raise
+        except LocalStateError as e:
+            raise StartError(str(e)) from e
         except Exception as e:
             if daemon.phase != "starting":
                 raise

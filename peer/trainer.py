@@ -143,7 +143,37 @@ class Trainer:
                 "metrics": dict(self.metrics),
             }
 
+    def state_mismatch(self, state: dict[str, Any]) -> str | None:
+        """Why `state` cannot be loaded into this trainer's model (another model's shape or
+        optimizer), or None. Checked before anything is loaded, so a refused state changes nothing."""
+        flat = state.get("flat")
+        if not isinstance(flat, torch.Tensor) or flat.shape != self.flat.shape or flat.dtype != self.flat.dtype:
+            got = f"{flat.dtype} {tuple(flat.shape)}" if isinstance(flat, torch.Tensor) else type(flat).__name__
+            return f"its model is {got}, this task's is {self.flat.dtype} {tuple(self.flat.shape)}"
+        for key in ("step", "samples", "optimizer"):
+            if key not in state:
+                return f"it has no {key!r}"
+        opt = state["optimizer"]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        try:
+            saved = [i for g in opt["param_groups"] for i in g["params"]]
+            sizes = [len(g["params"]) for g in opt["param_groups"]]
+            if sizes != [len(g["params"]) for g in self.optimizer.param_groups]:
+                return f"its optimizer has parameter groups of {sizes} parameters, this task's {[len(g['params']) for g in self.optimizer.param_groups]}"
+            shapes = dict(zip(saved, (p.shape for p in params)))
+            for i, entry in opt["state"].items():
+                for name, v in entry.items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shapes[i]:
+                        return f"its optimizer's {name} of parameter {i} is {tuple(v.shape)}, the parameter {tuple(shapes[i])}"
+        except (KeyError, TypeError, AttributeError) as e:
+            return f"its optimizer state is malformed ({type(e).__name__})"
+        return None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's state; ValueError (nothing changed) if it is for another model."""
+        why = self.state_mismatch(state)
+        if why is not None:
+            raise ValueError(why)
         with self.lock:
             self.flat.copy_(state["flat"])
             history = state.get("history")
@@ -162,6 +192,16 @@ class Trainer:
         with self.lock:
             self.step = int(step)
             self.version += 1  # a served snapshot carries the step too
+
+    def advance_step(self, step: int) -> bool:
+        """Move the step forward to `step` (the swarm's), never back; whether it moved. The
+        learning-rate schedule follows from the next local step on."""
+        with self.lock:
+            if step <= self.step:
+                return False
+            self.step = int(step)
+            self.version += 1  # a served snapshot carries the step too
+            return True
 
     def _set_lr(self, local_steps: int) -> None:
         scale = self.task.lr_schedule(self.step) * min(1.0, (local_steps + 1) / max(self.warmup_steps, 1))

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from peer.launcher import LocalPeer, stop_all
-from peer.state import load_checkpoint
+from peer.state import checkpoint_path, load_checkpoint
 from protocols import gossip
 from protocols.codec import TensorSpec, encode_header, read_header
 from protocols.discovery import PeerRecord, run_key
@@ -241,7 +241,7 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         rss0 = rss_mb(p0.proc.pid)
         step0 = (await status(p0))["step"]
 
-        mallory = Mallory(numel=int(load_checkpoint(p0.data_dir / "checkpoint.pt")["flat"].numel()))
+        mallory = Mallory(numel=int(load_checkpoint(checkpoint_path(p0.data_dir, RUN, TASK))["flat"].numel()))
         await mallory.start(p0.addrs[0], tmp_path / "mallory.key")
         stores = await mallory.pollute([p0.peer_id, p1.peer_id], p1.peer_id, [str(a) for a in await mallory.p2p.get_visible_maddrs()])
         trudy = await P2P.create(initial_peers=[p0.addrs[0]], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -295,7 +295,7 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
         print(f"p0 RSS {rss0:.0f} MB -> +{growth:.0f} MB; 200 concurrent requests answered {answers}; "
               f"dht_rejects {s['dht_rejects']}; serve_errors {s['serve_errors']}; rejected {s['rejected']}")
         assert growth < 100, growth
-        assert load_checkpoint(p0.data_dir / "checkpoint.pt")["step"] > 0
+        assert load_checkpoint(checkpoint_path(p0.data_dir, RUN, TASK))["step"] > 0
     finally:
         for p2p in (trudy, flooder):
             if p2p is not None:
@@ -304,5 +304,5 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
             await mallory.stop()
         await asyncio.to_thread(stop_all, peers)
     assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]
-    assert load_checkpoint(p0.data_dir / "checkpoint.pt")["step"] > step0
+    assert load_checkpoint(checkpoint_path(p0.data_dir, RUN, TASK))["step"] > step0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from peer.launcher import LocalPeer, stop_all
-from peer.state import load_checkpoint
+from peer.state import checkpoint_path, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
         left = cli("leave", "--data-dir", str(p2.data_dir))
         assert left.returncode == 0, left.stderr
         assert p2.wait_exit(30) == 0
-        assert load_checkpoint(p2.data_dir / "checkpoint.pt")["step"] > 0
+        assert load_checkpoint(checkpoint_path(p2.data_dir, "itest", "mnist1d-cnn"))["step"] > 0
         peers.remove(p2)
         wait_for(peers, lambda ss: all(p2.peer_id not in [q["peer_id"] for q in s["live_peers"]] for s in ss), 15, "p2 to vanish")
 
@@ -80,7 +80,7 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
         wait_for([p1], lambda ss: ss[0]["checkpoint"]["step"] is not None, 30, "p1's first checkpoint")
         old_id = p1.peer_id
         p1.kill()
-        saved_step = load_checkpoint(p1.data_dir / "checkpoint.pt")["step"]
+        saved_step = load_checkpoint(checkpoint_path(p1.data_dir, "itest", "mnist1d-cnn"))["step"]
         p1.start()
         s1 = p1.wait_ready(90)
         assert s1["peer_id"] == old_id

@@ -76,7 +76,7 @@ async def test_daemon_resumes_and_sets_aside_corrupt_checkpoints(memory_swarm, t
     d = await memory_swarm.add("a", shard="0/1")
     await wait_until(lambda: d.trainer.step > 50, 20, "some training")
     assert await memory_swarm.stop("a") == 0
-    saved = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    saved = ckpt.load_checkpoint(d.checkpoint_path)
     assert saved["step"] == d.trainer.step and saved["run_id"] == "test"
 
     again = await memory_swarm.add("a", shard="0/1")

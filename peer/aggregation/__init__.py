@@ -44,5 +44,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'peer.aggregation' has no attribute {name!r}")
 
 
+def check_byzantine_fraction(value: float) -> float:
+    """The fraction of a round's partners the rules assume Byzantine, if it is usable.
+
+    Robust rules tolerate fewer than half faulty inputs, so 0.5 and above promise nothing; a
+    negative or NaN fraction would silently turn every rule's f and clipping budget off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 0.5:  # NaN fails too
+        raise ValueError(f"byzantine-fraction must be a number with 0 <= f < 0.5, got {value!r}")
+    return float(value)
+
+
 def help_text() -> str:
     return ", ".join(DESCRIPTIONS)

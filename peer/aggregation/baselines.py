@@ -16,6 +16,15 @@ from typing import Sequence
 
 import torch
 
+from peer.aggregation.norms import distance, sq_distance
+
+
+def _check_f(rule: str, f: int, n: int) -> None:
+    """f, the inputs assumed faulty: an integer with 0 <= f < n (a negative f would widen the set
+    of neighbours Krum scores, an f of n or more leaves nothing to trust)."""
+    if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < n:
+        raise ValueError(f"{rule} needs an integer f with 0 <= f < n (n={n}, f={f!r})")
+
 
 def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(xs) == 0:
@@ -42,7 +51,8 @@ def coordinate_median(xs: Sequence[torch.Tensor]) -> torch.Tensor:
 def trimmed_mean(xs: Sequence[torch.Tensor], f: int) -> torch.Tensor:
     x = _stack(xs)
     n = x.shape[0]
-    if not 0 <= 2 * f < n:
+    _check_f("trimmed mean", f, n)
+    if not 2 * f < n:
         raise ValueError(f"trimmed mean needs n > 2f (n={n}, f={f})")
     if f == 0:
         return x.mean(0)
@@ -50,16 +60,19 @@ def trimmed_mean(xs: Sequence[torch.Tensor], f: int) -> torch.Tensor:
 
 
 def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """Exact n x n squared distances (row by row, float64 sums: no Gram-matrix cancellation)."""
+    """Exact n x n squared distances, pair by pair in float64 slices (no Gram-matrix cancellation,
+    no n x d temporaries)."""
     n = x.shape[0]
     d = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
-        d[i, i + 1 :] = (x[i + 1 :] - x[i]).double().square().sum(1)
+        for j in range(i + 1, n):
+            d[i, j] = sq_distance(x[i], x[j])
     return d + d.T
 
 
 def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     n = x.shape[0]
+    _check_f("krum", f, n)
     k = max(1, n - f - 2)
     d = pairwise_sq_distances(x)
     d.fill_diagonal_(float("inf"))
@@ -70,6 +83,7 @@ def multi_krum(xs: Sequence[torch.Tensor], f: int, m: int | None = None) -> torc
     """Mean of the m inputs with the lowest Krum scores (m = n - f by default; m = 1 is Krum)."""
     x = _stack(xs)
     n = x.shape[0]
+    _check_f("multi-krum", f, n)
     m = n - f if m is None else m
     if not 1 <= m <= n:
         raise ValueError(f"multi-krum needs 1 <= m <= n (m={m}, n={n})")
@@ -84,12 +98,18 @@ def krum(xs: Sequence[torch.Tensor], f: int) -> torch.Tensor:
 
 def geometric_median(xs: Sequence[torch.Tensor], nu: float = 0.1, iters: int = 3,
                      init: torch.Tensor | None = None) -> torch.Tensor:
-    """Smoothed Weiszfeld: z <- sum(b_i x_i) / sum(b_i), b_i = 1 / max(nu, ||x_i - z||)."""
+    """Smoothed Weiszfeld: z <- sum(b_i x_i) / sum(b_i), b_i = 1 / max(nu, ||x_i - z||).
+
+    nu > 0 bounds every weight (an input equal to z would otherwise get an infinite one)."""
+    if isinstance(nu, bool) or not isinstance(nu, (int, float)) or not nu > 0:  # NaN included
+        raise ValueError(f"geometric median needs a smoothing nu > 0, got {nu!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"geometric median needs iters >= 0, got {iters!r}")
     x = _stack(xs)
     z = torch.zeros_like(x[0]) if init is None else init.clone()
     for _ in range(iters):
-        dist = (x - z).norm(dim=1).clamp_min(nu)
-        b = 1.0 / dist
+        dist = torch.tensor([distance(xi, z) for xi in x], dtype=torch.float64).clamp_min(nu)
+        b = (1.0 / dist).to(x.dtype)
         z = (b[:, None] * x).sum(0) / b.sum()
     return z
 
@@ -98,9 +118,8 @@ def nnm(xs: Sequence[torch.Tensor], f: int) -> torch.Tensor:
     """Nearest-neighbour mixing: each input becomes the mean of its n - f nearest (itself included)."""
     x = _stack(xs)
     n = x.shape[0]
+    _check_f("NNM", f, n)
     k = n - f
-    if k < 1:
-        raise ValueError(f"NNM needs n > f (n={n}, f={f})")
     d = pairwise_sq_distances(x)
     idx = torch.from_numpy(d.numpy().argsort(1, kind="stable")[:, :k].copy())
     return torch.stack([x[idx[i]].mean(0) for i in range(n)])

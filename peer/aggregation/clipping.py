@@ -21,9 +21,20 @@ from typing import Sequence
 
 import torch
 
+from peer.aggregation.norms import distance, norm
+
+
+def check_radius(tau: float) -> float:
+    """A clipping radius: >= 0 (0 keeps the centre), inf for no clipping; never negative or NaN,
+    which would flip or poison every clipped vector."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
+        raise ValueError(f"a clipping radius must be a number >= 0, got {tau!r}")
+    return float(tau)
+
 
 def clip(z: torch.Tensor, tau: float) -> torch.Tensor:
-    n = float(z.norm())
+    tau = check_radius(tau)
+    n = norm(z)
     return z * (tau / n) if n > tau else z
 
 
@@ -31,8 +42,10 @@ class CenteredClipping:
     """Server-style centred clipping; the centre `v` is the state carried across rounds."""
 
     def __init__(self, tau: float = 10.0, iters: int = 3, start: str = "zero"):
-        if tau <= 0 or iters < 1:
-            raise ValueError("centred clipping needs tau > 0 and iters >= 1")
+        if not (check_radius(tau) > 0 and isinstance(iters, int) and iters >= 1):
+            raise ValueError(f"centred clipping needs tau > 0 and iters >= 1, got tau={tau!r}, iters={iters!r}")
+        if start not in ("zero", "mean"):
+            raise ValueError(f"centred clipping starts at 'zero' or 'mean', not {start!r}")
         self.tau, self.iters, self.start = tau, iters, start
         self.v: torch.Tensor | None = None
 
@@ -59,7 +72,9 @@ def adaptive_radius(dists: Sequence[float], weights: Sequence[float], budget: fl
     overshoot with few partners: with 2 partners and a budget of a quarter of their weight, the
     farther honest one would always be clipped to the nearer one's distance.
     """
-    if budget <= 0:
+    if not budget >= 0:  # NaN included
+        raise ValueError(f"the Byzantine budget must be >= 0, got {budget!r}")
+    if budget == 0:
         return math.inf
     order = sorted(range(len(dists)), key=lambda j: dists[j], reverse=True)
     to_drop = budget
@@ -74,11 +89,12 @@ def adaptive_radius(dists: Sequence[float], weights: Sequence[float], budget: fl
 def self_centred_clip(own: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float],
                       tau: float) -> torch.Tensor:
     """own + sum_j w_j clip(x_j - own, tau); `weights` are the partners' mixing weights."""
+    tau = check_radius(tau)
     out = own.clone()
     for x, w in zip(others, weights):
         if w:
             d = x - own
-            n = float(d.norm())
+            n = distance(x, own)
             out.add_(d, alpha=w * (tau / n if n > tau else 1.0))
     return out
 
@@ -93,6 +109,8 @@ class RadiusCap:
     """
 
     def __init__(self, factor: float = 2.0, window: int = 64):
+        if not check_radius(factor) > 0:
+            raise ValueError(f"the radius cap's factor must be > 0, got {factor!r}")
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=window)
 

@@ -25,7 +25,7 @@ from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius
 from peer.aggregation.loss import LossScreen
-from peer.aggregation import DESCRIPTIONS
+from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction
 from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
 # Coordinates per slice in the passes over the partners' models (`_deviations`, `_mix`). Larger
@@ -54,6 +54,9 @@ class RoundContext:
     loss_deltas: Sequence[float] | None = None
     own_loss: float = 0.0  # our model's loss on that batch (reported in `peer status`)
     untrained_loss: float = 0.0  # an untrained model's loss on that batch (the task's loss scale)
+
+    def __post_init__(self):
+        check_byzantine_fraction(self.byzantine_fraction)
 
     def f(self, n_inputs: int) -> int:
         """Inputs assumed faulty among n (own model included, which is never faulty to us)."""
@@ -348,7 +351,8 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
 
     No n x d (not even d) temporaries: a fresh 40 MB tensor costs more in page faults than the
     arithmetic on it. Per partner and slice: one op reads x_j and writes the difference, then
-    three ops read it (squared norm, the sketch's block sums, the weighted add). With a sketcher
+    three ops read it (the squared norm, after squaring into a slice buffer; the sketch's block
+    sums; the weighted add). Squared norms are exact to 1e-7 relative at any length. With a sketcher
     the difference is taken in the sketch's signed space, e = x_j*s - own*s with signs s = +-1:
     that is bit for bit (x_j - own)*s (a product with +-1 is exact), so the sketch needs no op of
     its own to apply the signs, the squared norm is unchanged, and the weighted sum of the e's,
@@ -366,7 +370,7 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
         sk[:, -(-d // b):] = 0  # blocks wholly in the padding
         slices = list(sketcher.slices(SLICE))
     width = max((blocks * b if sk is not None else hi - lo for lo, hi, _, blocks in slices), default=1)
-    e_buf, neg_own_signed, acc_buf = (_Scratch() if scratch is None else scratch).get(3 * width, dtype).split(width)
+    e_buf, neg_own_signed, acc_buf, sq_buf = (_Scratch() if scratch is None else scratch).get(4 * width, dtype).split(width)
     for lo, hi, first, blocks in slices:
         m = hi - lo
         o, r, e, acc = own[lo:hi], out[lo:hi], e_buf[:m], acc_buf[:m]
@@ -382,7 +386,11 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
             else:
                 torch.addcmul(nos, x[lo:hi], s, out=e)  # x*s - own*s == (x - own)*s exactly
                 torch.sum(e_blocks, 1, out=sk[j, first:first + blocks])
-            sq[j] += float(torch.dot(e, e))
+            # squared norm: torch's float32 sum is pairwise (1e-7 relative at any length), slices
+            # add up in float64; a BLAS dot keeps one running float32 sum (4e-5 per slice when the
+            # coordinates are alike). A float64 copy of each slice costs 3x as much for nothing more.
+            torch.mul(e, e, out=sq_buf[:m])
+            sq[j] += float(sq_buf[:m].sum())
             if w[j]:
                 if mixed:
                     acc.add_(e, alpha=w[j])

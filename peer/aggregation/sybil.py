@@ -65,12 +65,21 @@ def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
+# Histories whose cosine is within this of 1 are clones. The cosine of two identical vectors
+# computes to 1 - 2e-16 about a quarter of the time; FoolsGold then divides that residue by
+# itself (max or median normalisation over clones) and the clones got full weight. Honest
+# histories are never this close (an angle under 1.5 mrad); float16 rounding of a copied sketch
+# moves the cosine by about 1e-9.
+CLONE_GAP = 1e-6
+
+
 def foolsgold_weights(cs: torch.Tensor, normalise: str = "max") -> torch.Tensor:
     """FoolsGold (Fung et al.) from a similarity matrix: weights in [0, 1], one per row.
 
     cs_pp = 0; v_p = max_q cs_pq; pardoning: cs_pq *= v_p / v_q where v_p < v_q;
     a_p = clip(1 - max_q cs_pq, 0, 1); a /= max a; a[a == 1] = 0.99; a = clip(logit(a) + 0.5, 0, 1).
-    Identical histories give weight 0; a peer with nobody to compare to gets weight 1.
+    Identical histories (cosine within CLONE_GAP of 1) give weight 0; a peer with nobody to
+    compare to gets weight 1.
 
     `normalise="median"` divides by the median of a instead of its max (then caps at 0.99). The
     max assumes honest peers are mutually dissimilar; early in a gossip run every honest history
@@ -85,6 +94,7 @@ def foolsgold_weights(cs: torch.Tensor, normalise: str = "max") -> torch.Tensor:
     cs.fill_diagonal_(0.0)
     if n == 1:
         return torch.ones(1, dtype=torch.float64)
+    cs = torch.where(cs >= 1.0 - CLONE_GAP, 1.0, cs)  # a clone pair scores exactly 0 below
     v = cs.max(1).values
     pardon = (v[:, None] < v[None, :]) & (v[None, :] > 0)
     cs = torch.where(pardon, cs * v[:, None] / v[None, :].clamp_min(1e-300), cs)

@@ -37,14 +37,58 @@ def load_identity_key(identity_path: str):
     return key
 
 
-def ensure_identity(identity_path: str) -> str:
-    """Create the identity key once (mode 0400, never overwritten); return its peer id."""
-    from hivemind.p2p import P2P, PeerID
+class IdentityError(ValueError):
+    """The identity key cannot be read or created; it is never overwritten to fix that."""
 
-    if not os.path.exists(identity_path):
-        P2P.generate_identity(identity_path)
-    with open(identity_path, "rb") as f:
-        return PeerID.from_identity(f.read()).to_base58()
+
+def ensure_identity(identity_path: str) -> str:
+    """Create the identity key once (mode 0400, never overwritten); return its peer id.
+
+    A new key is written to a temp file and linked into place, so a kill mid-write leaves no
+    truncated key and an existing key is never replaced. A key that is there but unreadable or
+    corrupt raises IdentityError (one line): the peer's identity, and the reputation other peers
+    keep for it, is not silently swapped for a new one."""
+    from hivemind.p2p import PeerID
+
+    if not os.path.lexists(identity_path):
+        _create_identity(identity_path)
+    try:
+        with open(identity_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise IdentityError(f"identity key {identity_path} is unreadable ({e.strerror or e})") from None
+    try:
+        return PeerID.from_identity(data).to_base58()
+    except Exception as e:  # protobuf or DER parse errors: truncated, corrupt, not a key
+        raise IdentityError(f"identity key {identity_path} is corrupt or truncated ({type(e).__name__}); it was left as "
+                            "it is: move it away to start with a new identity") from None
+
+
+def _create_identity(identity_path: str) -> None:
+    import tempfile
+
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    data = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".identity-", suffix=".tmp", dir=os.path.dirname(identity_path) or ".")
+    except OSError as e:
+        raise IdentityError(f"cannot create identity key {identity_path} ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o400)
+        os.link(tmp, identity_path)  # fails rather than replace a key that appeared meanwhile
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise IdentityError(f"cannot create identity key {identity_path} ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class _ReceiveInto(asyncio.BufferedProtocol):
