@@ -145,5 +145,10 @@ def identity(data_dir: Optional[Path] = DataDir) -> None:
     typer.echo(ensure_identity(str(d / "identity.key")))
 
 
+from cli.swarm import command as swarm  # noqa: E402  (peer swarm: cli/swarm.py)
+
+app.command("swarm")(swarm)
+
+
 if __name__ == "__main__":
     app()

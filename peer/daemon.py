@@ -359,6 +359,7 @@ class PeerDaemon:
             step=self.trainer.step, samples_per_s=round(self.trainer.samples_per_s, 1),
             version=self.trainer.step, time=self.transport.now(), state=state,
             history=self._history_sketch().to(torch.float16).numpy().tobytes(),
+            loss=_finite(self.trainer.last_loss), accuracy=_finite(self.trainer.metrics.get("accuracy")),
         )
 
     def _history_sketch(self) -> torch.Tensor:
