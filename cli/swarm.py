@@ -78,13 +78,14 @@ def _pct(v: float | None) -> str:
 
 
 def render(summary: dict[str, Any]):
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     t = summary["totals"]
     dht = summary["dht"]
-    head = (f"run {summary['run_id']} ({', '.join(summary['tasks']) or 'no task'}): {t['peers']} live peers, "
+    head = (f"run {summary['run_id']} ({', '.join(summary['tasks']) or 'no task'}): {t['peers']} live peer{'' if t['peers'] == 1 else 's'}, "
             f"{t['samples_per_s']:.0f} samples/s in total")
     if t["accuracy"]:
         a = t["accuracy"]
@@ -92,15 +93,16 @@ def render(summary: dict[str, Any]):
     note = f"{dht['answered']} of {dht['asked']} DHT nodes answered; every record shown carries a verified signature"
     if summary["rejected"]:
         note += "; rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected"].items()))
-    table = Table(show_edge=False, pad_edge=False)
-    for name, justify in (("peer", "left"), ("reach", "left"), ("address", "left"), ("step", "right"),
-                          ("samples/s", "right"), ("loss", "right"), ("accuracy", "right"), ("last seen", "right")):
-        table.add_column(name, justify=justify)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in ("peer", "step", "samples/s", "loss", "accuracy", "seen", "reach"):
+        table.add_column(name, justify="left" if name in ("peer", "reach") else "right", no_wrap=True)
+    table.add_column("address", overflow="fold")
     for p in summary["live_peers"]:
         addrs = [a.split("/p2p/")[0] for a in p["addrs"]]
         addr = (addrs[0] + (f" (+{len(addrs) - 1})" if len(addrs) > 1 else "")) if addrs else "-"
-        table.add_row(p["peer_id"], p["reachability"], addr, str(p["step"]), f"{p['samples_per_s']:.0f}",
-                      "-" if p["loss"] is None else f"{p['loss']:.3f}", _pct(p["accuracy"]), f"{p['last_seen_s']:.0f}s ago")
+        table.add_row(p["peer_id"][:12] + "…", str(p["step"]), f"{p['samples_per_s']:.0f}",
+                      "-" if p["loss"] is None else f"{p['loss']:.3f}", _pct(p["accuracy"]),
+                      f"{p['last_seen_s']:.0f}s ago", p["reachability"], addr)
     return Group(Text(head, style="bold"), Text(note, style="dim"), table)
 
 
@@ -152,7 +154,9 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
 
     checker = RecordChecker(run_id)
 
-    async def main() -> None:
+    async def main() -> str | None:
+        """None when done, or why the swarm could not be reached (returned, not raised: an
+        exception leaving py-libp2p's nurseries arrives wrapped in exception groups)."""
         live = None  # the rich live view of --watch without --json
         try:
             async with LightClient.open() as client:
@@ -163,7 +167,7 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
                         summary = summarise(await _observe(client, run_id, initial, checker), time.time())
                     except Unreachable as e:
                         if not refresh:
-                            raise
+                            return str(e)
                         print(f"cannot reach the swarm: {e} (retrying in {interval:g} s)", file=sys.stderr)
                         continue
                     if as_json:
@@ -182,16 +186,25 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
         finally:
             if live is not None:
                 live.stop()
+        return None
 
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        return 0
-    except Unreachable as e:
-        return _fail(e)
-    except Exception as e:  # anything else on the way to the swarm is still one line, never a traceback
-        return _fail(Unreachable(f"{type(e).__name__}: {e}; {FIX}"))
-    return 0
+        error = trio.run(main)
+    except BaseException as e:  # anything on the way to the swarm is still one line, never a traceback
+        e = _innermost(e)
+        if isinstance(e, KeyboardInterrupt):
+            return 0
+        if not isinstance(e, Exception):
+            raise
+        error = f"{type(e).__name__}: {e}; {FIX}"
+    return 0 if error is None else _fail(Unreachable(error))
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
 
 
 def _fail(e: Exception) -> int:

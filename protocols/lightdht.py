@@ -32,6 +32,10 @@ MAX_QUERIES = 64  # however large the swarm, a lookup asks at most this many nod
 QUERY_TIMEOUT_S = 5.0
 
 
+class QueryError(Exception):
+    """A node could not be asked, or its answer was unusable; the message says why, as a sentence."""
+
+
 @dataclass(frozen=True)
 class VerifiedRecord:
     owner: str  # peer id of the key that signed the record (the record names the same peer id)
@@ -63,11 +67,11 @@ class RecordChecker:
         from protocols.transport.hivemind import _owner_peer_id, _unpack_plain
 
         record = DHTRecord(self.key_id, MSGPackSerializer.dumps(subkey), value, expiration)
-        counted = sum(self.run_records.rejected.values())
+        before = dict(self.run_records.rejected)
         if not self.validator.validate(record):
-            # the run validator counts its own refusals; an uncounted one is a signature that does not verify
-            if sum(self.run_records.rejected.values()) == counted:
-                self._reject("bad_signature")
+            # the run validator counts its refusals by reason; an uncounted one is a signature that does not verify
+            reasons = [r for r, n in self.run_records.rejected.items() if n != before.get(r, 0)]
+            self._reject(reasons[0] if reasons else "bad_signature")
             return None
         owner = _owner_peer_id(subkey)
         rec, reason = check_record(owner, _unpack_plain(self.validator.strip_value(record)))
@@ -192,7 +196,7 @@ async def read_run(find: FindFn, run_id: str, initial: dict[str, list[str]], che
             lookup.on_failure(peer_id, f"no answer within {timeout:g} s")
             return
         except Exception as e:  # any failure of one node is that node's; the lookup goes on
-            lookup.on_failure(peer_id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            lookup.on_failure(peer_id, _reason(e))
             return
         found = checker.check_reply(result)
         records.extend(found)
@@ -224,6 +228,12 @@ async def read_run(find: FindFn, run_id: str, initial: dict[str, list[str]], che
         await done.wait()
     return RunSnapshot(run_id, records, dict(checker.rejected), sorted(lookup.asked), sorted(lookup.answered),
                        dict(lookup.failed))
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, QueryError):
+        return str(e)
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def latest_by_peer(records: list[VerifiedRecord], now: float) -> list[VerifiedRecord]:

@@ -29,11 +29,13 @@ import libp2p.crypto.pb.crypto_pb2 as _libp2p_crypto_pb2  # noqa: E402
 
 sys.modules["hivemind.proto.crypto_pb2"] = _libp2p_crypto_pb2
 
+from protocols.lightdht import QueryError  # noqa: E402  (imports no hivemind at import time)
+
 FIND = "DHTProtocol.rpc_find"  # hivemind's handler name: ServicerBase._get_handle_name(None, "rpc_find")
 MAX_MESSAGE_BYTES = 4 << 20  # p2pd's persistentConnMsgMaxSize: no reply can be larger
 
 
-class LightError(Exception):
+class LightError(QueryError):
     """A peer could not be dialled, refused the call, or answered something unreadable."""
 
 
@@ -138,8 +140,14 @@ class LightClient:
         dial = transport_addrs(addrs)
         if not dial:
             raise LightError("no TCP address to dial")
-        await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in dial]))
-        stream = await self.host.new_stream(pid, [TProtocol(proto)])
+        try:
+            await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in dial]))
+        except Exception as e:
+            raise LightError(f"cannot connect to {' or '.join(dial)} (is the peer running and the port open?)") from e
+        try:
+            stream = await self.host.new_stream(pid, [TProtocol(proto)])
+        except Exception as e:
+            raise LightError(f"connected, but it does not serve {proto} (not a peer of a run?)") from e
         try:
             call_id = uuid.uuid4().bytes
             # `peer` is required by the schema; the serving p2pd overwrites it with the caller's id
