@@ -101,7 +101,7 @@ def render(summary: dict[str, Any]):
         addrs = [a.split("/p2p/")[0] for a in p["addrs"]]
         addr = (addrs[0] + (f" (+{len(addrs) - 1})" if len(addrs) > 1 else "")) if addrs else "-"
         table.add_row(p["peer_id"][:12] + "…", str(p["step"]), f"{p['samples_per_s']:.0f}",
-                      "-" if p["loss"] is None else f"{p['loss']:.3f}", _pct(p["accuracy"]),
+                      "-" if p["loss"] is None else f"{p['loss']:.3g}", _pct(p["accuracy"]),
                       f"{p['last_seen_s']:.0f}s ago", p["reachability"], addr)
     return Group(Text(head, style="bold"), Text(note, style="dim"), table)
 

@@ -10,6 +10,7 @@ that imports py-libp2p runs in a subprocess here).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -258,5 +259,19 @@ def test_swarm_lists_three_real_daemons_with_verified_records_and_starts_no_p2pd
         human = cli("swarm", "--initial-peer", peers[0].addrs[0], "--run-id", RUN)
         assert human.returncode == 0, human.stderr
         assert all(i[:12] in human.stdout for i in ids) and "live peers" in human.stdout
+
+        # --watch --json: one JSON line per refresh; Ctrl-C ends it quietly with exit 0
+        watch = subprocess.Popen([sys.executable, "-m", "cli.main", "swarm", "--initial-peer", peers[1].addrs[0],
+                                  "--run-id", RUN, "--json", "--watch", "--interval", "0.5"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        lines = []
+        while len(lines) < 2:
+            line = watch.stdout.readline()
+            assert line, watch.communicate()[1]
+            lines.append(json.loads(line))
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=30)
+        assert watch.returncode == 0 and "Traceback" not in err, err
+        assert all(ids <= {p["peer_id"] for p in obj["live_peers"]} for obj in lines)
     finally:
         stop_all(peers)
