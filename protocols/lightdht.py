@@ -130,7 +130,8 @@ class Lookup:
 
     def _distance(self, peer_id: str) -> int:
         node_id = self.node_ids.get(peer_id)
-        return -1 if node_id is None else node_id ^ self.key_id  # unknown ids (initial peers) first
+        # a peer known only from its record (no reply named its node id) ranks behind every known one
+        return 1 << 160 if node_id is None else node_id ^ self.key_id
 
     def next_queries(self) -> list[str]:
         room = min(self.parallel - len(self.in_flight), self.max_queries - len(self.asked))

@@ -164,6 +164,23 @@ def test_lookup_asks_the_initial_peer_then_the_closest_dialable_nodes(signers):
     assert snap.rejected == {}
 
 
+def test_lookup_core_asks_closest_first_and_stops():
+    from protocols.lightdht import Lookup
+
+    lk = Lookup(key_id=0, initial=["boot"], parallel=1, k=2)
+    lk.learn_addrs("boot", ["/ip4/10.0.0.1/tcp/1"])
+    assert lk.next_queries() == ["boot"] and lk.next_queries() == []  # one in flight at a time
+    for pid in ("far", "near", "unnamed"):
+        lk.learn_addrs(pid, [f"/ip4/10.0.0.2/tcp/{len(pid)}"])
+    lk.on_reply("boot", 7, [(5, "far"), (1, "near"), (2, "no-address")])
+    assert lk.next_queries() == ["near"]
+    lk.on_failure("near", "refused")
+    assert lk.next_queries() == ["far"]  # the 2 closest dialable nodes: far (5), boot (7, asked)
+    lk.on_reply("far", 5, [])
+    assert lk.next_queries() == []  # the k closest dialable nodes were asked: "unnamed" ranks last
+    assert lk.answered == {"boot", "far"} and lk.failed == {"near": "refused"}
+
+
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
