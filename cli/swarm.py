@@ -146,10 +146,13 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
         return _fail(e)
     # py-libp2p logs every failed dial and background protocol hiccup; the outcome is reported here
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    import trio
+    try:
+        import trio
 
-    from protocols.transport.light import LightClient  # before hivemind (see light.py)
-
+        from protocols.transport.light import LightClient  # before hivemind (see light.py)
+    except ImportError as e:
+        return _fail(Unreachable(f"py-libp2p is missing ({e}); install this package's dependencies "
+                                 "(pip install 'libp2p>=0.8,<0.9')"))
     from protocols.lightdht import RecordChecker
 
     checker = RecordChecker(run_id)
@@ -213,11 +216,11 @@ def _fail(e: Exception) -> int:
 
 
 def command(
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", help="Multiaddr of a peer of the run, with /p2p/<id>. Repeatable."),
-    run_id: str = typer.Option("default", "--run-id", envvar="PEER_RUN_ID", help="Name of the run to show."),
+    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", help="Multiaddr of a peer of the run, with /p2p/<id>. Repeatable."),
+    run_id: str = typer.Option("default", "--run-id", envvar="PEER_RUN_ID", metavar="ID", help="Name of the run to show."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout (JSON lines with --watch)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh until interrupted."),
-    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    interval: float = typer.Option(2.0, "--interval", metavar="SECONDS", help="Seconds between refreshes with --watch."),
 ) -> None:
     """Show a run's live peers from any machine, without a daemon: reads their signed records from the DHT."""
     raise typer.Exit(run(initial_peer or [], run_id, as_json, watch, interval))

@@ -134,9 +134,9 @@ def test_lookup_asks_the_initial_peer_then_the_closest_dialable_nodes(signers):
     """read_run over a fake network: the initial node names three neighbours; the two whose
     records (verified) give addresses are asked, the one without is not; a dead one is reported."""
     import trio
+    from hivemind.proto import dht_pb2
 
     from protocols.lightdht import read_run
-    from hivemind.proto import dht_pb2
 
     a, b, c = signers
     d = Signer()  # named as a neighbour, but no record gives its address
@@ -287,7 +287,7 @@ def test_swarm_lists_three_real_daemons_with_verified_records_and_starts_no_p2pd
             assert line, watch.communicate()[1]
             lines.append(json.loads(line))
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=30)
+        _, err = watch.communicate(timeout=30)
         assert watch.returncode == 0 and "Traceback" not in err, err
         assert all(ids <= {p["peer_id"] for p in obj["live_peers"]} for obj in lines)
     finally:
