@@ -213,5 +213,10 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+from cli.swarm import command as swarm  # noqa: E402  (peer swarm: cli/swarm.py)
+
+app.command("swarm")(swarm)
+
+
 if __name__ == "__main__":
     main()

@@ -396,11 +396,14 @@ class PeerDaemon:
 
     # --- discovery -------------------------------------------------------------------------
     def _record(self, state: str = "up") -> PeerRecord:
+        loss = self.trainer.last_loss  # unrounded: a small training loss would round to 0
         return PeerRecord(
             peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), task=self.task.name,
             step=self.trainer.step, samples_per_s=round(self.trainer.samples_per_s, 1),
             version=self.trainer.step, time=self.transport.now(), state=state,
             history=self._history_sketch().to(torch.float16).numpy().tobytes(),
+            loss=loss if loss is not None and math.isfinite(loss) else None,
+            accuracy=_finite(self.trainer.metrics.get("accuracy")),
         )
 
     def _history_sketch(self) -> torch.Tensor:

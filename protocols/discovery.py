@@ -8,6 +8,7 @@ record expires; a peer that leaves publishes a record with `state="left"` and di
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -45,6 +46,10 @@ class PeerRecord:
     # sketch of the sum of this peer's local updates (float16 bytes, HISTORY_DIM values, or empty):
     # what SybilWall compares; the record's DHT signature binds it to the peer's key
     history: bytes = b""
+    # what an observer of the run shows (`peer swarm`): the last training loss and held-out
+    # accuracy, finite or None; records without them (older peers) parse with None
+    loss: float | None = None
+    accuracy: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
@@ -81,10 +86,16 @@ class PeerRecord:
             raise ValueError("history")
         if history and not np.isfinite(np.frombuffer(history, dtype="<f2")).all():
             raise ValueError("history")
+        metrics = {}
+        for name in ("loss", "accuracy"):
+            value = raw.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+                raise ValueError(name)
+            metrics[name] = None if value is None else float(value)
         return cls(
             peer_id=raw["peer_id"], addrs=tuple(addrs), task=raw["task"], step=raw["step"],
             samples_per_s=float(raw["samples_per_s"]), version=raw["version"], time=float(raw["time"]),
-            state=raw["state"], history=history,
+            state=raw["state"], history=history, **metrics,
         )
 
 
