@@ -80,6 +80,7 @@ def join(
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", rich_help_panel=FILES, help="TOML file with any of these settings (flags and PEER_* win)."),
     log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", metavar="text|json", show_default="text", rich_help_panel=FILES, help="Log line format on stderr and in daemon.log."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", envvar="PEER_METRICS_PORT", metavar="PORT", show_default="off", rich_help_panel=FILES, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port; peer status says which)."),
     debug: bool = typer.Option(False, "--debug", metavar="", envvar="PEER_DEBUG", rich_help_panel=FILES, help="Show the traceback behind a 'cannot start' line."),
 ) -> None:
     """Start a peer daemon in the foreground and join (or start) a training run.
@@ -98,6 +99,7 @@ def join(
                 "allow_peers": str(allow_peers) if allow_peers else None,
                 "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
                 "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
+                "metrics_port": metrics_port,
             },
             config,
         )

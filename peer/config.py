@@ -114,10 +114,6 @@ class PeerConfig:
     def identity_path(self) -> Path:
         return Path(self.data_dir) / "identity.key"
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.data_dir) / "checkpoint.pt"
-
 
 _FIELDS = {f.name: f for f in fields(PeerConfig)}
 
