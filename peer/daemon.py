@@ -938,20 +938,26 @@ class PeerDaemon:
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
+        # The lock is held through the write: the state's copies (model, optimizer, anchor,
+        # momentum) and an outer round's temporaries are never resident at once, which bounds a
+        # large model's peak memory. Training goes on meanwhile; only the next outer round waits.
         async with self._round_lock:  # model and outer state from between two outer rounds
             state = self.trainer.state_dict()
             if self.outer is not None:
                 state["outer"] = self.outer.state_dict()
-        state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
-        try:
-            await asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state)
-        except Exception as e:  # a full disk must not stop training; the previous checkpoint is intact
-            self.counters["checkpoint_errors"] += 1
-            kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"
-            log.error("%s; the previous checkpoint (%s) is kept", e, kept)
-            return
+            state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
+            try:
+                await asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state)
+            except Exception as e:  # a full disk must not stop training; the previous checkpoint is intact
+                self.counters["checkpoint_errors"] += 1
+                kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"
+                log.error("%s; the previous checkpoint (%s) is kept", e, kept)
+                return
+            finally:
+                step = state["step"]
+                del state  # the copies go before the next round may start
         self.counters["checkpoints"] += 1
-        self.last_checkpoint = (state["step"], time.time())
+        self.last_checkpoint = (step, time.time())
 
     METRICS_ROTATE_BYTES = 8 << 20  # metrics.jsonl is renamed to .1 (.1 to .2, .2 to .3) past this size
     METRICS_KEEP = 3

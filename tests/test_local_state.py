@@ -37,15 +37,21 @@ def fake_checkpoint(path: Path, run_id: str, task: str = TASK, numel: int = 10, 
 
 @pytest.fixture
 def start(capsys):
-    """run_daemon(cfg) -> (exit code, its stderr lines); the 'peer' logger is restored afterwards."""
+    """run_daemon(cfg) -> (exit code, its stderr lines), a StartError said as `peer join` says it
+    (cli/main.py); the 'peer' logger is restored afterwards."""
     from peer.main import run_daemon
+    from peer.preflight import StartError
 
     logger = logging.getLogger("peer")
     saved = (logger.handlers[:], logger.propagate, logger.level)
 
     def run(cfg: PeerConfig) -> tuple[int, list[str]]:
         capsys.readouterr()
-        code = run_daemon(cfg)
+        try:
+            code = run_daemon(cfg)
+        except StartError as e:
+            print(f"cannot start: {e}", file=sys.stderr)
+            code = 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         return code, [line for line in err if " exit " not in line]  # run_daemon's closing "exit N after Ns"
 
