@@ -158,6 +158,30 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
     checker = RecordChecker(run_id)
 
     async def main() -> str | None:
+        """`view`, ended quietly by Ctrl-C: the signal cancels the view rather than raising
+        KeyboardInterrupt wherever it lands, and if py-libp2p's shutdown then hangs the process
+        exits 0 anyway after 2 s."""
+        import os
+        import signal
+        import threading
+
+        result = None
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                async def interrupted() -> None:
+                    async for _ in signals:
+                        timer = threading.Timer(2.0, os._exit, (0,))
+                        timer.daemon = True
+                        timer.start()
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(interrupted)
+                result = await view()
+                nursery.cancel_scope.cancel()
+        return result
+
+    async def view() -> str | None:
         """None when done, or why the swarm could not be reached (returned, not raised: an
         exception leaving py-libp2p's nurseries arrives wrapped in exception groups)."""
         live = None  # the rich live view of --watch without --json

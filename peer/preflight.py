@@ -199,10 +199,12 @@ def check_config(cfg: PeerConfig, threads: int = 1) -> None:
         _number("--outer-lr", cfg.outer_lr, low=0.0, low_open=True)
     if cfg.outer_momentum is not None:
         _number("--outer-momentum", cfg.outer_momentum, low=0.0, high=1.0, high_open=True)
-    for name in ("max_upload_mbps", "max_download_mbps", "step_delay_s"):
+    # join-sync-timeout-s 0: start from the run's initial model without syncing (benchmarks
+    # whose peers all start together)
+    for name in ("max_upload_mbps", "max_download_mbps", "step_delay_s", "join_sync_timeout_s"):
         _number(_flag(name), getattr(cfg, name), low=0.0)
     for name in ("heartbeat_s", "gossip_every_s", "pull_timeout_s", "max_pull_s", "checkpoint_every_s",
-                 "eval_every_s", "join_sync_timeout_s", "read_timeout_s"):
+                 "eval_every_s", "read_timeout_s"):
         _number(_flag(name), getattr(cfg, name), low=0.0, low_open=True)
     for name in ("partners", "num_shards", "max_concurrent_serves", "max_serves_per_peer"):
         _number(_flag(name), getattr(cfg, name), low=1)

@@ -160,7 +160,13 @@ def _start(tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli.main", "join", "--data-dir", str(tmp_path / "d"), "--listen",
                              "/ip4/127.0.0.1/tcp/0", "--run-id", "sigint"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_sigint_default)
+
+
+def _sigint_default() -> None:
+    """Ctrl-C as a terminal delivers it: a test run started in the background (`cmd &` in a
+    script) ignores SIGINT, the child would inherit that, and Python installs no handler then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.timeout(120)

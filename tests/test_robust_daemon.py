@@ -112,7 +112,8 @@ def test_unknown_aggregator_or_attack_is_one_line_and_exit_2(tmp_path):
                             flag, value, "--listen", "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True,
                            cwd=ROOT, timeout=120)
         assert r.returncode == 2, r.stderr
-        assert "cannot start: unknown" in r.stderr and "Traceback" not in r.stderr
+        assert r.stderr.startswith("cannot start: ") and "unknown" in r.stderr and "bogus" in r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 def test_swarm_wide_drift_does_not_isolate_a_peer():

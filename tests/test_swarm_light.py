@@ -280,7 +280,9 @@ def test_swarm_lists_three_real_daemons_with_verified_records_and_starts_no_p2pd
         # --watch --json: one JSON line per refresh; Ctrl-C ends it quietly with exit 0
         watch = subprocess.Popen([sys.executable, "-m", "cli.main", "swarm", "--initial-peer", peers[1].addrs[0],
                                   "--run-id", RUN, "--json", "--watch", "--interval", "0.5"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                 # as from a terminal: a backgrounded test run ignores SIGINT, and children inherit it
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         lines = []
         while len(lines) < 2:
             line = watch.stdout.readline()
