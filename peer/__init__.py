@@ -1,0 +1,23 @@
+"""The daemon: everything that runs inside one peer process.
+
+    main.py         `peer join`'s process: logging, the event loop, signals, the join line
+    preflight.py    what `peer join` checks before torch loads (flags, addresses, config files)
+    daemon.py       PeerDaemon: the asyncio shell wiring the parts below to the transport
+    trainer.py      local training in a thread; evaluation on a copy, on a budget
+    outer.py        outer steps: anchor, Nesterov outer optimizer, one round's arithmetic
+    cadence.py      when local steps start a gossip round (post-local SGD)
+    validation.py   checks on a received model before it is mixed
+    loss_probe.py   partners' models scored on our own data (the loss screen's input)
+    aggregation/    the robust rules (SybilWall weights, clipping, baselines)
+    snapshots.py    the model served to pullers, shared while unchanged
+    state.py        checkpoints: one per run and task, written whole
+    datadir.py      the data dir's checks (writable, private, control socket)
+    known_peers.py  recently seen peers of a run, dialled again at start
+    control.py      the Unix control socket (`peer status`, `peer leave`)
+    metrics.py      the Prometheus endpoint
+    config.py       PeerConfig and where its values come from
+    tasks/          built-in tasks (MNIST-1D, digits, the byte-level language model)
+    hostile.py      EXPERIMENTS ONLY: attacker behaviours
+    launcher.py     local swarms of real `peer join` processes (scripts, tests)
+    experiment/     scenario runner parts: schedules, network conditions, collection
+"""
