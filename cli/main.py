@@ -6,8 +6,10 @@ or hivemind, so they answer in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -155,6 +157,8 @@ def status(
         return
     from rich.live import Live
 
+    if signal.getsignal(signal.SIGINT) is _interrupted:  # Ctrl-C ends the live view cleanly, exit 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with Live(render_status(_request(data_dir, "status")["status"]), refresh_per_second=4) as live:
         try:
             while True:
@@ -197,8 +201,20 @@ def identity(data_dir: Optional[Path] = DataDir) -> None:
     typer.echo(peer_id)
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C before a command has its own handling (the daemon's event loop, `peer swarm`'s
+    trio, `peer status --watch`): nothing has started that needs stopping, so exit 130 at once,
+    rather than a KeyboardInterrupt traceback from whatever import it landed in."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(130)
+
+
 def main() -> None:
     """The `peer` command. A usage error (unknown flag, a value of the wrong kind) is one line too."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the caller ignores it
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         from typer._click.exceptions import ClickException
     except ImportError:  # typer before it vendored click
