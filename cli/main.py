@@ -119,35 +119,49 @@ def join(
     raise typer.Exit(code)
 
 
-def _request(data_dir: Optional[Path], cmd: str) -> dict:
+def _request(data_dir: Optional[Path], cmd: str, as_json: bool = False) -> dict:
+    """The daemon's reply; a failure is one line on stderr (with --json, one JSON object
+    `{"error": ...}` on stdout) and exit 1."""
     from peer.control import NoDaemon, request
 
     path = _data_dir(data_dir) / "control.sock"
     try:
         reply = request(path, cmd)
     except NoDaemon as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1)
+        error = str(e)
     except OSError as e:
-        typer.echo(f"cannot reach the daemon at {path}: {e}", err=True)
-        raise typer.Exit(1)
-    if not reply.get("ok"):
-        typer.echo(f"daemon refused: {reply.get('error')}", err=True)
-        raise typer.Exit(1)
-    return reply
+        error = f"cannot reach the daemon at {path}: {e}"
+    else:
+        if reply.get("ok"):
+            return reply
+        error = f"daemon refused: {reply.get('error')}"
+    if as_json:
+        typer.echo(json.dumps({"error": error}))
+    else:
+        typer.echo(error, err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
 def status(
     data_dir: Optional[Path] = DataDir,
-    as_json: bool = typer.Option(False, "--json", metavar="", help="One JSON object on stdout."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="One JSON object on stdout (with --watch: one line per refresh)."),
     watch: bool = typer.Option(False, "--watch", metavar="", help="Refresh until interrupted."),
     interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes with --watch."),
 ) -> None:
     """Show the local daemon and the swarm it sees."""
     if as_json:
-        typer.echo(json.dumps(_request(data_dir, "status")["status"]))
-        return
+        if signal.getsignal(signal.SIGINT) is _interrupted:  # Ctrl-C ends the stream with exit 0
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            while True:
+                typer.echo(json.dumps(_request(data_dir, "status", as_json=True)["status"]))
+                if not watch:
+                    return
+                sys.stdout.flush()
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
     from cli.render import render_status
 
     if not watch:

@@ -135,7 +135,30 @@ def test_status_without_daemon_says_so_in_one_line(tmp_path):
     s.close()
     out = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert out.returncode != 0 and "no peer daemon running" in out.stderr
+    # under --json the error is JSON too, on stdout, for the scripts that read it
+    assert out.returncode == 1 and out.stderr == ""
+    assert "no peer daemon running" in json.loads(out.stdout)["error"]
+
+
+async def test_status_watch_json_streams_one_line_per_refresh(memory_swarm, tmp_path):
+    import signal
+
+    d = await memory_swarm.add("a", shard="0/1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "status", "--json", "--watch", "--interval", "0.2",
+        "--data-dir", str(tmp_path / "a"), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    try:
+        lines = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)) for _ in range(3)]
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0 and b"Traceback" not in err, err
+    assert all(obj["peer_id"] == d.peer_id for obj in lines)
+    assert lines[0]["step"] <= lines[-1]["step"]
 
 
 async def test_second_daemon_on_same_data_dir_is_refused(memory_swarm, tmp_path):
