@@ -57,6 +57,12 @@ def render_status(s: dict[str, Any]) -> Group:
         sec = last["seconds"]
         head.add_row("last round", f"{last.get('kind', 'models')}: compute {sec['compute']:.2f}s, transfer {sec['transfer']:.2f}s, "
                                    f"aggregate {sec['aggregate']:.2f}s; staleness {last.get('staleness') or '-'}")
+    swarm = s.get("swarm")
+    if swarm:
+        acc = swarm.get("accuracy")
+        spread = (f"; accuracy best {_fmt(acc['best'], pct=True)}, median {_fmt(acc['median'], pct=True)}, "
+                  f"worst {_fmt(acc['worst'], pct=True)}") if acc else ""
+        head.add_row("swarm", f"{swarm['peers']} peers with this one, {swarm['samples_per_s']:.0f} samples/s in total{spread}")
     rej = ", ".join(f"{k} {v}" for k, v in {**s["rejected"], **s["pull_failed"]}.items()) or "none"
     head.add_row("rejected / failed", rej)
     refused = {**s.get("serve_errors", {}), **s.get("record_rejects", {}), **s.get("dht_rejects", {})}

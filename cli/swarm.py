@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import statistics
 import sys
 from typing import Any, List, Optional
 
@@ -43,14 +42,9 @@ def reachability(addrs: list[str]) -> str:
     return "private" if "private" in kinds else "loopback" if kinds else "unknown"
 
 
-def _spread(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"best": max(values), "median": round(statistics.median(values), 4), "worst": min(values)}
-
-
 def summarise(snapshot, now: float) -> dict[str, Any]:
     """The JSON object `peer swarm --json` prints for one lookup."""
+    from protocols.discovery import swarm_totals
     from protocols.lightdht import latest_by_peer
 
     live = latest_by_peer(snapshot.records, now)
@@ -61,13 +55,11 @@ def summarise(snapshot, now: float) -> dict[str, Any]:
          "last_seen_s": round(max(0.0, now - v.record.time), 1), "expires_in_s": round(v.expiration - now, 1)}
         for v in live
     ]
-    accuracies = [p["accuracy"] for p in peers if p["accuracy"] is not None]
     return {
         "run_id": snapshot.run_id,
         "tasks": sorted({p["task"] for p in peers}),
         "live_peers": peers,
-        "totals": {"peers": len(peers), "samples_per_s": round(sum(p["samples_per_s"] for p in peers), 1),
-                   "accuracy": _spread(accuracies)},
+        "totals": swarm_totals(peers),
         "rejected": snapshot.rejected,
         "dht": {"asked": len(snapshot.asked), "answered": len(snapshot.answered), "failed": snapshot.failed},
     }

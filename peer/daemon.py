@@ -45,7 +45,7 @@ from peer.validation import reject_reason
 from protocols import gossip
 from protocols.compression import CompressionSpec, compress, decompress
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
-from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, SwarmView, run_key
+from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, SwarmView, run_key, swarm_totals
 from protocols.loglimit import LogLimiter
 from protocols.ratelimit import LinkEstimator, RateLimitedStream, RateLimiter
 from protocols.reputation import Reputation
@@ -1011,9 +1011,13 @@ class PeerDaemon:
             "steps_adopted": self.counters["steps_adopted"],
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
+                 "accuracy": i.record.accuracy, "loss": i.record.loss,
                  "last_seen_s": round(now - i.last_seen, 1), "addrs": list(i.record.addrs)}
                 for i in live
             ],
+            # this peer and every live peer it sees, from their records
+            "swarm": swarm_totals([{"samples_per_s": self.trainer.samples_per_s, "accuracy": self.trainer.metrics.get("accuracy")},
+                                   *({"samples_per_s": i.record.samples_per_s, "accuracy": i.record.accuracy} for i in live)]),
             "backing_off": self.picker.backing_off(now),
             "serves": self.counters["serves"], "serve_refused": self.counters["serve_refused"],
             "serve_errors": dict(self.serve_errors),

@@ -241,3 +241,17 @@ class SwarmView:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def swarm_totals(peers: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over peers described as `{"samples_per_s", "accuracy"}` (accuracy may be None):
+    how many, their summed throughput, and the best, median and worst accuracy (None if no peer
+    has evaluated yet). `peer status` and `peer swarm` both show these."""
+    peers = list(peers)
+    acc = sorted(p["accuracy"] for p in peers if p.get("accuracy") is not None)
+    spread = None
+    if acc:
+        mid = len(acc) // 2
+        median = acc[mid] if len(acc) % 2 else (acc[mid - 1] + acc[mid]) / 2
+        spread = {"best": acc[-1], "median": round(median, 4), "worst": acc[0]}
+    return {"peers": len(peers), "samples_per_s": round(sum(p["samples_per_s"] or 0.0 for p in peers), 1), "accuracy": spread}

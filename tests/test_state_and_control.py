@@ -120,6 +120,17 @@ async def test_control_socket_is_private_and_answers_the_cli(memory_swarm, tmp_p
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert human.returncode == 0 and "live peers in run test: 1" in human.stdout
+    assert s["swarm"]["peers"] == 2 and "swarm" in human.stdout and "2 peers with this one" in human.stdout
+
+
+def test_swarm_totals_spread_and_sum():
+    from protocols.discovery import swarm_totals
+
+    got = swarm_totals([{"samples_per_s": 10.0, "accuracy": 0.5}, {"samples_per_s": 2.5, "accuracy": None},
+                        {"samples_per_s": 1.0, "accuracy": 0.9}, {"samples_per_s": 0.0, "accuracy": 0.6}])
+    assert got == {"peers": 4, "samples_per_s": 13.5, "accuracy": {"best": 0.9, "median": 0.6, "worst": 0.5}}
+    assert swarm_totals([{"samples_per_s": 1.0, "accuracy": None}])["accuracy"] is None
+    assert swarm_totals([{"samples_per_s": 1.0, "accuracy": 0.2}, {"samples_per_s": 1.0, "accuracy": 0.4}])["accuracy"]["median"] == 0.3
 
 
 def test_status_without_daemon_says_so_in_one_line(tmp_path):
