@@ -953,11 +953,8 @@ class PeerDaemon:
                 kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"
                 log.error("%s; the previous checkpoint (%s) is kept", e, kept)
                 return
-            finally:
-                step = state["step"]
-                del state  # the copies go before the next round may start
         self.counters["checkpoints"] += 1
-        self.last_checkpoint = (step, time.time())
+        self.last_checkpoint = (state["step"], time.time())
 
     METRICS_ROTATE_BYTES = 8 << 20  # metrics.jsonl is renamed to .1 (.1 to .2, .2 to .3) past this size
     METRICS_KEEP = 3

@@ -21,14 +21,15 @@ class LocalStateError(ValueError):
     """Local state (data dir, identity key, control socket) the daemon cannot start with."""
 
 
-def prepare_data_dir(path: Path, socket_name: str = "control.sock") -> None:
-    """Create the data dir 0700, or make an existing one 0700 (one log line); refuse a dir that
-    is not writable or holds something other than a socket where the control socket goes."""
+def check_data_dir(path: Path, socket_name: str = "control.sock") -> None:
+    """Create the data dir 0700 if missing; refuse one that is not a writable directory or holds
+    something other than a socket where the control socket goes. Changes nothing that exists
+    (`peer join` runs this before logging is set up)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
-        raise LocalStateError(f"cannot create data dir {path}: {e.strerror or e}") from None
+        raise LocalStateError(f"cannot create data dir {path}: {e.strerror or e}; pick a folder this user can write") from None
     if not path.is_dir():
         raise LocalStateError(f"data dir {path} is not a directory")
     try:
@@ -38,6 +39,12 @@ def prepare_data_dir(path: Path, socket_name: str = "control.sock") -> None:
     except OSError as e:
         raise LocalStateError(f"data dir {path} is not writable ({e.strerror or e}); nothing in it was changed") from None
     check_control_path(path / socket_name)
+
+
+def prepare_data_dir(path: Path, socket_name: str = "control.sock") -> None:
+    """`check_data_dir`, then make an existing data dir private (0700) with one log line."""
+    path = Path(path)
+    check_data_dir(path, socket_name)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         try:

@@ -272,9 +272,9 @@ def check_task(task: str) -> None:
 
 
 def check_data_dir(path: Path) -> None:
+    from peer.datadir import LocalStateError, check_data_dir as check
+
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise StartError(f"--data-dir {path}: {e.strerror or e}: pick a folder this user can write") from None
-    if not path.is_dir():
-        raise StartError(f"--data-dir {path}: not a folder")
+        check(path)
+    except LocalStateError as e:
+        raise StartError(str(e)) from None
