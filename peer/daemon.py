@@ -28,6 +28,7 @@ import torch
 
 from peer import state as ckpt
 from peer.aggregation import RoundContext, check_byzantine_fraction, coordinate_median, make_aggregator
+from peer.aggregation.rules import Mix
 from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
@@ -617,12 +618,12 @@ class PeerDaemon:
         ids, steps, models = [p for p, _, _ in got], [s for _, s, _ in got], [m for _, _, m in got]
         if self.hostile is not None:
             self.hostile.observe(ids, models)
-        mixed = await self._mix(own, ids, models, now)
-        self.trainer.apply_delta(mixed.sub_(own))
-        self._adopt_swarm_step(steps)
+        result = await self._mix(own, ids, models, now)
+        self.trainer.apply_delta(result.model.sub_(own))
+        self._adopt_swarm_step(steps, result.weights)
         return True
 
-    def _adopt_swarm_step(self, steps: list[int]) -> None:
+    def _adopt_swarm_step(self, steps: list[int], weights: list[float]) -> None:
         """After a mix, take the swarm's step if it is ahead of ours: the lower median of our step
         and the steps of the partners the rule mixed (`steps`: one per partner of the round).
 
@@ -631,9 +632,9 @@ class PeerDaemon:
         it the learning-rate schedule and the gossip cadence's phase, would stay behind for good.
         Our own step counts in the median, so a later step is taken only when most partners are
         ahead, and never beyond what one of them mixed in claims: an attacker announcing step
-        10^9 moves nothing unless it is most of the round."""
-        weights = getattr(self.aggregator, "last_weights", None)
-        if weights is not None and len(weights) == len(steps):
+        10^9 moves nothing unless it is most of the round. `weights`: the rule's weight for each
+        partner (empty from a server-style rule, which weighs no partner: then all count)."""
+        if len(weights) == len(steps):
             steps = [s for s, w in zip(steps, weights) if w > 0]
         if not steps:
             return
@@ -644,17 +645,17 @@ class PeerDaemon:
                 log.info("the swarm is ahead: step %d adopted from partners (ours was %d)", target, before)
             self.counters["steps_adopted"] += target - before
 
-    async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> torch.Tensor:
+    async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> Mix:
         """Run the rule on our model and the partners' (off the event loop), count what it refused
-        and why, and remember the round for `peer status`. Returns the mixed model, in a buffer
-        reused every round (the caller copies what it needs out of it before the next round)."""
+        and why, and remember the round for `peer status`. Returns the rule's result; its model is
+        a buffer reused every round (the caller copies what it needs out of it before the next)."""
         ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self._reported_histories(now),
                            byzantine_fraction=self.config.byzantine_fraction)
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
-        mixed = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
-        distrusted = set(getattr(self.aggregator, "last_distrusted", ()))
-        for why in getattr(self.aggregator, "last_refused", {}).values():
+        result = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
+        distrusted = set(result.distrusted)
+        for why in result.refused.values():
             self.refused[why] = self.refused.get(why, 0) + 1
         for p in ids:
             if p in distrusted:
@@ -666,15 +667,13 @@ class PeerDaemon:
             else:
                 self.picker.succeeded(p)
         self.counters["rounds_ok"] += 1
-        self.last_round = {"partners": ids, "weights": [round(w, 3) for w in getattr(self.aggregator, "last_weights", [])],
-                           "tau": getattr(self.aggregator, "last_tau", None)}
-        sybil = getattr(self.aggregator, "sybil", None)
-        if sybil is not None:
-            self.last_round["sybil_checks"] = {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in sybil.last_parts.items()}
+        self.last_round = {"partners": ids, "weights": [round(w, 3) for w in result.weights],
+                           "tau": result.radius}
+        self.last_round["sybil_checks"] = {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}
         if ctx.loss_deltas is not None:
             self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
             self.last_round["own_loss"] = _finite(ctx.own_loss)
-        return mixed
+        return result
 
     # --- outer rounds (peer/outer.py) -------------------------------------------------------
     async def outer_round(self) -> bool | None:
@@ -733,6 +732,7 @@ class PeerDaemon:
         live, partners = self._choose_partners(now)
         ids: list[str] = []
         steps: list[int] = []  # each mixed partner's (inner) step
+        weights: list[float] = []  # the rule's weight for each
         models: list[torch.Tensor] = []
         staleness: list[int] = []
         if not partners:
@@ -770,10 +770,15 @@ class PeerDaemon:
             self.hostile.observe(ids, models)
         if sync:
             if ids:
-                outer.adopt(await self._mix(outer.anchor, ids, models, now))
+                result = await self._mix(outer.anchor, ids, models, now)
+                weights = result.weights
+                outer.adopt(result.model)
             rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.change, rnd, own_model))
         else:
-            mixed = await self._mix(own_model, ids, models, now) if ids else own_model
+            mixed = own_model
+            if ids:
+                result = await self._mix(own_model, ids, models, now)
+                weights, mixed = result.weights, result.model
             rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.finish, rnd, mixed))
         if not ids:
             self.last_round = {"partners": [], "weights": [], "tau": None}
@@ -787,7 +792,7 @@ class PeerDaemon:
             "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
             "aggregate": round(done - transferred, 3)})
         if ids:  # last: a step adopted here may end training (max_steps), and the round is complete
-            self._adopt_swarm_step(steps)
+            self._adopt_swarm_step(steps, weights)
         return bool(ids) if partners else None
 
     def _remember_outer(self, peer_id: str, outer_step: int) -> None:
@@ -829,7 +834,7 @@ class PeerDaemon:
         await asyncio.wait_for(write_payload(stream, parts, DEFAULT_LIMITS), timeout=min(self.config.max_pull_s, deadline))
         self.upload_link.observe(nbytes, time.monotonic() - now, time.monotonic(), concurrent)
 
-    def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> torch.Tensor:
+    def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> Mix:
         """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule.
 
         A task whose model or loss cannot run on the probe batch (a user task, say) turns the

@@ -1,4 +1,4 @@
-"""The gossip rules' passes over the models (`rules._deviations`, `rules._mix`) against plain float64
+"""The gossip rules' passes over the models (`rules._deviations`, `clipping.mix`) against plain float64
 formulas and the wire-format sketch (`Sketcher`).
 
 The passes work slice by slice in the sketch's signed space with buffers kept between calls
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from peer.aggregation import AGGREGATORS, RoundContext
-from peer.aggregation import rules
+from peer.aggregation import clipping, rules
 from peer.aggregation.sybil import SKETCH_DIM, Sketcher, cosine_matrix, similarity
 
 
@@ -65,7 +65,7 @@ def test_no_partner_mixed_returns_own_exactly_and_mix_follows_its_factors():
     _, _, out = rules._deviations(own, others, [0.0, 0.0, 0.0], sketcher, scratch=rules._Scratch())
     assert torch.equal(out, own)
     factors = [0.25, 0.0, 0.125]
-    mixed = rules._mix(own, others, factors, torch.full_like(own, math.nan), rules._Scratch())
+    mixed = clipping.mix(own, others, factors, torch.full_like(own, math.nan), rules._Scratch().get)
     _close(mixed, own.double() + sum(c * (x.double() - own.double()) for c, x in zip(factors, others)), 10.0)
 
 
@@ -87,13 +87,14 @@ def test_rule_result_is_own_plus_clipped_weighted_steps(name, n):
         if rnd >= 4:
             others[0] = own + 0.6 * torch.randn(d, generator=g)  # farther: clipped, not dropped
         out = torch.full_like(own, math.nan)
-        assert rule(own, others, ctx, out=out) is out
+        result = rule(own, others, ctx, out=out)
+        assert result.model is out
         diffs = [x.double() - own.double() for x in others]
         norms = [float(diff.norm()) for diff in diffs]
-        tau = rule.last_tau
-        clipped_rounds += any(wj > 0 and nj > tau for wj, nj in zip(rule.last_weights, norms))
+        tau = result.radius
+        clipped_rounds += any(wj > 0 and nj > tau for wj, nj in zip(result.weights, norms))
         expected = own.double() + sum(wj * min(1.0, tau / nj) * diff
-                                      for wj, nj, diff in zip(rule.last_weights, norms, diffs) if wj > 0)
+                                      for wj, nj, diff in zip(result.weights, norms, diffs) if wj > 0)
         _close(out, expected, 1.0)
     if n > 1:
         assert clipped_rounds > 0  # the second pass ran

@@ -98,8 +98,8 @@ def test_registry_rules_ignore_partner_order(name, data):
         k = len(others)
         perm = data.draw(st.permutations(range(k)))
         ids = _ids(k)
-        out_a = rule_a(own, others, RoundContext(self_id="me", partner_ids=ids))
-        out_b = rule_b(own, [others[j] for j in perm], RoundContext(self_id="me", partner_ids=[ids[j] for j in perm]))
+        out_a = rule_a(own, others, RoundContext(self_id="me", partner_ids=ids)).model
+        out_b = rule_b(own, [others[j] for j in perm], RoundContext(self_id="me", partner_ids=[ids[j] for j in perm])).model
         close(out_b, out_a, scale_of(x), rtol=1e-4)
 
 
@@ -120,11 +120,11 @@ def test_sybilwall_weights_follow_ids_not_positions(data):
         own = torch.from_numpy(rng.normal(size=d).astype(np.float32))
         others = [torch.from_numpy(rng.normal(size=d).astype(np.float32)) for _ in range(k)]
         perm = data.draw(st.permutations(range(k)))
-        a(own, others, RoundContext(self_id="me", partner_ids=ids, histories=reported))
-        b(own, [others[j] for j in perm],
-          RoundContext(self_id="me", partner_ids=[ids[j] for j in perm], histories=reported))
-        torch.testing.assert_close(torch.tensor(b.last_weights, dtype=torch.float64),
-                                   torch.tensor([a.last_weights[j] for j in perm], dtype=torch.float64),
+        wa = a(own, others, RoundContext(self_id="me", partner_ids=ids, histories=reported)).weights
+        wb = b(own, [others[j] for j in perm],
+               RoundContext(self_id="me", partner_ids=[ids[j] for j in perm], histories=reported)).weights
+        torch.testing.assert_close(torch.tensor(wb, dtype=torch.float64),
+                                   torch.tensor([wa[j] for j in perm], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +139,7 @@ def test_self_centred_clip_with_infinite_radius_is_weighted_gossip(x, data):
     expected = own.double() + sum(wj * (xj.double() - own.double()) for wj, xj in zip(w, others))
     close(self_centred_clip(own, others, w, math.inf), expected.float(), scale_of(x))
     # and the registry's plain gossip is the uniform case: the mean of own and partners
-    close(AGGREGATORS["mean"]()(own, others), x.double().mean(0).float(), scale_of(x))
+    close(AGGREGATORS["mean"]()(own, others).model, x.double().mean(0).float(), scale_of(x))
 
 
 @FAST
@@ -186,9 +186,10 @@ def test_clipped_gossip_moves_own_by_at_most_sum_w_tau(name, x):
     ids = _ids(len(others))
     hist = {p: torch.randn(SKETCH_DIM, generator=torch.Generator().manual_seed(j)) for j, p in enumerate(ids)}
     for _ in range(6):  # past RadiusCap's warmup too
-        out = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist))
-        if math.isfinite(rule.last_tau):
-            bound = sum(rule.last_weights) * rule.last_tau
+        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist))
+        out = result.model
+        if math.isfinite(result.radius):
+            bound = sum(result.weights) * result.radius
             assert float((out.double() - own.double()).norm()) <= bound * (1 + 1e-5) + 1e-6 * scale_of(x)
 
 
@@ -212,11 +213,12 @@ def test_a_round_where_every_partner_is_far_moves_own_little(name, distance):
 
     for _ in range(5):
         rule(own, [unit() * float(rng.uniform(0.8, 1.2)) for _ in ids], ctx)
-    moved = float(rule(own, [unit() * distance for _ in ids], ctx).norm())
+    result = rule(own, [unit() * distance for _ in ids], ctx)
+    moved = float(result.model.norm())
     assert 0.8 <= rule.cap.median() <= 1.2  # 20 honest distances, 4 far ones
-    if sum(rule.last_weights) > 0:
-        assert rule.last_tau <= rule.cap.factor * rule.cap.median()
-        assert moved <= sum(rule.last_weights) * rule.last_tau * (1 + 1e-5)
+    if sum(result.weights) > 0:
+        assert result.radius <= rule.cap.factor * rule.cap.median()
+        assert moved <= sum(result.weights) * result.radius * (1 + 1e-5)
     else:
         assert moved == 0.0
     assert moved <= 2.0
@@ -228,7 +230,7 @@ def test_clipped_gossip_ignores_a_far_partner_when_the_others_agree(name):
     own = torch.randn(50)
     far = own + 1e6
     for k, others in enumerate(([own.clone(), own.clone(), far, own.clone()], [far, own.clone(), own.clone(), own.clone()])):
-        out = AGGREGATORS[name]()(own, others)
+        out = AGGREGATORS[name]()(own, others).model
         assert torch.equal(out, own), (name, k, float((out - own).norm()))
 
 
@@ -439,9 +441,9 @@ def test_default_rule_stops_mixing_a_sign_flipper_that_reports_its_real_training
             history[p] += way[p]
         served = [own + (-1 if p == "flip" else 1) * 0.1 * way[p] + 0.02 * torch.randn(d, generator=g) for p in ids]
         ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: rule.sybil.sketch(history[p]) for p in ids})
-        rule(own, served, ctx)
-    assert rule.last_weights[-1] == 0.0 and "flip" in rule.last_distrusted
-    assert all(w > 0 for w in rule.last_weights[:-1])
+        result = rule(own, served, ctx)
+    assert result.weights[-1] == 0.0 and "flip" in result.distrusted
+    assert all(w > 0 for w in result.weights[:-1])
 
 
 # ------------------------------------------------------------- sketches
@@ -501,7 +503,7 @@ def test_every_rule_returns_a_finite_vector(name):
     rng = np.random.default_rng(7)
     d = 37
     rule = AGGREGATORS[name]()
-    assert torch.equal(rule(torch.ones(d), []), torch.ones(d))  # nobody to mix with
+    assert torch.equal(rule(torch.ones(d), []).model, torch.ones(d))  # nobody to mix with
     for rnd in range(2):
         for k in (1, 2, 5):
             own = torch.from_numpy(rng.normal(size=d).astype(np.float32))
@@ -512,7 +514,7 @@ def test_every_rule_returns_a_finite_vector(name):
             ids = _ids(k)
             hist = {p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids[: k - 1]}
             for ctx in (None, RoundContext(self_id="me", partner_ids=ids, histories=hist)):
-                out = rule(own, others, ctx)
+                out = rule(own, others, ctx).model
                 assert out.shape == (d,) and out.dtype == torch.float32, (name, k, ctx)
                 assert torch.isfinite(out).all(), (name, k, ctx, rnd)
                 assert out.data_ptr() != own.data_ptr()  # never an alias of the caller's model
@@ -531,11 +533,11 @@ def test_a_peer_off_the_swarm_still_mixes_with_partners_whose_deviations_point_b
     histories = {p: rule.sybil.sketch(v + 0.1 * torch.randn(d, generator=g)) for p in partners}
     ctx = RoundContext(self_id="me", partner_ids=list(partners), histories=histories)
     for _ in range(3):  # the first round is probation
-        mixed = rule(own, list(partners.values()), ctx)
-    assert all(w > 0 for w in rule.last_weights), rule.last_refused
-    assert (mixed - centre).norm() < 0.9 * (own - centre).norm()
+        result = rule(own, list(partners.values()), ctx)
+    assert all(w > 0 for w in result.weights), result.refused
+    assert (result.model - centre).norm() < 0.9 * (own - centre).norm()
     assert rule.sybil.consistency_suspended  # and `peer status` shows what the check would have given
-    assert all(rule.sybil.last_parts[p]["consistency_suspended"] == 0.0 for p in partners)
+    assert all(result.checks[p]["consistency_suspended"] == 0.0 for p in partners)
 
 
 def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
@@ -554,15 +556,15 @@ def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
                            **{p: -offset + 0.1 * torch.randn(d, generator=g) for p in clones}}
     for p in clones:  # the clones' reports point where they serve against: they fail consistency
         reported[p] = offset + 0.05 * clones[p]
-    rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
     assert not rule.sybil.consistency_suspended
-    assert all(rule.sybil.last_parts[p]["reported"] < 0.5 for p in clones)
+    assert all(scores.checks[p]["reported"] < 0.5 for p in clones)
     # the same failing group with reports of their own (as honest peers have) keeps its vote:
     # here they are all the peers the check judges, as when our own offset fails everyone
     for p in clones:
         reported[p] = 0.025 * offset + torch.randn(d, generator=g)
     for p in ("h0", "h1"):
         del rule.sybil.observed[p]
-    rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
-    assert all(min(rule.sybil.last_parts[p]["reported"], rule.sybil.last_parts[p]["observed"]) >= 0.5 for p in clones)
+    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    assert all(min(scores.checks[p]["reported"], scores.checks[p]["observed"]) >= 0.5 for p in clones)
     assert rule.sybil.consistency_suspended

@@ -329,17 +329,13 @@ def test_step_is_adopted_from_most_mixed_partners_only(tmp_path):
 
     d = PeerDaemon(fast_config(tmp_path / "a", shard="0/1"), MemoryNetwork().transport("a"))
     d.trainer.step = 100
-    d.aggregator.last_weights = [0.3]
-    d._adopt_swarm_step([10**9])  # one partner alone is not the swarm
+    d._adopt_swarm_step([10**9], [0.3])  # one partner alone is not the swarm
     assert d.trainer.step == 100
-    d.aggregator.last_weights = [0.3, 0.0]
-    d._adopt_swarm_step([500, 10**9])  # the rule refused the second: not counted
+    d._adopt_swarm_step([500, 10**9], [0.3, 0.0])  # the rule refused the second: not counted
     assert d.trainer.step == 100
-    d.aggregator.last_weights = [0.3, 0.3]
-    d._adopt_swarm_step([500, 10**9])  # median of (100, 500, 10^9)
+    d._adopt_swarm_step([500, 10**9], [0.3, 0.3])  # median of (100, 500, 10^9)
     assert d.trainer.step == 500 and d.counters["steps_adopted"] == 400
-    d.aggregator.last_weights = [0.3, 0.3]
-    d._adopt_swarm_step([200, 300])  # never backwards
+    d._adopt_swarm_step([200, 300], [0.3, 0.3])  # never backwards
     assert d.trainer.step == 500
 
 

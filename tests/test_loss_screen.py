@@ -7,6 +7,7 @@ data, that the factors follow the documented ramp, and that the daemon measures 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -120,8 +121,8 @@ def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengt
     hist = {f"p{j}": torch.randn(512, generator=torch.Generator().manual_seed(j)) for j in range(4)}
     ctx = RoundContext(self_id="me", partner_ids=[f"p{j}" for j in range(4)], histories=hist,
                        loss_deltas=[1.0, 1.0, 1.0, 9.0])
-    rule(own, others, ctx)
-    assert rule.last_weights[3] == 0.0 and rule.last_refused == {"p3": "loss"} and "p3" not in rule.last_distrusted
+    r = rule(own, others, ctx)
+    assert r.weights[3] == 0.0 and r.refused == {"p3": "loss"} and "p3" not in r.distrusted
     with pytest.raises(ValueError, match="loss deltas"):
         rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, histories=hist, loss_deltas=[1.0]))
 
@@ -172,23 +173,23 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     rule = make_aggregator("sybilwall+scc")
     for _ in range(10):  # a window where partners do about as well as we do
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
-    assert rule.last_weights[2] == 0.0 and rule.last_refused == {"p2": "loss"} and rule.last_distrusted == []
+    r = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
+    assert r.weights[2] == 0.0 and r.refused == {"p2": "loss"} and r.distrusted == []
     far = [others[0], others[1], torch.full((64,), 1e3)]  # a distance outlier is still distrusted
     rule = make_aggregator("sybilwall+scc")  # (no window of deltas yet: the screen judged nobody)
-    rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
-    assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    assert r.refused == {"p2": "outlier"} and r.distrusted == ["p2"]
     rule = make_aggregator("sybilwall+scc")  # far, but the screen judged it as good as the others: clipped, mixed
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    mixed = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
-    if rule.sybil.last_parts["p2"] and min(rule.sybil.last_parts["p2"].values()) >= 1.0:
-        assert rule.last_refused == {} and rule.last_weights[2] > 0 and rule.last_distrusted == []
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    if r.checks["p2"] and min(r.checks["p2"].values()) >= 1.0:
+        assert r.refused == {} and r.weights[2] > 0 and r.distrusted == []
         dists = [float((x - own).norm()) for x in far]  # clipped to the radius
-        assert float((mixed - own).norm()) <= sum(w * min(d, rule.last_tau) for w, d in zip(rule.last_weights, dists)) * (1 + 1e-5)
-        assert rule.last_tau < 0.1 * dists[2]
+        assert float((r.model - own).norm()) <= sum(w * min(d, r.radius) for w, d in zip(r.weights, dists)) * (1 + 1e-5)
+        assert r.radius < 0.1 * dists[2]
     else:
-        pytest.fail(f"the far partner must pass the Sybil checks at full weight here: {rule.sybil.last_parts}")
+        pytest.fail(f"the far partner must pass the Sybil checks at full weight here: {r.checks}")
     # ...but not while the consistency check is suspended, nor below full Sybil weight
     for setup in ("suspended", "weak"):
         rule = make_aggregator("sybilwall+scc")
@@ -196,26 +197,26 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
             rule.loss_screen.factors([0.1, 0.1, 0.1])
         weights = rule.sybil.weights
         def forced(ctx, setup=setup, weights=weights, rule=rule):
-            w = weights(ctx)
+            s = weights(ctx)
             if setup == "suspended":
                 rule.sybil.consistency_suspended = True
-                return w
-            return [*w[:2], 0.9]
+                return s
+            return dataclasses.replace(s, weights=[*s.weights[:2], 0.9])
         rule.sybil.weights = forced
-        rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
-        assert rule.last_refused.get("p2") == "outlier", setup
+        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+        assert r.refused.get("p2") == "outlier", setup
     # ...nor when its delta is usual only thanks to the closest-partner term, or unmeasured
     for deltas in ([3.0, 3.0, 3.0], [0.1, 0.1, None]):
         rule = make_aggregator("sybilwall+scc")
         for _ in range(10):
             rule.loss_screen.factors([0.1, 0.1, 0.1])
-        rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
-        assert rule.last_refused.get("p2") == "outlier", deltas
+        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
+        assert r.refused.get("p2") == "outlier", deltas
     rule = make_aggregator("sybilwall+scc")  # far away *and* bad on our data: still an outlier, backed off
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 50.0], own_loss=0.1))
-    assert rule.last_refused == {"p2": "outlier"} and rule.last_distrusted == ["p2"]
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 50.0], own_loss=0.1))
+    assert r.refused == {"p2": "outlier"} and r.distrusted == ["p2"]
 
 
 async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_path):

@@ -131,10 +131,10 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
     hist = {p: rule.sybil.sketch(way[p]) for p in ids}
     for scale in [0.01] * 20 + [1.0] * 3:
         others = [own + scale * (way[p] + 0.5 * torch.randn(1000, generator=gen)) for p in ids]
-        out = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=dict(hist)))
-    assert all(w > 0 for w in rule.last_weights), rule.last_weights
-    assert rule.last_distrusted == []
-    assert float((out - own).norm()) > 0.1
+        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=dict(hist)))
+    assert all(w > 0 for w in result.weights), result.weights
+    assert result.distrusted == []
+    assert float((result.model - own).norm()) > 0.1
 
 
 def test_record_with_non_finite_history_is_refused_when_parsed():

@@ -2,9 +2,11 @@
 
 The building blocks are pure functions on flat float32 tensors (`baselines`, `clipping`,
 `sybil`); the rules below wire them into what a gossip round needs. A rule is called as
-`rule(own, others, ctx)` and returns the peer's new model; `rule(own, others, ctx, out=buf)` writes
-it into `buf` instead (and returns `buf`), so a daemon that reuses one buffer across rounds pays no
-page faults for a fresh d-sized result every round. `out` must not overlap `own` or `others`.
+`rule(own, others, ctx)` and returns a `Mix`: the peer's new model and what the rule decided
+(each partner's weight, whom it refused and why, the clipping radius, each Sybil check's factor).
+`rule(own, others, ctx, out=buf)` writes the model into `buf` (and `Mix.model` is `buf`), so a
+daemon that reuses one buffer across rounds pays no page faults for a fresh d-sized result every
+round. `out` must not overlap `own` or `others`.
 Stateful rules (centred clipping's
 centre, SybilWall's observed histories, the radius memory) keep their state in the rule object,
 one per daemon.
@@ -23,16 +25,12 @@ import torch
 
 from peer.aggregation import baselines
 from peer.aggregation.baselines import coordinate_median
-from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius
+from peer.aggregation.clipping import SLICE, CenteredClipping, RadiusCap, adaptive_radius, clip_factors, mix
 from peer.aggregation.loss import LossScreen
 from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction
 from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
-# Coordinates per slice in the passes over the partners' models (`_deviations`, `_mix`). Larger
-# slices mean fewer Python-level torch calls (a few microseconds each, n per slice); the passes
-# over a slice are bound by arithmetic, not by the cache, so 2 MB slices cost nothing there.
-# Measured best of 128K..1M at 8 and 32 partners x 1M and 10M (docs/benchmarks.md, aggregate).
-SLICE = 1 << 19
+
 # a peer votes on whether the consistency check is measuring us (sybil.consistency_factors) only
 # if FoolsGold and alignment give it at least this factor
 VOTER_AT = 0.5
@@ -63,11 +61,26 @@ class RoundContext:
         return max(1, int(self.byzantine_fraction * n_inputs)) if n_inputs >= 3 else 0
 
 
+@dataclass
+class Mix:
+    """What one call of a rule produced: the new model and the decisions behind it.
+
+    Per-partner lists follow `ctx.partner_ids`. Server-style rules (median, Krum, ...) weigh
+    coordinates or inputs, not partners: their `weights` is empty and they refuse nobody."""
+
+    model: torch.Tensor
+    weights: list[float] = field(default_factory=list)  # each partner's mixing weight (0: not mixed)
+    refused: dict[str, str] = field(default_factory=dict)  # unmixed partner -> outlier | loss | probation | sybil
+    distrusted: list[str] = field(default_factory=list)  # refused partners the daemon should back off
+    radius: float = math.inf  # the clipping radius tau (inf: nothing clipped)
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)  # partner -> each Sybil check's factor
+
+
 class Aggregator(Protocol):
     name: str
 
     def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor: ...
+                 out: torch.Tensor | None = None) -> Mix: ...
 
 
 def _check_out(out: torch.Tensor | None, own: torch.Tensor, others: Sequence[torch.Tensor]) -> None:
@@ -81,8 +94,8 @@ def _check_out(out: torch.Tensor | None, own: torch.Tensor, others: Sequence[tor
             raise ValueError("out shares memory with an input of the rule")
 
 
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    return result if out is None else out.copy_(result)
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> Mix:
+    return Mix(result if out is None else out.copy_(result))
 
 
 def _ctx(ctx: RoundContext | None, others: Sequence[torch.Tensor]) -> RoundContext:
@@ -127,6 +140,15 @@ class CenteredClippingRule:
         return _into(out, self.cc(x))
 
 
+@dataclass
+class SybilScores:
+    """SybilWall's verdict on one round's partners."""
+
+    weights: list[float]  # per partner, in [0, 1]
+    checks: dict[str, dict[str, float]]  # partner -> each check's factor (for `peer status`)
+    on_probation: set[str]  # partners with no history at all: weight 0 this round
+
+
 class SybilWallWeights:
     """SybilWall: FoolsGold weights over the update histories of partners and every peer learned
     through the swarm; own model weight 1; normalised over the partners actually mixed.
@@ -140,10 +162,6 @@ class SybilWallWeights:
 
     def __init__(self, max_tracked: int = 1024):
         self.observed: dict[str, torch.Tensor] = {}
-        self.on_probation: set[str] = set()
-        # this round's partners: each Sybil check's factor (FoolsGold on reported and on observed
-        # histories, consistency, alignment); why a partner got weight 0, for `peer status`
-        self.last_parts: dict[str, dict[str, float]] = {}
         self.consistency_suspended = False  # most peers failed the consistency check last round
         self.sketcher: Sketcher | None = None
         self.max_tracked = max_tracked
@@ -156,7 +174,7 @@ class SybilWallWeights:
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
         return self.sketcher_for(x.numel())(x)
 
-    def weights(self, ctx: RoundContext) -> list[float]:
+    def weights(self, ctx: RoundContext) -> SybilScores:
         """FoolsGold weights for this round's partners: the smaller of the reported-history and the
         observed-history scores, each computed over every peer that channel knows.
 
@@ -194,9 +212,9 @@ class SybilWallWeights:
         for p, f in alignment.items():
             score[p] *= f
             parts[p]["alignment"] = f
-        self.last_parts = {p: parts[p] for p in ctx.partner_ids if p in parts}
-        self.on_probation = {p for p in ctx.partner_ids if p not in known}
-        return [score[p] if p in known else 0.0 for p in ctx.partner_ids]
+        return SybilScores(weights=[score[p] if p in known else 0.0 for p in ctx.partner_ids],
+                           checks={p: parts[p] for p in ctx.partner_ids if p in parts},
+                           on_probation={p for p in ctx.partner_ids if p not in known})
 
     def observe(self, ctx: RoundContext, diff_sketches: Sequence[torch.Tensor], mixed_sketch: torch.Tensor) -> None:
         """Record each partner's deviation from our mixed model (sketches of x_j - own and mixed - own)."""
@@ -229,10 +247,6 @@ class WeightedGossip:
         self.sybil = SybilWallWeights() if weighting == "sybilwall" else None
         self.loss_screen = LossScreen() if weighting == "sybilwall" else None
         self.cap = RadiusCap()
-        self.last_tau: float = math.inf
-        self.last_weights: list[float] = []
-        self.last_distrusted: list[str] = []
-        self.last_refused: dict[str, str] = {}
         self.scratch = _Scratch()
 
     def __call__(self, own, others, ctx=None, out=None):
@@ -240,7 +254,8 @@ class WeightedGossip:
         if not others:
             return _into(out, own.clone())
         ctx = _ctx(ctx, others)
-        raw = self.sybil.weights(ctx) if self.sybil else [1.0] * len(others)
+        scores = self.sybil.weights(ctx) if self.sybil else None
+        raw = list(scores.weights) if scores else [1.0] * len(others)
         unscreened = list(raw)  # the distance screen below judges partners the loss screen cut too
         screened: set[int] = set()  # partners only the loss screen cut
         fine_on_our_data: set[int] = set()  # partners whose loss on our data is what partners usually do
@@ -279,34 +294,33 @@ class WeightedGossip:
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
-        self.last_weights = w
         # partners this rule refused to mix (distance outliers, Sybil weight 0 after probation):
         # the daemon backs them off, so later rounds spend their pulls on others
-        probation = self.sybil.on_probation if self.sybil is not None else set()
+        probation = scores.on_probation if scores is not None else set()
         # the loss screen judges one model at one moment (an honest partner's model spikes after
         # a burst of local steps), not the peer: its cuts are not mixed, but not backed off either.
         # Backing them off fed on itself: the window of deltas then saw only the partners still
         # pulled, and an IID swarm split into groups that cut each other and stalled at 83-86 %
         # (docs/benchmarks.md, convergence)
-        self.last_distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
-                                if r == 0 and ctx.partner_ids[j] not in probation and j not in screened]
+        distrusted = [ctx.partner_ids[j] for j, r in enumerate(raw)
+                      if r == 0 and ctx.partner_ids[j] not in probation and j not in screened]
         # why each unmixed partner was left out (the daemon counts these in `peer status`)
-        self.last_refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened
-                                                  else "probation" if ctx.partner_ids[j] in probation else "sybil")
-                             for j, r in enumerate(raw) if r == 0}
+        refused = {ctx.partner_ids[j]: ("outlier" if j in dropped else "loss" if j in screened
+                                        else "probation" if ctx.partner_ids[j] in probation else "sybil")
+                   for j, r in enumerate(raw) if r == 0}
         tau = self._radius(dists, w, ctx)
-        self.last_tau = tau
-        factors = [wj * (tau / n if n > tau else 1.0) for n, wj in zip(dists, w)]
+        factors = clip_factors(dists, w, tau)
         if factors != guess:
             # a partner was dropped or clipped: mix again, from scratch. Seen in 2-9 % of real
             # rounds, never with the benchmark's inputs. Correcting the first result instead
             # (adding (factor - guess) x (x_j - own) for the changed partners only) would read
             # fewer models but subtract what was added: far partners cancel badly, and a dropped
             # partner's inf or nan could not be taken out again.
-            mixed_out = _mix(own, others, factors, mixed_out, self.scratch)  # overwrites the first pass's result
+            mixed_out = mix(own, others, factors, mixed_out, self.scratch.get)  # overwrites the first pass's result
         if sk is not None:
             self.sybil.observe(ctx, list(sk), torch.tensor(factors, dtype=sk.dtype) @ sk)
-        return mixed_out.view(shape) if out is None else out
+        return Mix(mixed_out.view(shape) if out is None else out, weights=w, refused=refused, distrusted=distrusted,
+                   radius=tau, checks=scores.checks if scores is not None else {})
 
     def _radius(self, dists: list[float], w: list[float], ctx: RoundContext) -> float:
         live = [(d, wj) for d, wj in zip(dists, w) if wj > 0]
@@ -404,23 +418,6 @@ def _deviations(own: torch.Tensor, others: Sequence[torch.Tensor], w: Sequence[f
         else:
             torch.addcmul(o, acc, s, out=r)  # s * acc: back from the signed space, exactly
     return [math.sqrt(v) for v in sq], sk, out
-
-
-def _mix(own: torch.Tensor, others: Sequence[torch.Tensor], factors: Sequence[float],
-         out: torch.Tensor | None = None, scratch: _Scratch | None = None) -> torch.Tensor:
-    """own + sum_j factors[j] (x_j - own), slice by slice (the result's slice stays in cache)."""
-    out = torch.empty_like(own) if out is None else out
-    live = [(x, c) for x, c in zip(others, factors) if c]
-    d = own.numel()
-    buf = (_Scratch() if scratch is None else scratch).get(max(1, min(SLICE, d)), own.dtype)
-    for lo in range(0, d, SLICE):
-        hi = min(lo + SLICE, d)
-        s, o, r = buf[:hi - lo], own[lo:hi], out[lo:hi]
-        r.copy_(o)
-        for x, c in live:
-            torch.sub(x[lo:hi], o, out=s)
-            r.add_(s, alpha=c)
-    return out
 
 
 def _csrg_radius(dists: list[float], w: list[float], budget: float) -> float:
