@@ -63,7 +63,7 @@ def join(
     max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip upload in Mbit/s, enforced by the daemon."),
     max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip download in Mbit/s."),
     # training
-    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", metavar="NAME", show_default="mnist1d-cnn", rich_help_panel=TRAIN, help="mnist1d-cnn, digits-mlp, lm-tiny, lm, lm-large, or module:function."),
+    task: Optional[str] = typer.Option(None, "--task", envvar="PEER_TASK", metavar="NAME", show_default="mnist1d-cnn", rich_help_panel=TRAIN, help="mnist1d-cnn, mnist1d-linear, digits-mlp, lm-tiny, lm, lm-large, or module:function."),
     shard: Optional[str] = typer.Option(None, "--shard", envvar="PEER_SHARD", metavar="I/N", show_default="from the peer id", rich_help_panel=TRAIN, help="This peer's data shard."),
     split: Optional[str] = typer.Option(None, "--split", envvar="PEER_SPLIT", metavar="iid|dirichlet", show_default="iid", rich_help_panel=TRAIN, help="How shards are drawn."),
     alpha: Optional[float] = typer.Option(None, "--alpha", envvar="PEER_ALPHA", metavar="A", show_default="0.5", rich_help_panel=TRAIN, help="Dirichlet concentration for --split dirichlet."),

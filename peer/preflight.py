@@ -20,7 +20,7 @@ from peer.aggregation import DESCRIPTIONS as AGGREGATORS
 from peer.config import PeerConfig, load_allowed_peers, resolve
 
 # peer.tasks.BUILTIN's names (that module imports torch; tests check the two agree)
-BUILTIN_TASKS = ("mnist1d-cnn", "digits-mlp", "lm-tiny", "lm", "lm-large")
+BUILTIN_TASKS = ("mnist1d-cnn", "mnist1d-linear", "digits-mlp", "lm-tiny", "lm", "lm-large")
 
 
 class StartError(Exception):

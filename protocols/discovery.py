@@ -8,6 +8,7 @@ record expires; a peer that leaves publishes a record with `state="left"` and di
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -128,6 +129,7 @@ def check_admission(owner: str | None, expiration: float, now: float, allowed: f
     return None
 
 
+@functools.lru_cache(maxsize=8192)  # every heartbeat re-reads every record's addrs: parse each once
 def public_host(addr: str) -> str | None:
     """The host of a multiaddr if it is a public address ('/ip4/1.2.3.4/tcp/1/p2p/X' -> '1.2.3.4').
 

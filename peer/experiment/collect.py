@@ -109,8 +109,11 @@ def _median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 1) if xs else None
 
 
-def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: dict | None = None) -> dict[str, Any]:
-    """The numbers of one run. See docs/experiments.md for each field's exact meaning."""
+def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: dict | None = None, *,
+              grid_s: float = GRID_S, stale_s: float = STALE_S, final_window_s: float = FINAL_WINDOW_S) -> dict[str, Any]:
+    """The numbers of one run. See docs/experiments.md for each field's exact meaning. The time
+    constants default to a real run's (readings every few seconds); the simulator passes ones
+    scaled to its runs, which may last seconds of virtual time."""
     scenario = scenario or {}
     target = float(scenario.get("target_accuracy", 0.85))
     tol = float(scenario.get("catchup_tolerance", 0.02))
@@ -137,7 +140,7 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
         for s in sessions[name]:
             if s.start <= t <= s.end + 0.5:
                 prior = [r for r in s.lines if r["time"] <= t and r.get("accuracy") is not None]
-                if prior and t - prior[-1]["time"] <= STALE_S:
+                if prior and t - prior[-1]["time"] <= stale_s:
                     return prior[-1]["accuracy"]
         return None
 
@@ -150,7 +153,7 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
     while t <= run_end + 1e-9:
         m = honest_mean(t)
         timeline.append((round(t - run_start, 1), None if m is None else round(m, 4)))
-        t += GRID_S
+        t += grid_s
     tta = next((t for t, m in timeline if m is not None and m >= target), None)
 
     # --- per peer
@@ -169,11 +172,11 @@ def summarize(peer_lines: dict[str, list[dict]], events: list[dict], scenario: d
             elif not any(e.get("action") == "kill" and s.start - 1 <= e["time"] <= nxt for e in pe):
                 crashed = True  # ended without a goodbye and nobody killed it
         last = ss[-1].lines if ss else []
-        accs = [r["accuracy"] for r in last if r.get("accuracy") is not None and r["time"] >= (last[-1]["time"] - FINAL_WINDOW_S if last else 0)]
+        accs = [r["accuracy"] for r in last if r.get("accuracy") is not None and r["time"] >= (last[-1]["time"] - final_window_s if last else 0)]
         final = round(sum(accs) / len(accs), 4) if accs else None
         bytes_sent = sum(s.lines[-1].get("bytes_sent", 0) for s in ss if s.lines)
         # still in the swarm when the run ended (a data dir left behind by a fresh rejoin is not)
-        at_end = bool(ss) and ss[-1].end >= (stop_at if stop_at is not None else run_end) - 2 * STALE_S
+        at_end = bool(ss) and ss[-1].end >= (stop_at if stop_at is not None else run_end) - 2 * stale_s
         peers.append({
             "id": name, "peer_ids": sorted({s.peer_id for s in ss if s.peer_id}), "role": roles[name],
             "attack": next((s.attack for s in ss if s.attack), None),

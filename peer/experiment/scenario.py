@@ -73,6 +73,7 @@ class Scenario:
     churn: Churn = field(default_factory=Churn)
     attack: Attack = field(default_factory=Attack)
     heterogeneity: list[Slow] = field(default_factory=list)
+    sim: dict[str, Any] = field(default_factory=dict)  # [sim]: the simulator's settings (peer/sim); real runs ignore it
 
     @property
     def total_peers(self) -> int:
@@ -111,8 +112,9 @@ def parse_scenario(raw: dict[str, Any], name: str = "scenario") -> Scenario:
     attack = raw.pop("attack", {})
     groups = raw.pop("heterogeneity", [])
     peer_settings = raw.pop("peer", {})
-    if not isinstance(churn, dict) or not isinstance(attack, dict) or not isinstance(groups, list) or not isinstance(peer_settings, dict):
-        raise ScenarioError("[churn], [attack] and [peer] are tables, [[heterogeneity]] a list of tables")
+    sim = raw.pop("sim", {})
+    if not all(isinstance(t, dict) for t in (churn, attack, peer_settings, sim)) or not isinstance(groups, list):
+        raise ScenarioError("[churn], [attack], [peer] and [sim] are tables, [[heterogeneity]] a list of tables")
     events = [_take(e, Event, f"churn.events[{i}]") for i, e in enumerate(churn.pop("events", []))]
     s = _take(raw, Scenario, "scenario")
     s.churn = _take(churn, Churn, "[churn]")
@@ -120,6 +122,7 @@ def parse_scenario(raw: dict[str, Any], name: str = "scenario") -> Scenario:
     s.attack = _take(attack, Attack, "[attack]")
     s.heterogeneity = [_take(g, Slow, f"heterogeneity[{i}]") for i, g in enumerate(groups)]
     s.peer_settings = peer_settings
+    s.sim = sim
     check(s)
     return s
 

@@ -1,6 +1,7 @@
 """Tasks: what a run trains. A `Task` bundles model, optimizer, data and evaluation.
 
-Built-in: `mnist1d-cnn` (default), `digits-mlp` (tiny, for fast tests), and the byte-level language
+Built-in: `mnist1d-cnn` (default), `mnist1d-linear` (softmax regression, 410 parameters: what
+simulations of thousands of peers train, peer/sim), `digits-mlp` (tiny, for fast tests), and the byte-level language
 models `lm-tiny`, `lm`, `lm-large` (peer/tasks/lm.py). A user's own task is
 `--task my_module:build`, where `build(**options)` returns a `Task`.
 
@@ -202,6 +203,21 @@ def mnist1d_cnn(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: 
     )
 
 
+def mnist1d_linear(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: float = 0.5, seed: int = 0, lr: float = 1e-2) -> Task:
+    """Softmax regression on MNIST-1D (one Linear(40, 10): weight then bias in the flat vector).
+
+    peer/sim trains it with a NumPy step equal to this task's torch step (tests check the two
+    agree), so a simulation of 1,000 peers pays microseconds per step, not a millisecond."""
+    x, y, xt, yt = _mnist1d_data()
+    x, y = _split(x, y, shard, num_shards, split, alpha, seed)
+    return Task(
+        name="mnist1d-linear",
+        make_model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(40, 10)),
+        make_optimizer=lambda params: torch.optim.Adam(params, lr=lr),
+        x_train=x, y_train=y, x_test=xt, y_test=yt, batch_size=100,
+    )
+
+
 def digits_mlp(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: float = 0.5, seed: int = 0, lr: float = 1e-2) -> Task:
     from sklearn.datasets import load_digits
 
@@ -232,7 +248,7 @@ def _lm(size: str) -> Callable[..., Task]:
 
 
 BUILTIN: dict[str, Callable[..., Task]] = {
-    "mnist1d-cnn": mnist1d_cnn, "digits-mlp": digits_mlp,
+    "mnist1d-cnn": mnist1d_cnn, "mnist1d-linear": mnist1d_linear, "digits-mlp": digits_mlp,
     "lm-tiny": _lm("tiny"), "lm": _lm("base"), "lm-large": _lm("large"),
 }
 
