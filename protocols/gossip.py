@@ -156,7 +156,8 @@ class PartnerPicker:
     _state: dict[str, _Backoff] = field(default_factory=dict)
 
     def pick(self, candidates: list[str], now: float) -> list[str]:
-        usable = [p for p in candidates if self._state.get(p, _Backoff()).until <= now]
+        state = self._state  # O(candidates) per round at 1,000 peers: no allocation per candidate
+        usable = [p for p in candidates if p not in state or state[p].until <= now]
         usable.sort()  # deterministic given the RNG, whatever order the DHT returned
         return self.rng.sample(usable, min(self.k, len(usable)))
 

@@ -58,9 +58,8 @@ class Decisions:
 
     def choose_partners(self, now: float, exclude: Iterable[str] = ()) -> tuple[dict[str, PeerInfo], list[str]]:
         """The live, unbanned peers (id -> view entry) and this round's partners among them."""
-        skip = set(exclude)
-        live = {i.record.peer_id: i for i in self.view.live(now)
-                if i.record.peer_id not in skip and not self.reputation.banned(i.record.peer_id, now)}
+        skip = set(exclude) | set(self.reputation.banned_peers(now))  # few: the table's banned entries
+        live = {i.record.peer_id: i for i in self.view.live(now) if i.record.peer_id not in skip}
         return live, self.picker.pick(list(live), now)
 
     def accept(self, peer: str, own: torch.Tensor, model: torch.Tensor, now: float) -> bool:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
 from typing import Callable
 
 
-@dataclass(order=True)
 class Event:
-    time: float
-    seq: int
-    fn: Callable[[], None] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    __slots__ = ("time", "fn", "cancelled")
+
+    def __init__(self, time: float, fn: Callable[[], None]):
+        self.time, self.fn, self.cancelled = time, fn, False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -28,7 +26,8 @@ class Event:
 class EventLoop:
     def __init__(self, start: float = 0.0):
         self.now = start
-        self._heap: list[Event] = []
+        # (time, sequence number, event): tuples compare in C, and the sequence breaks ties
+        self._heap: list[tuple[float, int, Event]] = []
         self._seq = itertools.count()
         self.processed = 0
 
@@ -36,8 +35,8 @@ class EventLoop:
         """Run `fn` at virtual time `time` (never before now: the past cannot be scheduled)."""
         if time < self.now:
             raise ValueError(f"event at {time} is before now ({self.now})")
-        ev = Event(time, next(self._seq), fn)
-        heapq.heappush(self._heap, ev)
+        ev = Event(time, fn)
+        heapq.heappush(self._heap, (time, next(self._seq), ev))
         return ev
 
     def after(self, delay: float, fn: Callable[[], None]) -> Event:
@@ -47,8 +46,8 @@ class EventLoop:
         """Run every event with time <= `until`; `now` ends at `until`. `on_tick(now)` is called
         each time virtual time passes a multiple of `tick_s` (a progress bar)."""
         next_tick = self.now + tick_s
-        while self._heap and self._heap[0].time <= until:
-            ev = heapq.heappop(self._heap)
+        while self._heap and self._heap[0][0] <= until:
+            ev = heapq.heappop(self._heap)[2]
             if ev.cancelled:
                 continue
             self.now = ev.time

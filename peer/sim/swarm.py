@@ -68,7 +68,7 @@ class SimSettings:
     down_bytes_s: float = 1e7
     startup_s: float = 0.0  # from a join to the first heartbeat (process start-up)
     shards: int = 0  # distinct data shards (0: one per honest peer, as the real runner)
-    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 60)
+    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 40)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "SimSettings":
@@ -140,6 +140,7 @@ class Simulation:
         self._tasks: dict[tuple[int, int, str], Task] = {}
         self._probes: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
         self.timing: Counter[str] = Counter()  # wall seconds by what the simulator spent them on
+        self.calls: Counter[str] = Counter()  # how many of each (per-call costs in the result)
         self.serves: Counter[str] = Counter()  # peer id -> pulls it served (partner sampling)
         self.view_sizes: list[int] = []
         self.peers = [SimPeer(i, sc.role(i), f"p{i}") for i in range(sc.total_peers)]
@@ -151,7 +152,7 @@ class Simulation:
         self._init_flat: torch.Tensor | None = None
         if rounds is not None:
             sc.duration_s = rounds * self.nominal_round_s(probe_task)
-        self.sample_s = self.sim.sample_every_s or sc.duration_s / 60
+        self.sample_s = self.sim.sample_every_s or sc.duration_s / 40
 
     # --- set-up --------------------------------------------------------------------------
     def nominal_round_s(self, task: Task) -> float:
@@ -419,6 +420,7 @@ class Simulation:
             t2 = time.perf_counter()
             self.timing["probe"] += t1 - t0
             self.timing["mix"] += t2 - t1
+            self.calls["mix"] += 1
             p.learner.apply_delta(mix.model - rnd.own)
             target = p.dec.adopt_step(p.learner.step, steps, mix.weights)
             if target is not None:
@@ -450,6 +452,7 @@ class Simulation:
         self.store.publish(p.peer_id, self.record(p).to_wire(), now + 3 * self.config.heartbeat_s)
         p.dec.records(self.store.lookup(now), now)
         self.timing["view"] += time.perf_counter() - t0
+        self.calls["view"] += 1
 
     # --- measurement -----------------------------------------------------------------------
     def sample(self, p: SimPeer, event: str = "metrics") -> None:
@@ -542,5 +545,9 @@ class Simulation:
             "served_per_peer": ({"min": served[0], "median": served[len(served) // 2], "max": served[-1],
                                  "never_pulled": len(ever - set(self.serves))} if served else None),
             "wall_by_part_s": {k: round(v, 1) for k, v in sorted(self.timing.items())},
+            # the rule's cost per round (SybilWall's scoring grows with the histories in the view)
+            # and a heartbeat's (publish, lookup, view update: grows with the records of the run)
+            "mix_ms_per_round": round(1e3 * self.timing["mix"] / max(1, self.calls["mix"]), 3),
+            "view_ms_per_heartbeat": round(1e3 * self.timing["view"] / max(1, self.calls["view"]), 3),
             "aggregator": self.aggregator, "task": self.sc.task,
         }
