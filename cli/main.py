@@ -77,7 +77,7 @@ def join(
     aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", metavar="NAME", show_default=DEFAULT_AGGREGATOR, rich_help_panel=ROBUST, help=f"Aggregation rule, one of: {aggregation_help()}."),
     byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", metavar="F", show_default="0.25", rich_help_panel=ROBUST, help="Fraction of a round's partners the robust rules assume Byzantine."),
     allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", metavar="FILE", show_default="open run", rich_help_panel=ROBUST, help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped."),
-    experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/hostile.py)."),
+    experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/experiment/attacks.py)."),
     # files and other
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", rich_help_panel=FILES, help="TOML file with any of these settings (flags and PEER_* win)."),

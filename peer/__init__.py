@@ -2,7 +2,10 @@
 
     main.py         `peer join`'s process: logging, the event loop, signals, the join line
     preflight.py    what `peer join` checks before torch loads (flags, addresses, config files)
-    daemon.py       PeerDaemon: the asyncio shell wiring the parts below to the transport
+    core.py         PeerCore: every decision of one peer (view, partners, failures, mixing,
+                    serving, status) as calls that take inputs and `now`; no I/O
+    daemon.py       PeerDaemon: the asyncio shell feeding PeerCore from the transport, timers, files
+    behaviour.py    what a peer serves, reports and trains on (honest by default)
     trainer.py      local training in a thread; evaluation on a copy, on a budget
     outer.py        outer steps: anchor, Nesterov outer optimizer, one round's arithmetic
     cadence.py      when local steps start a gossip round (post-local SGD)
@@ -17,7 +20,7 @@
     metrics.py      the Prometheus endpoint
     config.py       PeerConfig and where its values come from
     tasks/          built-in tasks (MNIST-1D, digits, the byte-level language model)
-    hostile.py      EXPERIMENTS ONLY: attacker behaviours
     launcher.py     local swarms of real `peer join` processes (scripts, tests)
-    experiment/     scenario runner parts: schedules, network conditions, collection
+    experiment/     scenario runner parts: schedules, network conditions, collection, and
+                    (EXPERIMENTS ONLY) the attacks, as hostile behaviours
 """

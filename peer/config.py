@@ -40,7 +40,7 @@ class PeerConfig:
     aggregator: str = DEFAULT_AGGREGATOR
     # fraction of a round's partners assumed Byzantine (robust rules' f and clipping budget)
     byzantine_fraction: float = 0.25
-    # EXPERIMENTS ONLY (peer/hostile.py): run this daemon as an attacker
+    # EXPERIMENTS ONLY (peer/experiment/attacks.py): run this daemon as an attacker
     experiment_attack: str = ""
     # data: this peer's shard "i/n"; empty means derived from the peer id
     shard: str = ""

@@ -122,7 +122,12 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
                                           run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs())
             known.self_id = transport.peer_id
-            daemon = PeerDaemon(cfg, transport, known_peers=known)
+            behaviour = None
+            if cfg.experiment_attack:  # EXPERIMENTS ONLY: an attacker's behaviour (peer/experiment/attacks.py)
+                from peer.experiment.attacks import behaviour_for
+
+                behaviour = behaviour_for(cfg.experiment_attack, transport.peer_id)
+            daemon = PeerDaemon(cfg, transport, known_peers=known, behaviour=behaviour)
         except (ValueError, TypeError) as e:  # a bad setting or task (peer.tasks.load_task words it)
             raise StartError(str(e)) from e
         loop = asyncio.get_running_loop()

@@ -85,7 +85,7 @@ class Runner:
         if sc.aggregator:
             args += ["--aggregator", sc.aggregator]
         if role == "attacker":
-            from peer.hostile import TARGETED
+            from peer.experiment.attacks import TARGETED
 
             args += ["--experiment-attack", sc.attack.name]
             # Sybils of the targeted attacks all train alike on the whole set (as scripts/robustness.py)

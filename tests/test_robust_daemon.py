@@ -13,7 +13,7 @@ import torch
 
 from peer.aggregation import AGGREGATORS, DEFAULT_AGGREGATOR, DESCRIPTIONS
 from peer.config import PeerConfig
-from peer.hostile import ATTACKS, HostilePolicy, alie_z
+from peer.experiment.attacks import ATTACKS, HostilePolicy, alie_z
 from peer.tasks import load_task
 from peer.trainer import Trainer
 from protocols.discovery import HISTORY_BYTES, PeerRecord, SwarmView
@@ -77,10 +77,10 @@ def test_hostile_policy_forms():
     p = HostilePolicy("signflip100")
     p.round_start(own, torch.zeros(4))
     p.round_start(own + 0.1, torch.full((4,), 0.1))  # it trained: update 0.1
-    torch.testing.assert_close(p.craft("x", own + 0.1), own - 10.0)
+    torch.testing.assert_close(p.serve("x", own + 0.1), own - 10.0)
     a = HostilePolicy("alie")
     a.observe(["h1", "h2"], [torch.zeros(4), torch.full((4,), 2.0)])
-    torch.testing.assert_close(a.craft("x", own), torch.full((4,), 1.0 - alie_z(25, 5)))
+    torch.testing.assert_close(a.serve("x", own), torch.full((4,), 1.0 - alie_z(25, 5)))
     assert abs(alie_z(25, 5) - 0.2533) < 1e-3
     s = HostilePolicy("adaptive-sybil")
     h = torch.ones(512)
