@@ -8,7 +8,7 @@ For each size (n partners x d float32 coordinates) this builds honest-like input
 calls see the steady state (partners already known and observed, sketcher built for this d).
 The rule writes its result into one output buffer reused across calls (`out=`), as the daemon
 calls it; `--fresh-out` times it returning a fresh tensor every call instead (the page faults of
-a new d-sized result each round, which is what the daemon used to pay).
+a new d-sized result each round, which the daemon's reused buffer avoids).
 
 Then, `--repeats` times, interleaved: one timed rule call, one timed copy of the n partner
 tensors into a preallocated, already-touched n x d buffer (n*d*4 bytes read and written).

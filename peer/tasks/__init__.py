@@ -1,5 +1,8 @@
 """Tasks: what a run trains. A `Task` bundles model, optimizer, data and evaluation.
 
+    __init__.py     `Task`, the built-in MNIST-1D and digits tasks, the dataset cache, `load_task`
+    lm.py           the byte-level language models (`lm-tiny`, `lm`, `lm-large`) and their corpus
+
 Built-in: `mnist1d-cnn` (default), `digits-mlp` (tiny, for fast tests), and the byte-level language
 models `lm-tiny`, `lm`, `lm-large` (peer/tasks/lm.py). A user's own task is
 `--task my_module:build`, where `build(**options)` returns a `Task`.
