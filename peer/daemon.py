@@ -314,10 +314,8 @@ class PeerDaemon:
         seconds: mixing every 3 steps cut the samples to 88 % on MNIST-1D from 3-8x to 1.6-1.7x
         those of central training, and a step cadence kept up for the whole run plateaus like
         central batch-400 training (below quickstart's 90 %), so rounds are time-only from the
-        run's step 1000 (docs/benchmarks.md, convergence). The default (3 / 1000) since the
-        two rule fixes that let a 3-peer churn test pass with it (peer/config.py).
-        The trainer asks
-        `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
+        run's step 1000 (docs/benchmarks.md, convergence; the defaults, 3 / 1000, are in
+        peer/config.py). The trainer asks `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
         overlap: steps taken during a round make the next one due. With outer steps
         (`outer_every_steps` H > 0) a round is due after every H inner steps and at no other time.
         """

@@ -492,7 +492,7 @@ def safe_validator(validators: list, counters=None):
     """hivemind's CompositeValidator, but a validator that raises refuses the record instead.
 
     hivemind's RSASignatureValidator raises ValueError on a malformed public key in a subkey
-    (found by scripts/fuzz.py); hivemind would then fail the whole RPC. Here it is a counted
+    (scripts/fuzz.py sends one); hivemind would then fail the whole RPC. Here it is a counted
     refusal, like any other bad record.
     """
     from hivemind.dht.validation import CompositeValidator
