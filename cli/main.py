@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -57,9 +57,9 @@ def _root(
 def join(
     # network
     run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", metavar="NAME", show_default="default", rich_help_panel=NET, help="Name of the run to join."),
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
-    listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
-    announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
+    listen: Optional[list[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
+    announce: Optional[list[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
     max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip upload in Mbit/s, enforced by the daemon."),
     max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip download in Mbit/s."),
     # training
@@ -115,7 +115,7 @@ def join(
         if debug:
             traceback.print_exc()
         typer.echo(f"cannot start: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     raise typer.Exit(code)
 
 
@@ -211,7 +211,7 @@ def identity(data_dir: Optional[Path] = DataDir) -> None:
         peer_id = ensure_identity(str(d / "identity.key"))
     except ValueError as e:  # LocalStateError, IdentityError: one line, nothing overwritten
         typer.echo(f"cannot read the identity: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(peer_id)
 
 

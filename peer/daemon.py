@@ -170,6 +170,7 @@ class PeerDaemon:
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
+        self.listening = asyncio.Event()  # set once `addrs` holds our listen addresses
         self._lock_fd: int | None = None
         self.exit_code = 0
         self.exporter: Exporter | None = None  # the Prometheus endpoint, when metrics_port is set
@@ -215,6 +216,7 @@ class PeerDaemon:
         started = False  # a start that failed saves no checkpoint: it has nothing new to save
         try:
             self.addrs = await self.transport.addrs()
+            self.listening.set()
             await self.transport.set_handler(gossip.PROTOCOL, self._serve_model)
             control = await serve_control(self.config.socket_path, self._control)
             self.phase = "syncing"
@@ -420,7 +422,7 @@ class PeerDaemon:
         deadline = self.payload_deadline(nbytes, concurrent)
         try:
             parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into), timeout=deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # The payload deadline itself ran out: the link is slower than we thought. Learn it
             # (as if the rest would take as long again), or every later pull of this size would
             # time out the same way. A stalled read (read_timeout_s, a partner that stops

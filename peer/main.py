@@ -135,8 +135,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             loop.add_signal_handler(sig, daemon.request_stop)
 
         async def announce() -> None:
-            while not daemon.addrs and daemon.phase == "starting":
-                await asyncio.sleep(0.05)
+            await daemon.listening.wait()
             if daemon.addrs:
                 print(f"peer {daemon.peer_id} listening on:", *daemon.addrs, sep="\n  ", flush=True)
                 print(join_line(cfg, daemon.addrs, daemon.peer_id), flush=True)

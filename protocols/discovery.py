@@ -58,7 +58,7 @@ class PeerRecord:
         return d
 
     @classmethod
-    def from_wire(cls, raw: Any) -> "PeerRecord":
+    def from_wire(cls, raw: Any) -> PeerRecord:
         """Parse a record from the DHT; raise ValueError with a short reason if it is malformed."""
         if not isinstance(raw, dict):
             raise ValueError("record is not a map")

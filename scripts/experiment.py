@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peer.experiment import network  # noqa: E402
 from peer.experiment.collect import collect  # noqa: E402

@@ -8,7 +8,6 @@ import dataclasses
 import random
 
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 

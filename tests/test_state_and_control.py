@@ -36,7 +36,7 @@ WRITER = textwrap.dedent("""
 def test_checkpoint_survives_kill_minus_9_at_random_moments(tmp_path):
     path = tmp_path / "checkpoint.pt"
     rng = random.Random(0)
-    for trial in range(5):
+    for _trial in range(5):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
         target = rng.randint(2, 6)
         for line in proc.stdout:  # the writer says when each checkpoint is complete

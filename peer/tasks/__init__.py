@@ -169,7 +169,8 @@ def _mnist1d_data():
     if arrays is None:
         arrays = _generate_mnist1d()
         _store_cached(path, arrays)
-    f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)
+    def f(a):
+        return torch.tensor(a, dtype=torch.float32).unsqueeze(1)
     return f(arrays["x"]), torch.tensor(arrays["y"]), f(arrays["x_test"]), torch.tensor(arrays["y_test"])
 
 

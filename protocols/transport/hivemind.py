@@ -440,7 +440,6 @@ def _unpack_plain(data: bytes) -> Any:
 def _make_run_record_validator():
     from hivemind.dht.routing import DHTID
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-    from hivemind.utils.timed_storage import get_dht_time
 
     from protocols.discovery import MAX_VIEW_PEERS, check_record
     from protocols.loglimit import LogLimiter
