@@ -16,7 +16,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -40,18 +39,19 @@ from peer.datadir import prepare_data_dir
 from peer.known_peers import KnownPeers
 from peer.loss_probe import LossProbe
 from peer.metrics import Exporter
+from peer.metrics_log import MetricsLog
+from peer.transfers import Transfers
 from peer.outer import OuterLoop, OuterSettings, Published
 from peer.preflight import StartError
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
 from protocols import gossip
-from protocols.compression import CompressionSpec, compress, decompress
-from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
+from protocols.compression import CompressionSpec, compress
+from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, write_header
 from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, run_key, swarm_totals
 from protocols.loglimit import LogLimiter
-from protocols.ratelimit import LinkEstimator, RateLimitedStream, RateLimiter
-from protocols.transport.base import CountingStream, Transport, TransportError
+from protocols.transport.base import Transport, TransportError
 
 log = logging.getLogger("peer.daemon")
 
@@ -144,21 +144,12 @@ class PeerDaemon:
         # with outer steps a round is due every H inner steps, and only then
         self.cadence = (StepCadence(every, 0) if self.outer is not None
                         else StepCadence(config.gossip_every_steps, config.gossip_steps_until))
-        for name in ("max_upload_mbps", "max_download_mbps"):
-            if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a number of Mbit/s >= 0 (0: no cap), got {getattr(config, name)}")
-        self.upload_cap = RateLimiter(config.max_upload_mbps * 125_000) if config.max_upload_mbps else None
-        self.download_cap = RateLimiter(config.max_download_mbps * 125_000) if config.max_download_mbps else None
-        # before any measurement: the slowest home link we plan for, or a lower cap (a cap is a
-        # ceiling, not a rate), never below the estimator's own floor of 10 kB/s
-        prior = max(10_000.0, min([1e6, *(c * 125_000 for c in (config.max_upload_mbps, config.max_download_mbps) if c)]))
-        self.link = LinkEstimator(prior_rate_bytes_per_s=prior)
-        self.upload_link = LinkEstimator(prior_rate_bytes_per_s=prior)
         # peers of the run seen live, remembered in the data dir for the next start (peer/known_peers.py)
         self.known_peers = known_peers or KnownPeers(self.data_dir, config.run_id, self.peer_id)
         self.peer_log = LogLimiter(log)  # lines about peers' misbehaviour, at most 1/min per peer and reason
         self.stats = self.core.stats
         self.counters = self.stats.counters  # (the same dict: CountingStream adds the bytes to it)
+        self.transfers = Transfers(config, transport, self.counters, self.trainer.flat.numel(), self.task.name)
         # (monotonic time, bytes sent, bytes received, training seconds) at the last heartbeats:
         # status's rates and utilisation
         self._traffic_samples: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=6)
@@ -166,7 +157,7 @@ class PeerDaemon:
         self.phase = "starting"
         self.started = time.time()
         self.last_checkpoint: tuple[int, float] | None = None
-        self._metrics_joined = False  # the "join" line goes before this process's first metrics
+        self.metrics_log = MetricsLog(self.data_dir / "metrics.jsonl")
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
@@ -396,78 +387,10 @@ class PeerDaemon:
         await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
-    def _stream(self, raw) -> CountingStream:
-        """Every gossip stream: capped by `--max-upload-mbps` / `--max-download-mbps` (one shared
-        budget per direction, handed out in small chunks, so concurrent transfers share it
-        fairly), counted, and every read bounded by `read_timeout_s`."""
-        if self.upload_cap is not None or self.download_cap is not None:
-            raw = RateLimitedStream(raw, self.upload_cap, self.download_cap)
-        return CountingStream(raw, self.counters, self.config.read_timeout_s)
-
-    async def _open(self, peer_id: str, addrs: list[str] | None) -> CountingStream:
-        raw = await asyncio.wait_for(self.transport.open(peer_id, gossip.PROTOCOL, addrs), timeout=self.config.pull_timeout_s)
-        return self._stream(raw)
-
-    def payload_deadline(self, nbytes: int, concurrent: int = 1) -> float:
-        """Seconds allowed for `nbytes` while `concurrent` transfers share our link: from the
-        measured goodput (or the configured cap before any measurement), at most `max_pull_s`."""
-        return min(self.config.max_pull_s, self.link.deadline(nbytes, time.monotonic(), concurrent))
-
-    async def _read_sized(self, stream, specs: list[TensorSpec], concurrent: int,
-                          into: list | None = None) -> list:
-        """A reply's payload (specs already checked against limits), with a deadline from its size;
-        a finished transfer teaches the link estimate."""
-        nbytes = sum(s.nbytes for s in specs)
-        started = time.monotonic()
-        deadline = self.payload_deadline(nbytes, concurrent)
-        try:
-            parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into), timeout=deadline)
-        except TimeoutError:
-            # The payload deadline itself ran out: the link is slower than we thought. Learn it
-            # (as if the rest would take as long again), or every later pull of this size would
-            # time out the same way. A stalled read (read_timeout_s, a partner that stops
-            # sending) teaches nothing: it says nothing about the link, and counting its
-            # announced size as moved would teach a faster link than we have.
-            elapsed = time.monotonic() - started
-            if elapsed >= 0.99 * deadline:
-                self.link.observe(nbytes, 2 * elapsed, time.monotonic(), concurrent)
-            raise
-        self.link.observe(nbytes, time.monotonic() - started, time.monotonic(), concurrent)
-        return parts
-
-    async def pull_model(self, peer_id: str, addrs: list[str] | None = None,
-                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, torch.Tensor]:
-        """(step, model) of a partner; received into `into` (returned) if given, else a new tensor."""
-        stream = await self._open(peer_id, addrs)
-        try:
-            await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
-            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
-            step, comp, specs = gossip.check_model_reply(header, self.specs, DEFAULT_LIMITS)
-            if comp is None:
-                (arr,) = await self._read_sized(stream, specs, concurrent, None if into is None else [into.numpy()])
-            else:  # a compressed anchor (outer steps)
-                parts = await self._read_sized(stream, specs, concurrent)
-        finally:
-            await stream.close()
-        if comp is not None:
-            return step, await asyncio.to_thread(decompress, comp, parts, self.specs[0].numel, into)
-        return step, (into if into is not None else torch.from_numpy(arr))
-
-    async def pull_delta(self, peer_id: str, addrs: list[str] | None, since: int = -1,
-                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, int, torch.Tensor]:
-        """(outer step, step, pseudo-gradient) a partner published last, decoded into `into` if
-        given. Raises ProtocolError("remote_error", "not_newer") when it has nothing after `since`."""
-        stream = await self._open(peer_id, addrs)
-        numel = self.specs[0].numel
-        try:
-            await write_header(stream, gossip.delta_request(self.config.run_id, self.task.name, since))
-            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
-            outer_step, step, comp, specs = gossip.check_delta_header(header, numel, DEFAULT_LIMITS)
-            parts = await self._read_sized(stream, specs, concurrent)
-        finally:
-            await stream.close()
-        delta = await asyncio.to_thread(decompress, comp, parts, numel, into)
-        return outer_step, step, delta
+    def pull_model(self, peer_id: str, addrs: list[str] | None = None,
+                   into: torch.Tensor | None = None, concurrent: int = 1):
+        """(step, model) of a partner (`Transfers.pull_model`); a coroutine."""
+        return self.transfers.pull_model(peer_id, addrs, into, concurrent)
 
     async def _pulled(self, peer_id: str, pull, quiet_ok: bool = False) -> Any:
         """Await one pull; every way a partner can fail us ends here, as a counted reason (None).
@@ -624,7 +547,7 @@ class PeerDaemon:
         else:
             into = self._receive_into(own_model, len(partners))
             pulled = await asyncio.gather(*(
-                self._pulled(p, self.pull_delta(p, list(live[p].record.addrs), self.core.outer_seen.get(p, -1), buf, len(partners)),
+                self._pulled(p, self.transfers.pull_delta(p, list(live[p].record.addrs), self.core.outer_seen.get(p, -1), buf, len(partners)),
                              quiet_ok=True)
                 for p, buf in zip(partners, into)))
             for p, got in zip(partners, pulled):
@@ -690,18 +613,8 @@ class PeerDaemon:
             crafted = self.behaviour.serve(stream.remote_peer, base.clone())
             payload = await asyncio.to_thread(compress, anchor - crafted, self.outer.compression)
         await write_header(stream, gossip.delta_header(published.outer_step, published.step, payload.header, payload.specs))
-        await self._send_sized(stream, payload.parts, payload.nbytes)
+        await self.transfers.send_sized(stream, payload.parts, payload.nbytes, self.core.serving)
         self.stats.served_bytes["pseudo_gradients"] += payload.nbytes
-
-    async def _send_sized(self, stream, parts: list, nbytes: int) -> None:
-        """Serve a payload with a deadline from its size, our upload cap and the goodput our
-        earlier serves measured (not our download rate: home links are asymmetric)."""
-        now, concurrent = time.monotonic(), max(1, self.core.serving)
-        deadline = self.upload_link.deadline(nbytes, now, concurrent)
-        if self.upload_cap is not None and not self.upload_cap.unlimited:
-            deadline = max(deadline, self.upload_link.base_s + nbytes * concurrent / (0.5 * self.upload_cap.rate))
-        await asyncio.wait_for(write_payload(stream, parts, DEFAULT_LIMITS), timeout=min(self.config.max_pull_s, deadline))
-        self.upload_link.observe(nbytes, time.monotonic() - now, time.monotonic(), concurrent)
 
     async def _sync_from_swarm(self) -> None:
         """A joiner takes the coordinate median of several live peers' models, not one donor's."""
@@ -730,7 +643,7 @@ class PeerDaemon:
         log.warning("no live peer answered within %.0fs; starting from a fresh model", self.config.join_sync_timeout_s)
 
     async def _serve_model(self, raw_stream) -> None:
-        stream = self._stream(raw_stream)
+        stream = self.transfers.stream(raw_stream)
         remote = stream.remote_peer
         refusal = self.core.admit(remote, self.transport.now())
         if refusal is not None:  # answered without reading the request: refusing costs us nothing
@@ -750,7 +663,7 @@ class PeerDaemon:
                 # inner steps start from: a compressed payload replaced, never written, after each round
                 step, payload = self.served_anchor
                 await write_header(stream, gossip.model_header(step, payload.specs, payload.header))
-                await self._send_sized(stream, payload.parts, payload.nbytes)
+                await self.transfers.send_sized(stream, payload.parts, payload.nbytes, self.core.serving)
                 self.stats.served_bytes["anchors"] += payload.nbytes
                 self.counters["serves"] += 1
                 return
@@ -761,7 +674,7 @@ class PeerDaemon:
                 lease = contextlib.nullcontext((self.trainer.step, snap))
             with lease as (step, snap):
                 await write_header(stream, gossip.model_header(step, self.specs))
-                await self._send_sized(stream, [snap.numpy()], self.specs[0].nbytes)
+                await self.transfers.send_sized(stream, [snap.numpy()], self.specs[0].nbytes, self.core.serving)
             self.stats.served_bytes["models"] += self.specs[0].nbytes
             self.counters["serves"] += 1
         except ProtocolError as e:
@@ -796,32 +709,10 @@ class PeerDaemon:
         self.counters["checkpoints"] += 1
         self.last_checkpoint = (state["step"], time.time())
 
-    METRICS_ROTATE_BYTES = 8 << 20  # metrics.jsonl is renamed to .1 (.1 to .2, .2 to .3) past this size
-    METRICS_KEEP = 3
-
     def _write_metrics(self, event: str = "metrics") -> None:
-        """Append one JSON line to DATA_DIR/metrics.jsonl: a "join" event before the first
-        heartbeat's metrics of this process, "leave" on a graceful exit (the experiment runner and
-        `scripts/experiment.py --collect` read these); rotated so it never grows without bound."""
-        path = self.data_dir / "metrics.jsonl"
-        lines = []
-        if not self._metrics_joined:
-            self._metrics_joined = True
-            lines.append({"time": time.time(), "event": "join", "peer_id": self.peer_id, "pid": os.getpid(),
-                          "attack": None if self.behaviour.honest else self.behaviour.name})
         extra = {"exit_code": self.exit_code} if event == "leave" else {}
-        lines.append({"time": time.time(), "event": event, **self._metrics(), **extra})
-        try:
-            if path.exists() and path.stat().st_size > self.METRICS_ROTATE_BYTES:
-                for i in range(self.METRICS_KEEP - 1, 0, -1):
-                    old = path.with_name(f"metrics.jsonl.{i}")
-                    if old.exists():
-                        os.replace(old, path.with_name(f"metrics.jsonl.{i + 1}"))
-                os.replace(path, path.with_name("metrics.jsonl.1"))
-            with open(path, "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-        except OSError as e:
-            log.warning("metrics not written: %s", e)
+        self.metrics_log.write({**self._metrics(), **extra}, event, join={
+            "peer_id": self.peer_id, "pid": os.getpid(), "attack": None if self.behaviour.honest else self.behaviour.name})
 
     # --- status / control ------------------------------------------------------------------
     def _metrics(self) -> dict[str, Any]:
@@ -889,7 +780,7 @@ class PeerDaemon:
             up = (samples[-1][1] - samples[0][1]) * 8 / dt / 1e6
             down = (samples[-1][2] - samples[0][2]) * 8 / dt / 1e6
             busy = (samples[-1][3] - samples[0][3]) / dt
-        rate = self.link.rate(time.monotonic())
+        rate = self.transfers.link.rate(time.monotonic())
         return {"upload_mbps": _finite(up), "download_mbps": _finite(down), "utilisation": _finite(busy),
                 "train_seconds": round(self.trainer.train_seconds, 1), "served_bytes": dict(self.stats.served_bytes),
                 "max_upload_mbps": self.config.max_upload_mbps or None, "max_download_mbps": self.config.max_download_mbps or None,

@@ -45,6 +45,10 @@ _LAZY = {"AGGREGATORS", "RoundContext", "make_aggregator", "coordinate_median", 
 
 
 def __getattr__(name: str):
+    if name == "coordinate_median":
+        from peer.aggregation import baselines
+
+        return baselines.coordinate_median
     if name in _LAZY:
         from peer.aggregation import rules
 
