@@ -6,6 +6,7 @@
                     serving, status) as calls that take inputs and `now`; no I/O
     daemon.py       PeerDaemon: the asyncio shell feeding PeerCore from the transport, timers, files
     behaviour.py    what a peer serves, reports and trains on (honest by default)
+    transfers.py    gossip streams: caps, counting, deadlines from payload size and link rate
     trainer.py      local training in a thread; evaluation on a copy, on a budget
     outer.py        outer steps: anchor, Nesterov outer optimizer, one round's arithmetic
     cadence.py      when local steps start a gossip round (post-local SGD)
@@ -18,6 +19,7 @@
     known_peers.py  recently seen peers of a run, dialled again at start
     control.py      the Unix control socket (`peer status`, `peer leave`)
     metrics.py      the Prometheus endpoint
+    metrics_log.py  DATA_DIR/metrics.jsonl, rotated (read by the experiment tools)
     config.py       PeerConfig and where its values come from
     tasks/          built-in tasks (MNIST-1D, digits, the byte-level language model)
     launcher.py     local swarms of real `peer join` processes (scripts, tests)

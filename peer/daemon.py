@@ -49,7 +49,7 @@ from peer.trainer import Trainer
 from protocols import gossip
 from protocols.compression import CompressionSpec, compress
 from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, write_header
-from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, run_key, swarm_totals
+from protocols.discovery import SKETCH_DIM, MAX_RECORD_TTL_S, PeerRecord, run_key, swarm_totals
 from protocols.loglimit import LogLimiter
 from protocols.transport.base import Transport, TransportError
 
@@ -121,7 +121,7 @@ class PeerDaemon:
         probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
         self.loss_probe = (LossProbe(self.task, probe)
                            if probe > 0 and getattr(self.core.aggregator, "loss_screen", None) is not None else None)
-        self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
+        self.sketcher = Sketcher(self.trainer.flat.numel(), SKETCH_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
         # outer steps (peer/outer.py): settings checked here, so bad values stop the start

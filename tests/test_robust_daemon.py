@@ -16,7 +16,7 @@ from peer.config import PeerConfig
 from peer.experiment.attacks import ATTACKS, HostilePolicy, alie_z
 from peer.tasks import load_task
 from peer.trainer import Trainer
-from protocols.discovery import HISTORY_BYTES, PeerRecord, SwarmView
+from protocols.discovery import SKETCH_BYTES, PeerRecord, SwarmView
 from protocols.transport.base import StoredRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,9 @@ def test_history_counts_local_updates_only():
 
 
 def test_record_history_is_size_checked():
-    rec = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=b"\x00" * HISTORY_BYTES)
+    rec = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=b"\x00" * SKETCH_BYTES)
     assert PeerRecord.from_wire(rec.to_wire()).history == rec.history
-    for bad in (b"\x00" * 10, "text", b"\x00" * (HISTORY_BYTES + 2)):
+    for bad in (b"\x00" * 10, "text", b"\x00" * (SKETCH_BYTES + 2)):
         wire = rec.to_wire()
         wire["history"] = bad
         with pytest.raises(ValueError, match="history"):
@@ -138,7 +138,7 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
 
 
 def test_record_with_non_finite_history_is_refused_when_parsed():
-    nan = b"\x00\x7e" * (HISTORY_BYTES // 2)  # float16 NaN, little-endian
+    nan = b"\x00\x7e" * (SKETCH_BYTES // 2)  # float16 NaN, little-endian
     wire = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=nan).to_wire()
     with pytest.raises(ValueError, match="history"):
         PeerRecord.from_wire(wire)

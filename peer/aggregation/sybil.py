@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from protocols.discovery import HISTORY_DIM as SKETCH_DIM  # what a record carries
+from protocols.discovery import SKETCH_DIM  # what a record carries
 # Coordinates per slice when a pass over long vectors goes slice by slice: a few slices of this
 # size stay in cache, and no temporary as long as the model is allocated.
 CHUNK = 1 << 18
