@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -57,9 +57,9 @@ def _root(
 def join(
     # network
     run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", metavar="NAME", show_default="default", rich_help_panel=NET, help="Name of the run to join."),
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
-    listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
-    announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
+    listen: Optional[list[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
+    announce: Optional[list[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
     max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip upload in Mbit/s, enforced by the daemon."),
     max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip download in Mbit/s."),
     # training
@@ -77,7 +77,7 @@ def join(
     aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", metavar="NAME", show_default=DEFAULT_AGGREGATOR, rich_help_panel=ROBUST, help=f"Aggregation rule, one of: {aggregation_help()}."),
     byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", metavar="F", show_default="0.25", rich_help_panel=ROBUST, help="Fraction of a round's partners the robust rules assume Byzantine."),
     allow_peers: Optional[Path] = typer.Option(None, "--allow-peers", envvar="PEER_ALLOW_PEERS", metavar="FILE", show_default="open run", rich_help_panel=ROBUST, help="Closed run: file of admitted peer ids, one per line; records and requests of any other peer are dropped."),
-    experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/hostile.py)."),
+    experiment_attack: Optional[str] = typer.Option(None, "--experiment-attack", hidden=True, help="EXPERIMENTS ONLY: run as an attacker (peer/experiment/attacks.py)."),
     # files and other
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", rich_help_panel=FILES, help="TOML file with any of these settings (flags and PEER_* win)."),
@@ -115,7 +115,7 @@ def join(
         if debug:
             traceback.print_exc()
         typer.echo(f"cannot start: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     raise typer.Exit(code)
 
 
@@ -211,7 +211,7 @@ def identity(data_dir: Optional[Path] = DataDir) -> None:
         peer_id = ensure_identity(str(d / "identity.key"))
     except ValueError as e:  # LocalStateError, IdentityError: one line, nothing overwritten
         typer.echo(f"cannot read the identity: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(peer_id)
 
 

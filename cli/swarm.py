@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -232,7 +232,7 @@ def _fail(e: Exception) -> int:
 
 
 def command(
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", help="Multiaddr of a peer of the run, with /p2p/<id>. Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", help="Multiaddr of a peer of the run, with /p2p/<id>. Repeatable."),
     run_id: str = typer.Option("default", "--run-id", envvar="PEER_RUN_ID", metavar="ID", help="Name of the run to show."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout (JSON lines with --watch)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh until interrupted."),

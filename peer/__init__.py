@@ -2,7 +2,11 @@
 
     main.py         `peer join`'s process: logging, the event loop, signals, the join line
     preflight.py    what `peer join` checks before torch loads (flags, addresses, config files)
-    daemon.py       PeerDaemon: the asyncio shell wiring the parts below to the transport
+    core.py         PeerCore: every decision of one peer (view, partners, failures, mixing,
+                    serving, status) as calls that take inputs and `now`; no I/O
+    daemon.py       PeerDaemon: the asyncio shell feeding PeerCore from the transport, timers, files
+    behaviour.py    what a peer serves, reports and trains on (honest by default)
+    transfers.py    gossip streams: caps, counting, deadlines from payload size and link rate
     trainer.py      local training in a thread; evaluation on a copy, on a budget
     outer.py        outer steps: anchor, Nesterov outer optimizer, one round's arithmetic
     cadence.py      when local steps start a gossip round (post-local SGD)
@@ -15,9 +19,10 @@
     known_peers.py  recently seen peers of a run, dialled again at start
     control.py      the Unix control socket (`peer status`, `peer leave`)
     metrics.py      the Prometheus endpoint
+    metrics_log.py  DATA_DIR/metrics.jsonl, rotated (read by the experiment tools)
     config.py       PeerConfig and where its values come from
     tasks/          built-in tasks (MNIST-1D, digits, the byte-level language model)
-    hostile.py      EXPERIMENTS ONLY: attacker behaviours
     launcher.py     local swarms of real `peer join` processes (scripts, tests)
-    experiment/     scenario runner parts: schedules, network conditions, collection
+    experiment/     scenario runner parts: schedules, network conditions, collection, and
+                    (EXPERIMENTS ONLY) the attacks, as hostile behaviours
 """

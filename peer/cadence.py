@@ -6,7 +6,8 @@ local SGD (more local steps between mixes) later, where the drift acts as noise 
 better than the large-batch training that frequent mixing amounts to. Here: a round every
 `every_steps` local steps while the run is before step `until_step`, then time only (the daemon's
 `gossip_every_s`, which bounds the interval in both phases, so a model that takes a second per
-step mixes no more often than before). Measured on MNIST-1D in docs/benchmarks.md (convergence).
+step mixes no more often than once a second). Measured on MNIST-1D in docs/benchmarks.md
+(convergence).
 
 The phase is read from the trainer's `step`, the run's progress, not from this process's own
 steps: a peer joining a late run adopts the swarm's step (`Trainer.set_step`) and a restarted peer

@@ -40,7 +40,7 @@ class PeerConfig:
     aggregator: str = DEFAULT_AGGREGATOR
     # fraction of a round's partners assumed Byzantine (robust rules' f and clipping budget)
     byzantine_fraction: float = 0.25
-    # EXPERIMENTS ONLY (peer/hostile.py): run this daemon as an attacker
+    # EXPERIMENTS ONLY (peer/experiment/attacks.py): run this daemon as an attacker
     experiment_attack: str = ""
     # data: this peer's shard "i/n"; empty means derived from the peer id
     shard: str = ""
@@ -55,11 +55,11 @@ class PeerConfig:
     # `gossip_steps_until` (0: for the whole run). Post-local SGD (peer/cadence.py): mixing often
     # early converges in few samples; local steps between mixes later generalise better.
     # docs/benchmarks.md (convergence) has the measurements: with 3 / 1000 the 4-peer MNIST-1D
-    # swarm reached 88 % on 1.2-2.0x central training's samples (time only: 5-8x). The default
-    # since 2026-11-24: tests/test_real_swarm.py's churn test failed 4 of 8 runs with it, and
-    # passed 10 of 10 after two fixes in the default rule (a peer whose own model was the odd one
-    # out refused every partner on the Sybil layer's consistency check; a pair of peers mixing
-    # only with each other dropped a late joiner as a distance outlier). 0: time-only rounds.
+    # swarm reached 88 % on 1.2-2.0x central training's samples (time only: 5-8x). It relies on
+    # two escapes in the default rule (peer/aggregation): the consistency check is suspended when
+    # our own model is the odd one out, and a far partner that passes every other check is
+    # clipped, not dropped as a distance outlier; without them tests/test_real_swarm.py's churn
+    # test fails about half its runs with this cadence. 0: time-only rounds.
     gossip_every_steps: int = 3
     gossip_steps_until: int = 1000
     # examples of this peer's own training data on which partners' models are evaluated each round

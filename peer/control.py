@@ -41,7 +41,7 @@ async def serve_control(path: Path, handle: Callable[[dict[str, Any]], Awaitable
                 reply = await handle(request)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

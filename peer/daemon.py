@@ -1,10 +1,12 @@
-"""The peer daemon: wires transport, trainer, gossip, model serving, checkpoints and control.
+"""The peer daemon: the asyncio shell around `PeerCore` (peer/core.py).
 
-It owns every background task (nothing else starts tasks). One round of gossip: pick partners
-from the live peers the DHT shows, pull each one's model concurrently with a deadline, validate,
-aggregate off the event loop, and add `aggregate - snapshot` to the live model, so local steps
-taken during the round are kept. Any partner failure is logged in one line, counted by reason
-and skipped; the daemon never crashes on a peer's behaviour.
+It does the I/O and forwards to the core with `now=transport.now()`: heartbeats publish our record
+and feed lookups to the core's view; a gossip round asks the core for partners, pulls each one's
+model concurrently with a deadline, lets the core judge and mix them (the rule runs in a worker
+thread), and adds `mix - snapshot` to the live model, so local steps taken during the round are
+kept. Serving asks the core whether to admit a requester. It also owns the trainer thread, the
+timers, the data-dir lock, checkpoints, the metrics file and the control socket; it owns every
+background task (nothing else starts tasks). The daemon never crashes on a peer's behaviour.
 """
 
 from __future__ import annotations
@@ -14,43 +16,42 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
 import random
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peer import state as ckpt
-from peer.aggregation import RoundContext, check_byzantine_fraction, coordinate_median, make_aggregator
+from peer.aggregation import check_byzantine_fraction, coordinate_median
 from peer.aggregation.rules import Mix
+from peer.behaviour import Behaviour
 from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
+from peer.core import QUIET_REPLIES, PeerCore, adopted_step
 from peer.datadir import prepare_data_dir
 from peer.known_peers import KnownPeers
 from peer.loss_probe import LossProbe
 from peer.metrics import Exporter
+from peer.metrics_log import MetricsLog
+from peer.transfers import Transfers
 from peer.outer import OuterLoop, OuterSettings, Published
 from peer.preflight import StartError
 from peer.snapshots import ServedSnapshots
 from peer.tasks import Task, load_task
 from peer.trainer import Trainer
-from peer.validation import reject_reason
 from protocols import gossip
-from protocols.compression import CompressionSpec, compress, decompress
-from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, read_payload, write_header, write_payload
-from protocols.discovery import HISTORY_DIM, MAX_RECORD_TTL_S, PeerRecord, SwarmView, run_key, swarm_totals
+from protocols.compression import CompressionSpec, compress
+from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_header, write_header
+from protocols.discovery import SKETCH_DIM, MAX_RECORD_TTL_S, PeerRecord, run_key, swarm_totals
 from protocols.loglimit import LogLimiter
-from protocols.ratelimit import LinkEstimator, RateLimitedStream, RateLimiter
-from protocols.reputation import Reputation
-from protocols.transport.base import CountingStream, Transport, TransportError
+from protocols.transport.base import Transport, TransportError
 
 log = logging.getLogger("peer.daemon")
 
@@ -80,30 +81,16 @@ def pull_failure_reason(exc: BaseException) -> str:
     return f"error_{type(exc).__name__}"
 
 
-# Reasons that mean the partner sent something wrong (counted as rejected updates), as opposed
-# to a network failure (counted as failed pulls).
-NETWORK_FAILURES = {"timeout", "unreachable", "disconnected", "remote_error"}
-# remote errors that say a partner has nothing new for us: not failures (no back-off, no penalty)
-QUIET_REPLIES = ("not_newer", "not_ready")
-
-
-def reputation_event(reason: str) -> str:
-    """The reputation event for a counted failure reason (network trouble costs less than garbage)."""
-    if reason in ("timeout", "unreachable", "disconnected"):
-        return reason
-    if reason == "remote_error":
-        return "busy"  # it answered, politely, that it will not serve us now
-    return "malformed"
-
-
 def _finite(x: float | None) -> float | None:
     """A number for status JSON: rounded, and None where it is not finite (JSON has no inf/nan)."""
     return round(x, 3) if x is not None and math.isfinite(x) else None
 
 
 class PeerDaemon:
+    """The asyncio shell around a `PeerCore`: transport, trainer thread, timers, files."""
+
     def __init__(self, config: PeerConfig, transport: Transport, task: Task | None = None,
-                 known_peers: KnownPeers | None = None):
+                 known_peers: KnownPeers | None = None, behaviour: Behaviour | None = None):
         check_byzantine_fraction(config.byzantine_fraction)  # every round's RoundContext needs it
         self.config = config
         self.transport = transport
@@ -114,30 +101,27 @@ class PeerDaemon:
             config.task, shard=self.shard[0], num_shards=self.shard[1],
             split=config.split, alpha=config.alpha, seed=config.data_seed,
         )
-        # EXPERIMENTS ONLY: a hostile policy turns this daemon into an attacker (peer/hostile.py)
-        self.hostile = None
-        if config.experiment_attack:
-            from peer.hostile import HostilePolicy
-
-            self.hostile = HostilePolicy(config.experiment_attack, seed=zlib.crc32(self.peer_id.encode()))
-            self.hostile.poison(self.task)
-            log.warning("EXPERIMENT: running as an attacker (%s)", config.experiment_attack)
+        self.behaviour = behaviour or Behaviour()
+        if not self.behaviour.honest:
+            self.behaviour.poison(self.task)
+            log.warning("EXPERIMENT: running as an attacker (%s)", self.behaviour.name)
         self.trainer = Trainer(
             self.task, seed=config.data_seed, eval_every_s=config.eval_every_s,
             max_steps=config.max_steps, step_delay_s=config.step_delay_s, nice=config.train_nice,
         )
-        if self.hostile is not None and self.hostile.data_seed_override is not None:
-            self.trainer._gen.manual_seed(self.hostile.data_seed_override)
+        if self.behaviour.data_seed is not None:
+            self.trainer.seed_batches(self.behaviour.data_seed)
         # one checkpoint per run and task: the data dir is shared by every run this user joins
         self.checkpoint_path = ckpt.checkpoint_path(self.data_dir, config.run_id, self.task.name)
         self.snapshots = ServedSnapshots(self.trainer)  # what partners pull
         self.specs = [TensorSpec("flat", "float32", (self.trainer.flat.numel(),))]
-        self.aggregator = make_aggregator("mean" if self.hostile else config.aggregator)
+        self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
+        self.core = PeerCore(self.peer_id, config, self.task.name, self.behaviour.aggregator, self.allowed)
         # the default rule's loss screen needs each partner's loss on our own data
         probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
         self.loss_probe = (LossProbe(self.task, probe)
-                           if probe > 0 and getattr(self.aggregator, "loss_screen", None) is not None else None)
-        self.sketcher = Sketcher(self.trainer.flat.numel(), HISTORY_DIM)
+                           if probe > 0 and getattr(self.core.aggregator, "loss_screen", None) is not None else None)
+        self.sketcher = Sketcher(self.trainer.flat.numel(), SKETCH_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
         # outer steps (peer/outer.py): settings checked here, so bad values stop the start
@@ -154,56 +138,30 @@ class PeerDaemon:
         if self.anchor_compression.method.startswith("topk"):
             raise ValueError(f"outer-anchor-compression {config.outer_anchor_compression!r}: anchors need a dense method (fp32, fp16, bf16, int8)")
         self.served_anchor = (0, compress(self.outer.anchor, self.anchor_compression)) if self.outer is not None else None
-        self.outer_seen: dict[str, int] = {}  # partner -> its outer step we pulled last
         self._round_lock = asyncio.Lock()  # a checkpoint never sees an outer round half done
-        self._hostile_base: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (anchor, model) at the last outer round's start: what a dishonest behaviour crafts from
+        self._round_base: tuple[torch.Tensor, torch.Tensor] | None = None
         # with outer steps a round is due every H inner steps, and only then
         self.cadence = (StepCadence(every, 0) if self.outer is not None
                         else StepCadence(config.gossip_every_steps, config.gossip_steps_until))
-        for name in ("max_upload_mbps", "max_download_mbps"):
-            if not (math.isfinite(getattr(config, name)) and getattr(config, name) >= 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a number of Mbit/s >= 0 (0: no cap), got {getattr(config, name)}")
-        self.upload_cap = RateLimiter(config.max_upload_mbps * 125_000) if config.max_upload_mbps else None
-        self.download_cap = RateLimiter(config.max_download_mbps * 125_000) if config.max_download_mbps else None
-        # before any measurement: the slowest home link we plan for, or a lower cap (a cap is a
-        # ceiling, not a rate), never below the estimator's own floor of 10 kB/s
-        prior = max(10_000.0, min([1e6, *(c * 125_000 for c in (config.max_upload_mbps, config.max_download_mbps) if c)]))
-        self.link = LinkEstimator(prior_rate_bytes_per_s=prior)
-        self.upload_link = LinkEstimator(prior_rate_bytes_per_s=prior)
-        self.allowed = load_allowed_peers(config.allow_peers)  # None: an open run
-        self.view = SwarmView(self.peer_id, self.task.name, allowed=self.allowed)
         # peers of the run seen live, remembered in the data dir for the next start (peer/known_peers.py)
         self.known_peers = known_peers or KnownPeers(self.data_dir, config.run_id, self.peer_id)
-        self.reputation = Reputation()
         self.peer_log = LogLimiter(log)  # lines about peers' misbehaviour, at most 1/min per peer and reason
-        self.picker = gossip.PartnerPicker(config.partners, rng=random.Random(self.peer_id))
-        self.counters: dict[str, Any] = {
-            "rounds_ok": 0, "rounds_failed": 0, "rounds_no_partner": 0, "bytes_sent": 0, "bytes_received": 0,
-            "serves": 0, "serve_refused": 0, "checkpoints": 0, "checkpoint_errors": 0,
-            "steps_adopted": 0,  # steps skipped to the swarm's, when partners were ahead
-        }
-        self.rejected: dict[str, int] = {}
-        self.pull_failed: dict[str, int] = {}
-        self.pull_skipped: dict[str, int] = {}  # partners with nothing new for us (not failures)
-        # payload bytes we served, by what they were: where a run's upload goes
-        self.served_bytes = {"pseudo_gradients": 0, "anchors": 0, "models": 0}
+        self.stats = self.core.stats
+        self.counters = self.stats.counters  # (the same dict: CountingStream adds the bytes to it)
+        self.transfers = Transfers(config, transport, self.counters, self.trainer.flat.numel(), self.task.name)
         # (monotonic time, bytes sent, bytes received, training seconds) at the last heartbeats:
         # status's rates and utilisation
         self._traffic_samples: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=6)
-        self.serve_errors: dict[str, int] = {}
         self.addrs: list[str] = []
         self.phase = "starting"
         self.started = time.time()
         self.last_checkpoint: tuple[int, float] | None = None
-        self._serving = 0
-        self._serving_by_peer: dict[str, int] = {}
-        self._metrics_joined = False  # the "join" line goes before this process's first metrics
-        self.last_round: dict[str, Any] = {}
-        self.distrusted: dict[str, int] = {}  # peer id -> rounds the rule refused its model
-        self.refused: dict[str, int] = {}  # why the rule left partners unmixed (sybil, probation, loss, outlier) -> count
+        self.metrics_log = MetricsLog(self.data_dir / "metrics.jsonl")
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
+        self.listening = asyncio.Event()  # set once `addrs` holds our listen addresses
         self._lock_fd: int | None = None
         self.exit_code = 0
         self.exporter: Exporter | None = None  # the Prometheus endpoint, when metrics_port is set
@@ -249,6 +207,7 @@ class PeerDaemon:
         started = False  # a start that failed saves no checkpoint: it has nothing new to save
         try:
             self.addrs = await self.transport.addrs()
+            self.listening.set()
             await self.transport.set_handler(gossip.PROTOCOL, self._serve_model)
             control = await serve_control(self.config.socket_path, self._control)
             self.phase = "syncing"
@@ -348,10 +307,8 @@ class PeerDaemon:
         seconds: mixing every 3 steps cut the samples to 88 % on MNIST-1D from 3-8x to 1.6-1.7x
         those of central training, and a step cadence kept up for the whole run plateaus like
         central batch-400 training (below quickstart's 90 %), so rounds are time-only from the
-        run's step 1000 (docs/benchmarks.md, convergence). The default (3 / 1000) since the
-        two rule fixes that let a 3-peer churn test pass with it (peer/config.py).
-        The trainer asks
-        `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
+        run's step 1000 (docs/benchmarks.md, convergence; the defaults, 3 / 1000, are in
+        peer/config.py). The trainer asks `StepCadence.due` after each step, so the switch costs nothing here. Rounds never
         overlap: steps taken during a round make the next one due. With outer steps
         (`outer_every_steps` H > 0) a round is due after every H inner steps and at no other time.
         """
@@ -408,37 +365,15 @@ class PeerDaemon:
         )
 
     def _history_sketch(self) -> torch.Tensor:
-        sketch = self.sketcher(self.trainer.history())
-        return self.hostile.report_history(sketch) if self.hostile else sketch
-
-    def _reported_histories(self, now: float) -> dict[str, torch.Tensor]:
-        """History sketches of every live peer whose record carries one (checked when parsed)."""
-        return {i.record.peer_id: torch.frombuffer(bytearray(i.record.history), dtype=torch.float16).float()
-                for i in self.view.live(now) if i.record.history}
+        return self.behaviour.report_history(self.sketcher(self.trainer.history()))
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
         try:
             now = self.transport.now()
             await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
-            now = self.transport.now()
-            refused = self.view.update(await self.transport.lookup(key), now, banned=frozenset(self.reputation.banned_peers(now)))
-            for owner, reason in refused:
-                if reason == "record_wrong_task" and owner is not None:
-                    self.peer_log.info((owner, reason), "peer %s of run %s trains task %r, this peer %r: ignoring it "
-                                       "(every peer of a run needs the same --task; a task's name carries its data's digest)",
-                                       owner[:12], self.config.run_id, self.view.other_tasks.get(owner, "?"), self.task.name)
-                # only what an honest peer running our code never publishes costs reputation
-                # (not a wrong task or a closed run's admissions: those are settings, not lies)
-                if owner is not None and owner != self.peer_id and reason.startswith(("malformed_record", "record_owner_mismatch")):
-                    self._penalise(owner, "bad_record", reason, now)
-            live = self.view.live(now)
+            live = self.core.records(await self.transport.lookup(key), self.transport.now())
             self.known_peers.note((i.record.peer_id, i.record.addrs) for i in live)
-            other = sorted({self.view.other_tasks.get(o, "?") for o, r in refused if r == "record_wrong_task"})
-            if other and not live:  # every peer of the run trains another task: say so, once a minute
-                self.peer_log.info(("wrong_task",), "run %s trains task %s, you asked for %s: no peer here trains "
-                                   "yours; restart with --task %s to join the run, or pick another --run-id",
-                                   self.config.run_id, " and ".join(other), self.task.name, other[0])
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
         self._traffic_samples.append((time.monotonic(), self.counters["bytes_sent"], self.counters["bytes_received"],
@@ -452,145 +387,42 @@ class PeerDaemon:
         await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
-    def _stream(self, raw) -> CountingStream:
-        """Every gossip stream: capped by `--max-upload-mbps` / `--max-download-mbps` (one shared
-        budget per direction, handed out in small chunks, so concurrent transfers share it
-        fairly), counted, and every read bounded by `read_timeout_s`."""
-        if self.upload_cap is not None or self.download_cap is not None:
-            raw = RateLimitedStream(raw, self.upload_cap, self.download_cap)
-        return CountingStream(raw, self.counters, self.config.read_timeout_s)
-
-    async def _open(self, peer_id: str, addrs: list[str] | None) -> CountingStream:
-        raw = await asyncio.wait_for(self.transport.open(peer_id, gossip.PROTOCOL, addrs), timeout=self.config.pull_timeout_s)
-        return self._stream(raw)
-
-    def payload_deadline(self, nbytes: int, concurrent: int = 1) -> float:
-        """Seconds allowed for `nbytes` while `concurrent` transfers share our link: from the
-        measured goodput (or the configured cap before any measurement), at most `max_pull_s`."""
-        return min(self.config.max_pull_s, self.link.deadline(nbytes, time.monotonic(), concurrent))
-
-    async def _read_sized(self, stream, specs: list[TensorSpec], concurrent: int,
-                          into: list | None = None) -> list:
-        """A reply's payload (specs already checked against limits), with a deadline from its size;
-        a finished transfer teaches the link estimate."""
-        nbytes = sum(s.nbytes for s in specs)
-        started = time.monotonic()
-        deadline = self.payload_deadline(nbytes, concurrent)
-        try:
-            parts = await asyncio.wait_for(read_payload(stream, specs, DEFAULT_LIMITS, into), timeout=deadline)
-        except asyncio.TimeoutError:
-            # The payload deadline itself ran out: the link is slower than we thought. Learn it
-            # (as if the rest would take as long again), or every later pull of this size would
-            # time out the same way. A stalled read (read_timeout_s, a partner that stops
-            # sending) teaches nothing: it says nothing about the link, and counting its
-            # announced size as moved would teach a faster link than we have.
-            elapsed = time.monotonic() - started
-            if elapsed >= 0.99 * deadline:
-                self.link.observe(nbytes, 2 * elapsed, time.monotonic(), concurrent)
-            raise
-        self.link.observe(nbytes, time.monotonic() - started, time.monotonic(), concurrent)
-        return parts
-
-    async def pull_model(self, peer_id: str, addrs: list[str] | None = None,
-                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, torch.Tensor]:
-        """(step, model) of a partner; received into `into` (returned) if given, else a new tensor."""
-        stream = await self._open(peer_id, addrs)
-        try:
-            await write_header(stream, gossip.model_request(self.config.run_id, self.task.name))
-            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
-            step, comp, specs = gossip.check_model_reply(header, self.specs, DEFAULT_LIMITS)
-            if comp is None:
-                (arr,) = await self._read_sized(stream, specs, concurrent, None if into is None else [into.numpy()])
-            else:  # a compressed anchor (outer steps)
-                parts = await self._read_sized(stream, specs, concurrent)
-        finally:
-            await stream.close()
-        if comp is not None:
-            return step, await asyncio.to_thread(decompress, comp, parts, self.specs[0].numel, into)
-        return step, (into if into is not None else torch.from_numpy(arr))
-
-    async def pull_delta(self, peer_id: str, addrs: list[str] | None, since: int = -1,
-                         into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, int, torch.Tensor]:
-        """(outer step, step, pseudo-gradient) a partner published last, decoded into `into` if
-        given. Raises ProtocolError("remote_error", "not_newer") when it has nothing after `since`."""
-        stream = await self._open(peer_id, addrs)
-        numel = self.specs[0].numel
-        try:
-            await write_header(stream, gossip.delta_request(self.config.run_id, self.task.name, since))
-            header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=self.config.pull_timeout_s)
-            outer_step, step, comp, specs = gossip.check_delta_header(header, numel, DEFAULT_LIMITS)
-            parts = await self._read_sized(stream, specs, concurrent)
-        finally:
-            await stream.close()
-        delta = await asyncio.to_thread(decompress, comp, parts, numel, into)
-        return outer_step, step, delta
+    def pull_model(self, peer_id: str, addrs: list[str] | None = None,
+                   into: torch.Tensor | None = None, concurrent: int = 1):
+        """(step, model) of a partner (`Transfers.pull_model`); a coroutine."""
+        return self.transfers.pull_model(peer_id, addrs, into, concurrent)
 
     async def _pulled(self, peer_id: str, pull, quiet_ok: bool = False) -> Any:
         """Await one pull; every way a partner can fail us ends here, as a counted reason (None).
         With `quiet_ok` (pseudo-gradient pulls), "not_newer" / "not_ready" are a partner with
-        nothing new for us: no reputation cost, but a back-off like a failure, so that a partner
-        that never has anything new does not hold a slot every round."""
+        nothing new for us (`PeerCore.nothing_new`)."""
         try:
             return await pull
         except ProtocolError as e:
             if quiet_ok and e.reason == "remote_error" and e.detail in QUIET_REPLIES:
-                self.pull_skipped[e.detail] = self.pull_skipped.get(e.detail, 0) + 1
-                self.picker.failed(peer_id, self.transport.now())
+                self.core.nothing_new(peer_id, e.detail, self.transport.now())
                 return None
             failure: Exception = e
         except Exception as e:
             failure = e
         reason = pull_failure_reason(failure)
-        bucket = self.pull_failed if reason in NETWORK_FAILURES else self.rejected
-        bucket[reason] = bucket.get(reason, 0) + 1
-        now = self.transport.now()
-        delay = self.picker.failed(peer_id, now)
-        self._penalise(peer_id, reputation_event(reason), reason, now)
+        delay = self.core.pull_failed(peer_id, reason, self.transport.now())
         log.info("pull from %s failed: %s (%s); skipping it for %.0fs", peer_id[:12], reason, str(failure)[:80], delay)
         return None
-
-    def _validated(self, peer_id: str, own: torch.Tensor, model: torch.Tensor) -> bool:
-        """Whether a received model (or candidate model, with outer steps) may reach the rule."""
-        reason = reject_reason(own, model)
-        now = self.transport.now()
-        if reason is not None:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            self.picker.failed(peer_id, now)
-            self._penalise(peer_id, "rejected_update", reason, now)
-            log.info("rejected model from %s: %s", peer_id[:12], reason)
-            return False
-        self.view.mark_proven(peer_id)
-        self.reputation.reward(peer_id, now)
-        return True
 
     async def _pull_checked(self, peer_id: str, addrs: list[str], own: torch.Tensor,
                             into: torch.Tensor | None = None, concurrent: int = 1) -> tuple[int, torch.Tensor] | None:
         """(step, model) of a partner if it arrived and passed validation; otherwise count and log why not."""
         got = await self._pulled(peer_id, self.pull_model(peer_id, addrs, into, concurrent))
-        if got is None or not self._validated(peer_id, own, got[1]):
+        if got is None or not self.core.accept(peer_id, own, got[1], self.transport.now()):
             return None
         return got
-
-    def _penalise(self, peer_id: str, event: str, reason: str, now: float) -> None:
-        """Lower a peer's reputation; a banned peer leaves our view and is refused service."""
-        before = self.reputation.bans_total
-        if self.reputation.penalise(peer_id, event, now):
-            self.view.drop(peer_id)
-            if self.reputation.bans_total > before:
-                log.warning("banned %s for %.0fs (last: %s)", peer_id[:12], self.reputation.banned_peers(now).get(peer_id, 0), reason)
-
-    def _choose_partners(self, now: float) -> tuple[dict[str, Any], list[str]]:
-        """The live, unbanned peers (id -> view entry) and this round's partners among them."""
-        live = {i.record.peer_id: i for i in self.view.live(now) if not self.reputation.banned(i.record.peer_id, now)}
-        if self.hostile is not None:
-            live = {p: i for p, i in live.items() if p not in self.hostile.colluders}
-        return live, self.picker.pick(list(live), now)
 
     def _receive_into(self, like: torch.Tensor, n: int) -> list[torch.Tensor | None]:
         """n receive buffers reused every round (fresh memory for a large model costs more in page
         faults than the transfer); nothing keeps them past the round (the rule copies what it
         needs, apply_delta copies the result). An attacker keeps what it pulled: fresh tensors."""
-        if self.hostile is not None:
+        if not self.behaviour.honest:
             return [None] * n
         while len(self._receive_buffers) < n:
             self._receive_buffers.append(torch.empty_like(like))
@@ -601,13 +433,12 @@ class PeerDaemon:
         if self.outer is not None:
             return await self.outer_round()
         now = self.transport.now()
-        live, partners = self._choose_partners(now)
+        live, partners = self.core.choose_partners(now, self.behaviour.avoid)
         if not partners:
             self.counters["rounds_no_partner"] += 1
             return None
         own = self.trainer.snapshot()
-        if self.hostile is not None:
-            self.hostile.round_start(own, self.trainer.history())
+        self.behaviour.round_start(own, self.trainer.history())
         into = self._receive_into(own, len(partners))
         pulled = await asyncio.gather(*(self._pull_checked(p, list(live[p].record.addrs), own, buf, len(partners))
                                         for p, buf in zip(partners, into)))
@@ -616,63 +447,30 @@ class PeerDaemon:
             self.counters["rounds_failed"] += 1
             return False
         ids, steps, models = [p for p, _, _ in got], [s for _, s, _ in got], [m for _, _, m in got]
-        if self.hostile is not None:
-            self.hostile.observe(ids, models)
+        self.behaviour.observe(ids, models)
         result = await self._mix(own, ids, models, now)
         self.trainer.apply_delta(result.model.sub_(own))
         self._adopt_swarm_step(steps, result.weights)
         return True
 
     def _adopt_swarm_step(self, steps: list[int], weights: list[float]) -> None:
-        """After a mix, take the swarm's step if it is ahead of ours: the lower median of our step
-        and the steps of the partners the rule mixed (`steps`: one per partner of the round).
-
-        A peer restarted from its checkpoint (up to `checkpoint_every_s` old, much older after a
-        long absence) mixes the swarm's model back in within a few rounds, but its step, and with
-        it the learning-rate schedule and the gossip cadence's phase, would stay behind for good.
-        Our own step counts in the median, so a later step is taken only when most partners are
-        ahead, and never beyond what one of them mixed in claims: an attacker announcing step
-        10^9 moves nothing unless it is most of the round. `weights`: the rule's weight for each
-        partner (empty from a server-style rule, which weighs no partner: then all count)."""
-        if len(weights) == len(steps):
-            steps = [s for s, w in zip(steps, weights) if w > 0]
-        if not steps:
-            return
-        values = sorted([self.trainer.step, *steps])
-        before, target = self.trainer.step, values[(len(values) - 1) // 2]
-        if target > before and self.trainer.advance_step(target):
+        """Take the swarm's step when most partners the rule mixed are ahead (`core.adopted_step`)."""
+        before = self.trainer.step
+        target = adopted_step(before, steps, weights)
+        if target is not None and self.trainer.advance_step(target):
             if self.counters["steps_adopted"] == 0:
                 log.info("the swarm is ahead: step %d adopted from partners (ours was %d)", target, before)
             self.counters["steps_adopted"] += target - before
 
     async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> Mix:
-        """Run the rule on our model and the partners' (off the event loop), count what it refused
-        and why, and remember the round for `peer status`. Returns the rule's result; its model is
-        a buffer reused every round (the caller copies what it needs out of it before the next)."""
-        ctx = RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self._reported_histories(now),
-                           byzantine_fraction=self.config.byzantine_fraction)
+        """Run the loss probe and the rule on our model and the partners' off the event loop, then
+        let the core learn from the result. Its model is a buffer reused every round (the caller
+        copies what it needs out of it before the next)."""
+        ctx = self.core.round_context(ids, now)
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
-        result = await asyncio.to_thread(self._probe_and_aggregate, own, models, ctx)
-        distrusted = set(result.distrusted)
-        for why in result.refused.values():
-            self.refused[why] = self.refused.get(why, 0) + 1
-        for p in ids:
-            if p in distrusted:
-                if p not in self.distrusted and len(self.distrusted) >= 1024:
-                    self.distrusted.pop(min(self.distrusted, key=self.distrusted.get))  # bounded
-                self.distrusted[p] = self.distrusted.get(p, 0) + 1
-                self.picker.failed(p, now)
-                self._penalise(p, "distrusted", "refused by the aggregation rule", now)
-            else:
-                self.picker.succeeded(p)
-        self.counters["rounds_ok"] += 1
-        self.last_round = {"partners": ids, "weights": [round(w, 3) for w in result.weights],
-                           "tau": result.radius}
-        self.last_round["sybil_checks"] = {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}
-        if ctx.loss_deltas is not None:
-            self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
-            self.last_round["own_loss"] = _finite(ctx.own_loss)
+        result, self.loss_probe = await asyncio.to_thread(self.core.aggregate, own, models, ctx, self.loss_probe, self._mix_buffer)
+        self.core.mixed(result, ctx, now)
         return result
 
     # --- outer rounds (peer/outer.py) -------------------------------------------------------
@@ -721,15 +519,15 @@ class PeerDaemon:
     async def _outer_round(self, rnd, own_model: torch.Tensor, started: float) -> bool | None:
         outer = self.outer
         sync = outer.sync_due(rnd.outer_step)
-        if self.hostile is not None:
-            self.hostile.round_start(own_model.clone(), self.trainer.history())
-            self._hostile_base = (outer.anchor.clone(), own_model.clone())
+        if not self.behaviour.honest:
+            self.behaviour.round_start(own_model.clone(), self.trainer.history())
+            self._round_base = (outer.anchor.clone(), own_model.clone())
         if sync:  # a consensus round: our own pseudo-gradient alone, then the anchors are mixed
             rnd.stepping = asyncio.ensure_future(asyncio.to_thread(outer.step, own_model))
             await asyncio.shield(rnd.stepping)
         computed = time.monotonic()
         now = self.transport.now()
-        live, partners = self._choose_partners(now)
+        live, partners = self.core.choose_partners(now, self.behaviour.avoid)
         ids: list[str] = []
         steps: list[int] = []  # each mixed partner's (inner) step
         weights: list[float] = []  # the rule's weight for each
@@ -749,16 +547,16 @@ class PeerDaemon:
         else:
             into = self._receive_into(own_model, len(partners))
             pulled = await asyncio.gather(*(
-                self._pulled(p, self.pull_delta(p, list(live[p].record.addrs), self.outer_seen.get(p, -1), buf, len(partners)),
+                self._pulled(p, self.transfers.pull_delta(p, list(live[p].record.addrs), self.core.outer_seen.get(p, -1), buf, len(partners)),
                              quiet_ok=True)
                 for p, buf in zip(partners, into)))
             for p, got in zip(partners, pulled):
                 if got is None:
                     continue
                 their_outer, their_step, delta = got
-                self._remember_outer(p, their_outer)
+                self.core.remember_outer(p, their_outer)
                 model = outer.as_model(delta)
-                if self._validated(p, own_model, model):
+                if self.core.accept(p, own_model, model, self.transport.now()):
                     ids.append(p)
                     steps.append(their_step)
                     models.append(model)
@@ -766,8 +564,8 @@ class PeerDaemon:
         if partners and not ids:
             self.counters["rounds_failed"] += 1
         transferred = time.monotonic()
-        if ids and self.hostile is not None:
-            self.hostile.observe(ids, models)
+        if ids:
+            self.behaviour.observe(ids, models)
         if sync:
             if ids:
                 result = await self._mix(outer.anchor, ids, models, now)
@@ -781,25 +579,19 @@ class PeerDaemon:
                 weights, mixed = result.weights, result.model
             rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.finish, rnd, mixed))
         if not ids:
-            self.last_round = {"partners": [], "weights": [], "tau": None}
+            self.core.last_round = {"partners": [], "weights": [], "tau": None}
         change = await asyncio.shield(rnd.finishing)
         self.trainer.apply_delta(change)
         rnd.applied = True
         self.served_anchor = (self.trainer.step, await asyncio.to_thread(compress, outer.anchor, self.anchor_compression))
         done = time.monotonic()
-        self.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
+        self.core.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
                                staleness=staleness, seconds={
             "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
             "aggregate": round(done - transferred, 3)})
         if ids:  # last: a step adopted here may end training (max_steps), and the round is complete
             self._adopt_swarm_step(steps, weights)
         return bool(ids) if partners else None
-
-    def _remember_outer(self, peer_id: str, outer_step: int) -> None:
-        """The partner's outer step we pulled last (sent back as `since`); bounded like `distrusted`."""
-        if peer_id not in self.outer_seen and len(self.outer_seen) >= 4096:
-            self.outer_seen.pop(next(iter(self.outer_seen)))
-        self.outer_seen[peer_id] = outer_step
 
     async def _serve_delta(self, stream, header: dict[str, Any]) -> None:
         """Send our newest published pseudo-gradient, or say there is none newer than `since`."""
@@ -816,51 +608,27 @@ class PeerDaemon:
             await write_header(stream, gossip.error_header("not_newer"))
             return
         payload = published.payload
-        if self.hostile is not None and self._hostile_base is not None:
-            anchor, base = self._hostile_base
-            crafted = self.hostile.craft(stream.remote_peer, base.clone())
+        if not self.behaviour.honest and self._round_base is not None:
+            anchor, base = self._round_base
+            crafted = self.behaviour.serve(stream.remote_peer, base.clone())
             payload = await asyncio.to_thread(compress, anchor - crafted, self.outer.compression)
         await write_header(stream, gossip.delta_header(published.outer_step, published.step, payload.header, payload.specs))
-        await self._send_sized(stream, payload.parts, payload.nbytes)
-        self.served_bytes["pseudo_gradients"] += payload.nbytes
-
-    async def _send_sized(self, stream, parts: list, nbytes: int) -> None:
-        """Serve a payload with a deadline from its size, our upload cap and the goodput our
-        earlier serves measured (not our download rate: home links are asymmetric)."""
-        now, concurrent = time.monotonic(), max(1, self._serving)
-        deadline = self.upload_link.deadline(nbytes, now, concurrent)
-        if self.upload_cap is not None and not self.upload_cap.unlimited:
-            deadline = max(deadline, self.upload_link.base_s + nbytes * concurrent / (0.5 * self.upload_cap.rate))
-        await asyncio.wait_for(write_payload(stream, parts, DEFAULT_LIMITS), timeout=min(self.config.max_pull_s, deadline))
-        self.upload_link.observe(nbytes, time.monotonic() - now, time.monotonic(), concurrent)
-
-    def _probe_and_aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext) -> Mix:
-        """The round's CPU work, in a worker thread: the loss probe's forward passes, then the rule.
-
-        A task whose model or loss cannot run on the probe batch (a user task, say) turns the
-        screen off with one logged line, rather than failing every round."""
-        if self.loss_probe is not None:
-            try:
-                ctx.own_loss, ctx.loss_deltas = self.loss_probe.measure(own, models)
-                ctx.untrained_loss = self.loss_probe.untrained_loss
-            except Exception as e:
-                log.warning("loss probe failed (%s: %s); mixing without the loss screen from now on", type(e).__name__, str(e)[:120])
-                self.loss_probe = None
-        return self.aggregator(own, models, ctx, out=self._mix_buffer)
+        await self.transfers.send_sized(stream, payload.parts, payload.nbytes, self.core.serving)
+        self.stats.served_bytes["pseudo_gradients"] += payload.nbytes
 
     async def _sync_from_swarm(self) -> None:
         """A joiner takes the coordinate median of several live peers' models, not one donor's."""
         deadline = time.monotonic() + self.config.join_sync_timeout_s
         own = self.trainer.snapshot()
         while time.monotonic() < deadline and not self._stop.is_set():
-            live = self.view.live(self.transport.now())
+            live = self.core.view.live(self.transport.now())
             if live:
                 chosen = random.Random(self.peer_id).sample(live, min(3, len(live)))
                 pulled = await asyncio.gather(*(self._pull_checked(i.record.peer_id, list(i.record.addrs), own) for i in chosen))
                 got = [r for r in pulled if r is not None]
                 for info, r in zip(chosen, pulled):
                     if r is not None:
-                        self.picker.succeeded(info.record.peer_id)
+                        self.core.picker.succeeded(info.record.peer_id)
                 if got:
                     self.trainer.load_flat(coordinate_median([m for _, m in got]))
                     if self.outer is not None:
@@ -875,71 +643,51 @@ class PeerDaemon:
         log.warning("no live peer answered within %.0fs; starting from a fresh model", self.config.join_sync_timeout_s)
 
     async def _serve_model(self, raw_stream) -> None:
-        stream = self._stream(raw_stream)
-        remote, now = stream.remote_peer, self.transport.now()
-        refusal = None
-        if self.allowed is not None and remote not in self.allowed:
-            refusal = "not_admitted"
-        elif self.reputation.banned(remote, now):
-            refusal = "banned"
-        elif self._serving_by_peer.get(remote, 0) >= self.config.max_serves_per_peer:
-            refusal = "busy"
-            self._penalise(remote, "flood", "too many concurrent requests", now)
-        elif self._serving >= self.config.max_concurrent_serves:
-            refusal = "busy"
+        stream = self.transfers.stream(raw_stream)
+        remote = stream.remote_peer
+        refusal = self.core.admit(remote, self.transport.now())
         if refusal is not None:  # answered without reading the request: refusing costs us nothing
-            self.counters["serve_refused"] += 1
-            self.serve_errors[f"refused_{refusal}"] = self.serve_errors.get(f"refused_{refusal}", 0) + 1
             self.peer_log.info((remote, refusal), "refused request from %s: %s", remote[:12], refusal)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(write_header(stream, gossip.error_header(refusal)), timeout=2)
             return
-        self._serving += 1
-        self._serving_by_peer[remote] = self._serving_by_peer.get(remote, 0) + 1
+        self.core.serve_started(remote)
         try:
             header = await asyncio.wait_for(read_header(stream, DEFAULT_LIMITS), timeout=10)
             if gossip.check_request(header, self.config.run_id, self.task.name) == "get_delta":
                 await self._serve_delta(stream, header)
                 self.counters["serves"] += 1
                 return
-            if self.outer is not None and self.hostile is None:
+            if self.outer is not None and self.behaviour.honest:
                 # with outer steps partners and joiners mix anchors, the point every peer's
                 # inner steps start from: a compressed payload replaced, never written, after each round
                 step, payload = self.served_anchor
                 await write_header(stream, gossip.model_header(step, payload.specs, payload.header))
-                await self._send_sized(stream, payload.parts, payload.nbytes)
-                self.served_bytes["anchors"] += payload.nbytes
+                await self.transfers.send_sized(stream, payload.parts, payload.nbytes, self.core.serving)
+                self.stats.served_bytes["anchors"] += payload.nbytes
                 self.counters["serves"] += 1
                 return
-            if self.hostile is None:
+            if self.behaviour.honest:
                 lease = self.snapshots.lease()  # shared while unchanged, never overwritten while sent
             else:
-                snap = self.hostile.craft(stream.remote_peer, self.trainer.snapshot()).contiguous()
+                snap = self.behaviour.serve(remote, self.trainer.snapshot()).contiguous()
                 lease = contextlib.nullcontext((self.trainer.step, snap))
             with lease as (step, snap):
                 await write_header(stream, gossip.model_header(step, self.specs))
-                await self._send_sized(stream, [snap.numpy()], self.specs[0].nbytes)
-            self.served_bytes["models"] += self.specs[0].nbytes
+                await self.transfers.send_sized(stream, [snap.numpy()], self.specs[0].nbytes, self.core.serving)
+            self.stats.served_bytes["models"] += self.specs[0].nbytes
             self.counters["serves"] += 1
         except ProtocolError as e:
-            self.serve_errors[e.reason] = self.serve_errors.get(e.reason, 0) + 1
-            self._penalise(remote, "malformed", e.reason, self.transport.now())
+            self.core.serve_failed(remote, e.reason, self.transport.now(), malformed=True)
             self.peer_log.info((remote, e.reason), "refused request from %s: %s", remote[:12], e)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(write_header(stream, gossip.error_header(e.reason)), timeout=2)
         except Exception as e:
             reason = pull_failure_reason(e)
-            self.serve_errors[reason] = self.serve_errors.get(reason, 0) + 1
-            if reason != "timeout":  # a send that timed out may be our own slow uplink's doing
-                self._penalise(remote, reputation_event(reason), reason, self.transport.now())
+            self.core.serve_failed(remote, reason, self.transport.now())
             self.peer_log.info((remote, reason), "serving %s failed: %s", remote[:12], reason)
         finally:
-            self._serving -= 1
-            left = self._serving_by_peer.get(remote, 1) - 1
-            if left > 0:
-                self._serving_by_peer[remote] = left
-            else:
-                self._serving_by_peer.pop(remote, None)
+            self.core.serve_ended(remote)
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
@@ -961,32 +709,10 @@ class PeerDaemon:
         self.counters["checkpoints"] += 1
         self.last_checkpoint = (state["step"], time.time())
 
-    METRICS_ROTATE_BYTES = 8 << 20  # metrics.jsonl is renamed to .1 (.1 to .2, .2 to .3) past this size
-    METRICS_KEEP = 3
-
     def _write_metrics(self, event: str = "metrics") -> None:
-        """Append one JSON line to DATA_DIR/metrics.jsonl: a "join" event before the first
-        heartbeat's metrics of this process, "leave" on a graceful exit (the experiment runner and
-        `scripts/experiment.py --collect` read these); rotated so it never grows without bound."""
-        path = self.data_dir / "metrics.jsonl"
-        lines = []
-        if not self._metrics_joined:
-            self._metrics_joined = True
-            lines.append({"time": time.time(), "event": "join", "peer_id": self.peer_id, "pid": os.getpid(),
-                          "attack": self.config.experiment_attack or None})
         extra = {"exit_code": self.exit_code} if event == "leave" else {}
-        lines.append({"time": time.time(), "event": event, **self._metrics(), **extra})
-        try:
-            if path.exists() and path.stat().st_size > self.METRICS_ROTATE_BYTES:
-                for i in range(self.METRICS_KEEP - 1, 0, -1):
-                    old = path.with_name(f"metrics.jsonl.{i}")
-                    if old.exists():
-                        os.replace(old, path.with_name(f"metrics.jsonl.{i + 1}"))
-                os.replace(path, path.with_name("metrics.jsonl.1"))
-            with open(path, "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-        except OSError as e:
-            log.warning("metrics not written: %s", e)
+        self.metrics_log.write({**self._metrics(), **extra}, event, join={
+            "peer_id": self.peer_id, "pid": os.getpid(), "attack": None if self.behaviour.honest else self.behaviour.name})
 
     # --- status / control ------------------------------------------------------------------
     def _metrics(self) -> dict[str, Any]:
@@ -997,12 +723,13 @@ class PeerDaemon:
             "samples_per_s": round(self.trainer.samples_per_s, 1),
             **{k: self.counters[k] for k in ("rounds_ok", "rounds_failed", "rounds_no_partner", "bytes_sent", "bytes_received")},
             "outer_step": self.outer.outer_step if self.outer is not None else None,
-            "rejected": dict(self.rejected), "pull_failed": dict(self.pull_failed),
+            "rejected": dict(self.stats.rejected), "pull_failed": dict(self.stats.pull_failed),
         }
 
     def status(self) -> dict[str, Any]:
         now = self.transport.now()
-        live = sorted(self.view.live(now), key=lambda i: i.record.peer_id)
+        live = sorted(self.core.view.live(now), key=lambda i: i.record.peer_id)
+        core = self.core.status(now)
         return {
             "peer_id": self.peer_id, "addrs": self.addrs, "run_id": self.config.run_id,
             "task": self.task.name, "shard": f"{self.shard[0]}/{self.shard[1]}",
@@ -1020,18 +747,9 @@ class PeerDaemon:
             # this peer and every live peer it sees, from their records
             "swarm": swarm_totals([{"samples_per_s": self.trainer.samples_per_s, "accuracy": self.trainer.metrics.get("accuracy")},
                                    *({"samples_per_s": i.record.samples_per_s, "accuracy": i.record.accuracy} for i in live)]),
-            "backing_off": self.picker.backing_off(now),
-            "serves": self.counters["serves"], "serve_refused": self.counters["serve_refused"],
-            "serve_errors": dict(self.serve_errors),
-            "record_rejects": dict(self.view.rejected),
+            **core,
             "dht_rejects": dict(getattr(getattr(self.transport, "run_records", None), "rejected", None) or {}),
-            "reputation": self.reputation.summary(now),
-            "banned": self.reputation.banned_peers(now),
-            "closed_run": self.allowed is not None, "metrics_port": self.metrics_port,
-            "last_round": self._last_round_status(),
-            "distrusted": dict(sorted(self.distrusted.items(), key=lambda kv: -kv[1])[:32]),
-            "refused": dict(self.refused),
-            "pull_skipped": dict(self.pull_skipped),
+            "metrics_port": self.metrics_port,
             "outer": self._outer_status(),
             "traffic": self._traffic_status(),
             "checkpoint": {
@@ -1040,15 +758,6 @@ class PeerDaemon:
                 "errors": self.counters["checkpoint_errors"],
             },
         }
-
-    def _last_round_status(self) -> dict[str, Any]:
-        r = self.last_round
-        tau = r.get("tau")
-        return {"partners": r.get("partners", []), "weights": r.get("weights", []),
-                "clip_radius": None if tau is None or tau == float("inf") else round(float(tau), 4),
-                "loss_deltas": r.get("loss_deltas"), "own_loss": r.get("own_loss"), "sybil_checks": r.get("sybil_checks"),
-                "outer_step": r.get("outer_step"), "kind": r.get("kind"), "staleness": r.get("staleness"),
-                "seconds": r.get("seconds")}
 
     def _outer_status(self) -> dict[str, Any] | None:
         """Outer-step settings and what the last published pseudo-gradient cost on the wire."""
@@ -1071,9 +780,9 @@ class PeerDaemon:
             up = (samples[-1][1] - samples[0][1]) * 8 / dt / 1e6
             down = (samples[-1][2] - samples[0][2]) * 8 / dt / 1e6
             busy = (samples[-1][3] - samples[0][3]) / dt
-        rate = self.link.rate(time.monotonic())
+        rate = self.transfers.link.rate(time.monotonic())
         return {"upload_mbps": _finite(up), "download_mbps": _finite(down), "utilisation": _finite(busy),
-                "train_seconds": round(self.trainer.train_seconds, 1), "served_bytes": dict(self.served_bytes),
+                "train_seconds": round(self.trainer.train_seconds, 1), "served_bytes": dict(self.stats.served_bytes),
                 "max_upload_mbps": self.config.max_upload_mbps or None, "max_download_mbps": self.config.max_download_mbps or None,
                 "link_estimate_mbps": _finite(rate * 8 / 1e6) if rate else None}
 

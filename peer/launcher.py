@@ -39,7 +39,7 @@ class LocalPeer:
     def socket(self) -> Path:
         return self.data_dir / "control.sock"
 
-    def start(self, extra: list[str] | None = None) -> "LocalPeer":
+    def start(self, extra: list[str] | None = None) -> LocalPeer:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cmd = [*self.prefix, sys.executable, "-m", "cli.main", "join", "--data-dir", str(self.data_dir),
                "--listen", self.listen, *self.args, *(extra or [])]

@@ -122,7 +122,12 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
                                           run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs())
             known.self_id = transport.peer_id
-            daemon = PeerDaemon(cfg, transport, known_peers=known)
+            behaviour = None
+            if cfg.experiment_attack:  # EXPERIMENTS ONLY: an attacker's behaviour (peer/experiment/attacks.py)
+                from peer.experiment.attacks import behaviour_for
+
+                behaviour = behaviour_for(cfg.experiment_attack, transport.peer_id)
+            daemon = PeerDaemon(cfg, transport, known_peers=known, behaviour=behaviour)
         except (ValueError, TypeError) as e:  # a bad setting or task (peer.tasks.load_task words it)
             raise StartError(str(e)) from e
         loop = asyncio.get_running_loop()
@@ -130,8 +135,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             loop.add_signal_handler(sig, daemon.request_stop)
 
         async def announce() -> None:
-            while not daemon.addrs and daemon.phase == "starting":
-                await asyncio.sleep(0.05)
+            await daemon.listening.wait()
             if daemon.addrs:
                 print(f"peer {daemon.peer_id} listening on:", *daemon.addrs, sep="\n  ", flush=True)
                 print(join_line(cfg, daemon.addrs, daemon.peer_id), flush=True)

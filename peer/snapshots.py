@@ -1,8 +1,8 @@
 """Snapshots of the trainer's model for serving partners: shared while the model is unchanged,
 written into reused buffers when it has changed.
 
-Serving a 400 MB model used to clone it into fresh memory for every pull, and the clone cost more
-in page faults (0.2-0.5 s) than in copying (0.03 s). Here a pull of an unchanged model (same
+Cloning a 400 MB model into fresh memory for every pull costs more in page faults (0.2-0.5 s)
+than in copying (0.03 s; docs/benchmarks.md, transfer). So a pull of an unchanged model (same
 `Trainer.version`) shares the snapshot already taken, however many serves read it at once; a
 pull of a changed model copies it into a buffer no serve is reading (the previous snapshot's,
 once its last reader is done), and allocates only when every buffer is being streamed. A buffer

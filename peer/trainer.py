@@ -105,6 +105,10 @@ class Trainer:
         self._eval_lock = threading.Lock()
 
     # --- state shared with the event loop -------------------------------------------------
+    def seed_batches(self, seed: int) -> None:
+        """Restart the order in which training batches are drawn from `seed`."""
+        self._gen.manual_seed(seed)
+
     def snapshot(self) -> torch.Tensor:
         with self.lock:
             return self.flat.clone()

@@ -20,8 +20,10 @@ from protocols.transport.base import StoredRecord
 RECORD_VERSION = 1
 MAX_ADDRS = 16
 MAX_STR = 512
-HISTORY_DIM = 512
-HISTORY_BYTES = 2 * HISTORY_DIM
+# a record carries a sketch of its peer's history (the sum of its local updates): this many
+# float16 values, the same random projection on every peer (peer/aggregation/sybil.py Sketcher)
+SKETCH_DIM = 512
+SKETCH_BYTES = 2 * SKETCH_DIM
 # A record lives a few heartbeats; one that claims to live longer is refused (it could otherwise sit
 # in every DHT node's storage for years, and a replayed old record would never expire).
 MAX_RECORD_TTL_S = 600.0  # records are published for 3 heartbeats
@@ -44,7 +46,7 @@ class PeerRecord:
     version: int
     time: float
     state: str = "up"  # "up" or "left"
-    # sketch of the sum of this peer's local updates (float16 bytes, HISTORY_DIM values, or empty):
+    # sketch of the sum of this peer's local updates (float16 bytes, SKETCH_DIM values, or empty):
     # what SybilWall compares; the record's DHT signature binds it to the peer's key
     history: bytes = b""
     # what an observer of the run shows (`peer swarm`): the last training loss and held-out
@@ -59,7 +61,7 @@ class PeerRecord:
         return d
 
     @classmethod
-    def from_wire(cls, raw: Any) -> "PeerRecord":
+    def from_wire(cls, raw: Any) -> PeerRecord:
         """Parse a record from the DHT; raise ValueError with a short reason if it is malformed."""
         if not isinstance(raw, dict):
             raise ValueError("record is not a map")
@@ -83,7 +85,7 @@ class PeerRecord:
         if raw["state"] not in ("up", "left"):
             raise ValueError("state")
         history = raw.get("history", b"")
-        if not isinstance(history, bytes) or len(history) not in (0, HISTORY_BYTES):
+        if not isinstance(history, bytes) or len(history) not in (0, SKETCH_BYTES):
             raise ValueError("history")
         if history and not np.isfinite(np.frombuffer(history, dtype="<f2")).all():
             raise ValueError("history")

@@ -30,7 +30,6 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-sys.path.insert(0, str(SCRIPTS.parent))
 
 BENCHES = ("transfer", "aggregate", "convergence", "overhead", "comms")
 
@@ -204,7 +203,7 @@ def run_child(name: str, argv: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:500]}
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:500]}
     return json.loads(proc.stdout)
 
 

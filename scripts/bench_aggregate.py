@@ -8,7 +8,7 @@ For each size (n partners x d float32 coordinates) this builds honest-like input
 calls see the steady state (partners already known and observed, sketcher built for this d).
 The rule writes its result into one output buffer reused across calls (`out=`), as the daemon
 calls it; `--fresh-out` times it returning a fresh tensor every call instead (the page faults of
-a new d-sized result each round, which is what the daemon used to pay).
+a new d-sized result each round, which the daemon's reused buffer avoids).
 
 Then, `--repeats` times, interleaved: one timed rule call, one timed copy of the n partner
 tensors into a preallocated, already-touched n x d buffer (n*d*4 bytes read and written).
@@ -36,9 +36,7 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -168,10 +166,10 @@ def bench_size(rule_name: str, n: int, d: int, repeats: int, warmup: int, reuse_
         copy()
         copy_times.append(time.perf_counter() - t0)
 
-    del buf
+    buf = None  # freed: the peak below is the rule's alone
     peak = peak_extra_bytes(lambda: rule(own, others, ctx, out=out_buf))
     rule_s, copy_s = statistics.median(rule_times), statistics.median(copy_times)
-    del own, others, ctx, rule, out_buf
+    own = others = ctx = rule = out_buf = None  # freed before the next size
     _trim()
     return {
         "n": n, "d": d, "reuse_out": reuse_out, "rule_s": rule_s, "copy_s": copy_s,

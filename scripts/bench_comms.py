@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def run_swarm(root: Path, task: str, n: int, steps: int, extra: list[str], netns=None, cap_mbit: float = 0,

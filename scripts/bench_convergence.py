@@ -25,7 +25,6 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
-sys.path.insert(0, str(ROOT))
 
 # hivemind configurations tried (documented knobs of hivemind.Optimizer); the benchmark reports each
 HIVEMIND_CONFIGS: dict[str, dict] = {

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 class Clock:
@@ -53,7 +51,7 @@ async def run(local_steps: int, aggregator: str, seed: int, peers: int = 4, thre
                              shard=f"{i}/{peers}", heartbeat_s=1.0)
             cfg.data_dir.mkdir(parents=True)
             d = PeerDaemon(cfg, net.transport(f"p{i}"))
-            d.trainer._gen.manual_seed(seed * 100 + i)  # each peer its own batch order
+            d.trainer.seed_batches(seed * 100 + i)  # each peer its own batch order
             daemons.append(d)
         for d in daemons:
             await d.transport.start()

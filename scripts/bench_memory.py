@@ -22,13 +22,11 @@ and outer-state copies handed to the writer thread.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def build(shard: int = 0, num_shards: int = 1, split: str = "iid", alpha: float = 0.5, seed: int = 0, size_m: int = 25):

@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RAW_PROTOCOL = "/bench/raw/1"
 MB = 10**6
@@ -200,7 +199,8 @@ class ServerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--serve", str(self.root),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=open(self.root / "server.log", "wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stderr=open(self.root / "server.log", "wb"), env=  # noqa: ASYNC230 (a local log file)
+            {**os.environ, "PYTHONUNBUFFERED": "1"})
         return await self._answer(timeout=120)
 
     async def _answer(self, timeout: float) -> dict:
@@ -221,7 +221,7 @@ class ServerProcess:
                 self.proc.stdin.write(b'{"cmd": "quit"}\n')
                 await self.proc.stdin.drain()
                 await asyncio.wait_for(self.proc.wait(), 30)
-            except (asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, ConnectionError):
                 self.proc.kill()
                 await self.proc.wait()
 
@@ -274,14 +274,14 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                 # the daemon receives partners' models into buffers it reuses every round
                 receive = torch.empty(numel)
 
-                async def ours_idle() -> None:
+                async def ours_idle(daemon=daemon, receive=receive) -> None:
                     step, model = await daemon.pull_model(peer_id, addrs, into=receive)
                     assert model is receive
                     del model
 
                 ours = ours_idle  # timed after the server's model changed (see `before` below)
 
-                async def bare() -> None:
+                async def bare(nbytes=nbytes) -> None:
                     assert await bare_pull(transport, peer_id, nbytes) == nbytes
 
                 await ours()  # warm-up: connection, first allocations
@@ -320,7 +320,7 @@ async def measure(sizes_mb: list[float], repeats: int) -> dict:
                             for o in ("ours", "ours_idle"))
                 row["peak_extra_over_model"] = worst / (nbytes / MB)
                 results.append(row)
-                del daemon, receive
+                daemon = receive = ours = ours_idle = fns = None  # freed before the next size loads
             return {"results": results}
         finally:
             if transport is not None:

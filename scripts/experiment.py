@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peer.experiment import network  # noqa: E402
 from peer.experiment.collect import collect  # noqa: E402
@@ -85,7 +84,7 @@ class Runner:
         if sc.aggregator:
             args += ["--aggregator", sc.aggregator]
         if role == "attacker":
-            from peer.hostile import TARGETED
+            from peer.experiment.attacks import TARGETED
 
             args += ["--experiment-attack", sc.attack.name]
             # Sybils of the targeted attacks all train alike on the whole set (as scripts/robustness.py)

@@ -2,7 +2,7 @@
 """Robust aggregation under attack: 20 honest + 5 Byzantine peers, one (aggregator, attack) per run.
 
 Every peer is a real `PeerDaemon` (real codec, validation, aggregation rule, DHT records with
-history sketches, hostile policies from `peer/hostile.py`) on the in-memory transport, driven in
+history sketches, hostile behaviours from `peer/experiment/attacks.py`) on the in-memory transport, driven in
 lock step on a simulated clock so that runs are reproducible and use the CPU for training rather
 than for waiting: each round every peer takes `--local-steps` training steps, publishes its
 record, then all peers run one gossip round concurrently. MNIST-1D, Dirichlet(alpha=0.5) shards.
@@ -56,7 +56,7 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
 
     from peer.config import PeerConfig
     from peer.daemon import PeerDaemon
-    from peer.hostile import SOURCE_CLASSES, TARGETED
+    from peer.experiment.attacks import SOURCE_CLASSES, TARGETED, behaviour_for
     from protocols import gossip
     from protocols.transport.memory import MemoryNetwork
 
@@ -80,14 +80,15 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
         )
         cfg = PeerConfig(**{**settings, **(peer_settings or {}), **extra})
         cfg.data_dir.mkdir(parents=True)
-        daemons.append(PeerDaemon(cfg, net.transport(f"{'byz' if bad else 'honest'}{i:02d}")))
+        transport = net.transport(f"{'byz' if bad else 'honest'}{i:02d}")
+        daemons.append(PeerDaemon(cfg, transport, behaviour=behaviour_for(cfg.experiment_attack, transport.peer_id)))
     byz_ids = {d.peer_id for d in daemons[honest:]}
     for d in daemons:
         await d.transport.start()
         d.addrs = await d.transport.addrs()
         await d.transport.set_handler(gossip.PROTOCOL, d._serve_model)
-        if d.hostile is not None:
-            d.hostile.colluders = byz_ids - {d.peer_id}
+        if not d.behaviour.honest:
+            d.behaviour.colluders = byz_ids - {d.peer_id}
     good = daemons[:honest]
     accs, asrs = [], []
     x_test, y_test = good[0].task.x_test, good[0].task.y_test
@@ -124,7 +125,7 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
     tmp.cleanup()
     rejected: dict[str, int] = {}
     for d in good:
-        for k, v in d.rejected.items():
+        for k, v in d.stats.rejected.items():
             rejected[k] = rejected.get(k, 0) + v
     return {
         "aggregator": aggregator, "attack": attack, "accuracy": sum(accs) / len(accs),

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peer.launcher import LocalPeer, start_swarm, stop_all  # noqa: E402
 

@@ -13,7 +13,6 @@ import asyncio
 import random
 import struct
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 

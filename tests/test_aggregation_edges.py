@@ -81,7 +81,7 @@ def test_clipping_accepts_zero_and_infinite_radii():
 
 
 def test_exact_clone_pair_never_gets_foolsgold_weight_from_rounding():
-    # about a quarter of identical pairs used to compute a cosine of 1 - 2e-16 and get weight 1
+    # a float cosine of identical pairs can come out as 1 - 2e-16 (about a quarter of them): still clones
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
         h = torch.randn(512, generator=g).to(torch.float16)
@@ -95,7 +95,7 @@ def test_clones_up_to_float_noise_score_as_clones_among_honest_peers():
     h = torch.randn(512, generator=g, dtype=torch.float64)
     honest = {f"h{i}": torch.randn(512, generator=g) for i in range(3)}
     # four copies of one history, each but the first with float32 round-off noise on it: with the
-    # median normaliser the clones are the majority, so weights used to follow their rounding residue
+    # median normaliser the clones are the majority, so weights must not follow their rounding residue
     clones = {f"s{i}": (h * (1 + 1e-7 * i * torch.randn(512, generator=g, dtype=torch.float64))).float() for i in range(4)}
     src = {**honest, **clones}
     ids = sorted(src)

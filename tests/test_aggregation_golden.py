@@ -2,7 +2,7 @@
 
 tests/golden/aggregators.npz holds random inputs (float32) and what ByzFL 0.0.11
 (`byzfl.aggregators`) and Flower (`flwr.server.strategy.aggregate`) compute on them (in float64,
-stored as float32); scripts/make_golden_vectors.py made it and says how to regenerate it. Every
+stored as float32); tests/golden/make_vectors.py made it and says how to regenerate it. Every
 case records which reference produced it (the `<rule>__<ref>` keys).
 
 Conventions pinned by these cases (the mapping from our calls to the references):
@@ -33,7 +33,6 @@ Tolerance: float32 precision, |ours - ref| <= 1e-5 |ref| + 1e-5 * max|inputs|.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 
 from peer.aggregation import baselines
 from peer.aggregation.clipping import CenteredClipping
+from tests.golden import make_vectors as gen
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "aggregators.npz"
@@ -49,14 +49,6 @@ RTOL = 1e-5
 MIN_CASES = 200
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_golden_vectors", ROOT / "scripts" / "make_golden_vectors.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = _load_script()
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +174,7 @@ def test_live_against_installed_references():
     """Fresh random cases against ByzFL / Flower themselves, where they are installed (not in .venv)."""
     refs = gen.References()
     if refs.byzfl is None and refs.flwr is None:
-        pytest.skip("neither byzfl nor flwr importable (install them as scripts/make_golden_vectors.py says)")
+        pytest.skip("neither byzfl nor flwr importable (install them as tests/golden/make_vectors.py says)")
     pool, entries, cc_cases, cc_outs, _ = gen.generate(seed=4242, pool_size=60, cc_count=30, refs=refs)
     pool = [x for x, _kind in pool]
     for (rule, ref), rows in entries.items():

@@ -105,7 +105,7 @@ class _TrickleStream:
 
 
 async def test_read_payload_fills_straight_from_read_into_and_refuses_a_short_stream():
-    """The transfer fix: payloads are read into the destination array in whatever pieces arrive."""
+    """Payloads are read into the destination array in whatever pieces arrive."""
     import numpy as np
 
     from protocols.codec import Limits, TensorSpec, read_payload

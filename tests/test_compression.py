@@ -346,7 +346,7 @@ def corrupted(method: str, how: str, n: int = 3000):
     payload = compress(x, CompressionSpec(method, 0.01, 256))
     parts = [p.copy() for p in payload.parts]
     names = [s.name for s in payload.specs]
-    if how.startswith("index") or how.startswith("count"):
+    if how.startswith(("index", "count")):
         counts, idx = parts[0], parts[1]
         if how == "index_swapped":
             idx[[3, 4]] = idx[[4, 3]]

@@ -104,7 +104,7 @@ def test_token_bucket_drops_beyond_max_wait_without_reserving():
 
 def test_rate_cap_holds_both_ways_through_the_schedule():
     mbit = 8.0  # 1 MB/s
-    for sender, receiver, capped in ((A, B, A), (B, A, A)):  # upload from, download to the capped peer
+    for sender, receiver, _capped in ((A, B, A), (B, A, A)):  # upload from, download to the capped peer
         s = ds.Schedule({A: ds.Link(rate_mbit=mbit), B: ds.Link()}, queue_s=10)
         for i in range(200):  # 200 x 1000 bytes offered at once: 0.2 s at 1 MB/s
             s.ingest(0.0, sender, packet(sender, receiver, i, 1000))

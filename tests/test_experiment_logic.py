@@ -176,7 +176,7 @@ def test_collect_refuses_a_dir_without_metrics(tmp_path):
 
 async def test_daemon_writes_join_and_leave_lines_and_rotates_metrics(memory_swarm):
     d = await memory_swarm.add("a", heartbeat_s=0.05)
-    d.METRICS_ROTATE_BYTES = 600  # a few lines per file
+    d.metrics_log.rotate_bytes = 600  # a few lines per file
     path = d.data_dir / "metrics.jsonl"
     import asyncio
 
@@ -185,7 +185,7 @@ async def test_daemon_writes_join_and_leave_lines_and_rotates_metrics(memory_swa
         assert asyncio.get_running_loop().time() < deadline, "metrics.jsonl was never rotated three times"
         await asyncio.sleep(0.05)
     assert await memory_swarm.stop("a") == 0
-    assert not (d.data_dir / "metrics.jsonl.4").exists(), "only METRICS_KEEP old files are kept"
+    assert not (d.data_dir / "metrics.jsonl.4").exists(), "only `keep` old files are kept"
     assert path.stat().st_size < 2 * 600
     lines = read_peer_dir(d.data_dir)
     assert lines[-1]["event"] == "leave" and lines[-1]["exit_code"] == 0

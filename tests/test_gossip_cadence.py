@@ -14,7 +14,7 @@ HOUR = 3600.0
 
 
 def sees(d, n: int) -> bool:
-    return len(d.view.live(d.transport.now())) >= n
+    return len(d.core.view.live(d.transport.now())) >= n
 
 
 async def test_local_steps_start_rounds_when_the_time_interval_is_far_away(memory_swarm):

@@ -28,7 +28,7 @@ import pytest
 from peer.launcher import LocalPeer, stop_all
 from peer.state import checkpoint_path, load_checkpoint
 from protocols import gossip
-from protocols.codec import TensorSpec, encode_header, read_header
+from protocols.codec import TensorSpec, encode_header
 from protocols.discovery import PeerRecord, run_key
 
 RUN, TASK = "hostile", "mnist1d-cnn"

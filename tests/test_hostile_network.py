@@ -8,7 +8,6 @@ import dataclasses
 import random
 
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -293,14 +292,14 @@ def harness():
 @given(data=st.binary(max_size=3000), seed=st.integers(0, 2**31))
 def test_model_server_handler_never_raises_and_counts_every_refusal(harness, data, seed):
     d = harness.daemon
-    before = sum(d.serve_errors.values()) + d.counters["serves"]
+    before = sum(d.stats.serve_errors.values()) + d.counters["serves"]
     peer = f"fuzzer{seed % 7}"
     for payload in (data, ft.mutate(ft.valid_request(), random.Random(seed))):
         sent = asyncio.run(harness.serve(payload, peer))
         assert len(sent) <= 4 + 64 * 1024 + d.trainer.flat.numel() * 4
-    after = sum(d.serve_errors.values()) + d.counters["serves"]
+    after = sum(d.stats.serve_errors.values()) + d.counters["serves"]
     assert after == before + 2  # every request ends as exactly one serve or one counted error/refusal
-    assert d._serving == 0 and not d._serving_by_peer  # no slot leaks
+    assert d.core.serving == 0 and not d.core.serving_by_peer  # no slot leaks
 
 
 @pytest.fixture(scope="module")
@@ -391,12 +390,12 @@ async def test_closed_run_ignores_and_refuses_unadmitted_peers(memory_swarm, tmp
     a = await memory_swarm.add("a", shard="0/2", allow_peers=str(allow))
     b = await memory_swarm.add("b", shard="1/2", allow_peers=str(allow))
     c = await memory_swarm.add("c", shard="0/2")  # an open-run peer that found the run key
-    await wait_until(lambda: a.counters["rounds_ok"] > 2 and c.pull_failed.get("remote_error", 0) >= 1, 20,
+    await wait_until(lambda: a.counters["rounds_ok"] > 2 and c.stats.pull_failed.get("remote_error", 0) >= 1, 20,
                      "a and b to gossip, and c to be turned away")
     now = a.transport.now()
-    assert {i.record.peer_id for i in a.view.live(now)} == {"b"}
-    assert a.view.rejected.get("not_admitted", 0) >= 1
-    assert a.serve_errors.get("refused_not_admitted", 0) + b.serve_errors.get("refused_not_admitted", 0) >= 1
+    assert {i.record.peer_id for i in a.core.view.live(now)} == {"b"}
+    assert a.core.view.rejected.get("not_admitted", 0) >= 1
+    assert a.stats.serve_errors.get("refused_not_admitted", 0) + b.stats.serve_errors.get("refused_not_admitted", 0) >= 1
     assert a.status()["closed_run"] and not c.status()["closed_run"]
 
 

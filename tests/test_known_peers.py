@@ -60,7 +60,7 @@ async def test_joiner_of_another_task_says_which_task_the_run_trains(memory_swar
     memory_swarm.runs["b"] = asyncio.create_task(b.run())
     expected = "run test trains task digits-mlp, you asked for my-other-task"
     await wait_until(lambda: any(expected in r.getMessage() for r in caplog.records), 20, "the wrong-task line")
-    assert not any(expected in r.getMessage() and r.name != "peer.daemon" for r in caplog.records)
+    assert not any(expected in r.getMessage() and r.name != "peer.core" for r in caplog.records)
 
 
 async def test_daemon_writes_the_peers_it_sees(memory_swarm):

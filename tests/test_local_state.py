@@ -209,7 +209,7 @@ def test_checkpoint_names_are_per_run_and_task_and_safe():
 async def test_checkpoints_of_other_runs_are_never_overwritten(memory_swarm, tmp_path, caplog):
     data_dir = tmp_path / "a"
     data_dir.mkdir(mode=0o700)
-    legacy = fake_checkpoint(data_dir / "checkpoint.pt", "first-run", step=11)  # the one file every run used to share
+    legacy = fake_checkpoint(data_dir / "checkpoint.pt", "first-run", step=11)  # the legacy layout: one file for every run
     third_path = data_dir / ckpt.checkpoint_name("third-run", "mnist1d-cnn")
     third = fake_checkpoint(third_path, "third-run", task="mnist1d-cnn", step=13)
     with caplog.at_level(logging.INFO, logger="peer"):

@@ -235,15 +235,15 @@ async def test_daemon_measures_partner_losses_each_round_and_reports_them(tmp_pa
     b.trainer.apply_delta(torch.full_like(b.trainer.flat, 0.05))
     own = a.trainer.snapshot()
     floors = []
-    screen_factors = a.aggregator.loss_screen.factors
-    a.aggregator.loss_screen.factors = lambda deltas, untrained_loss=0.0: floors.append(untrained_loss) or screen_factors(deltas, untrained_loss)
+    screen_factors = a.core.aggregator.loss_screen.factors
+    a.core.aggregator.loss_screen.factors = lambda deltas, untrained_loss=0.0: floors.append(untrained_loss) or screen_factors(deltas, untrained_loss)
     assert await a.gossip_round() is True
     assert floors == [a.loss_probe.untrained_loss] and floors[0] > 0  # the rule got the task's loss scale
     status = json.loads(json.dumps(a.status(), allow_nan=False))  # strict JSON
     deltas = status["last_round"]["loss_deltas"]
     assert len(deltas) == 1 and deltas[0] == pytest.approx(a.loss_probe.loss(b.trainer.flat) - a.loss_probe.loss(own), abs=1e-3)
     assert status["last_round"]["own_loss"] == pytest.approx(a.loss_probe.loss(own), abs=1e-3)
-    assert list(a.aggregator.loss_screen.recent) == pytest.approx(deltas, abs=1e-3)  # the rule got them
+    assert list(a.core.aggregator.loss_screen.recent) == pytest.approx(deltas, abs=1e-3)  # the rule got them
     assert isinstance(status["refused"], dict)
     checks = status["last_round"]["sybil_checks"]  # why a partner got its Sybil weight, per check
     assert set(checks) <= {b.peer_id[:12]} and all(isinstance(v, dict) for v in checks.values())

@@ -28,7 +28,7 @@ async def test_eight_peer_swarm_converges(memory_swarm):
     assert min(accs) > 0.88, accs
     for d in daemons:
         assert d.counters["rounds_ok"] > 0 and d.counters["rounds_failed"] == 0
-        assert len(d.view.live(d.transport.now())) == 7
+        assert len(d.core.view.live(d.transport.now())) == 7
     # gossip moved real bytes both ways
     assert all(d.counters["bytes_received"] > 0 and d.counters["bytes_sent"] > 0 for d in daemons)
 
@@ -48,12 +48,12 @@ async def test_late_joiner_takes_the_swarm_model_from_several_peers(memory_swarm
 
 async def test_stopped_peer_disappears_and_survivors_keep_gossiping(memory_swarm):
     a = await memory_swarm.add("a", shard="0/3")
-    b = await memory_swarm.add("b", shard="1/3")
-    c = await memory_swarm.add("c", shard="2/3")
-    await wait_until(lambda: len(a.view.live(a.transport.now())) == 2, 10, "a to see b and c")
+    await memory_swarm.add("b", shard="1/3")
+    await memory_swarm.add("c", shard="2/3")
+    await wait_until(lambda: len(a.core.view.live(a.transport.now())) == 2, 10, "a to see b and c")
     assert await memory_swarm.stop("c") == 0
     # graceful leave publishes a 'left' record: gone from the view at the next heartbeat
-    await wait_until(lambda: [i.record.peer_id for i in a.view.live(a.transport.now())] == ["b"], 5, "c to disappear")
+    await wait_until(lambda: [i.record.peer_id for i in a.core.view.live(a.transport.now())] == ["b"], 5, "c to disappear")
     before = a.counters["rounds_ok"]
     await wait_until(lambda: a.counters["rounds_ok"] > before + 3, 10, "a to keep mixing with b")
 
@@ -101,11 +101,11 @@ async def test_misbehaving_partners_are_skipped_counted_and_survived(memory_swar
     other = await memory_swarm.add("other", shard="1/2")
     for h in hostiles.values():
         await asyncio.wait_for(h.served.wait(), 20)
-    await wait_until(lambda: honest.pull_failed.get("timeout", 0) >= 1, 20, "the stalled pull to time out")
-    assert honest.rejected.get("bad_header", 0) >= 1        # garbage msgpack
-    assert honest.rejected.get("too_large", 0) >= 1         # 10^9 elements, refused before allocating
-    assert honest.rejected.get("non_finite", 0) >= 1        # NaN model
-    assert honest.pull_failed.get("disconnected", 0) >= 1   # stream ended mid-payload
+    await wait_until(lambda: honest.stats.pull_failed.get("timeout", 0) >= 1, 20, "the stalled pull to time out")
+    assert honest.stats.rejected.get("bad_header", 0) >= 1        # garbage msgpack
+    assert honest.stats.rejected.get("too_large", 0) >= 1         # 10^9 elements, refused before allocating
+    assert honest.stats.rejected.get("non_finite", 0) >= 1        # NaN model
+    assert honest.stats.pull_failed.get("disconnected", 0) >= 1   # stream ended mid-payload
     # the daemon is fine: still training, still mixing with the honest peer, model finite
     step = honest.trainer.step
     ok = honest.counters["rounds_ok"]
@@ -113,4 +113,4 @@ async def test_misbehaving_partners_are_skipped_counted_and_survived(memory_swar
     assert bool(torch.isfinite(honest.trainer.snapshot()).all())
     assert honest.phase == "training" and other.phase == "training"
     # failed peers are backed off rather than hammered every round
-    assert set(honest.picker.backing_off(honest.transport.now())) & {f"bad-{b}" for b in hostiles}
+    assert set(honest.core.picker.backing_off(honest.transport.now())) & {f"bad-{b}" for b in hostiles}

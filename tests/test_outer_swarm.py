@@ -33,7 +33,7 @@ async def test_outer_steps_with_compression_converge(memory_swarm):
         assert st["outer"]["compression"] == "topk-int8:0.1"
         assert st["outer"]["payload_bytes"] < 4 * numel / 5  # what a pseudo-gradient round pulls
         assert st["last_round"]["outer_step"] is not None and st["last_round"]["seconds"] is not None
-        assert d.counters["rounds_ok"] > 0 and not d.rejected and not d.pull_failed
+        assert d.counters["rounds_ok"] > 0 and not d.stats.rejected and not d.stats.pull_failed
 
 
 async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(memory_swarm):
@@ -42,7 +42,7 @@ async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(
     def settled() -> bool:  # the last round published every inner step and has been applied
         pub = d.published  # (`last_round` is written after a round's change is applied)
         return (d.trainer.done and pub is not None and pub.step == d.trainer.step and pub.outer_step >= 3
-                and d.last_round.get("outer_step") == pub.outer_step)
+                and d.core.last_round.get("outer_step") == pub.outer_step)
 
     await wait_until(settled, 60, "outer steps")
     st = d.status()
@@ -55,11 +55,11 @@ async def test_a_lone_peer_takes_outer_steps_and_counts_rounds_without_partners(
 async def test_a_peer_of_another_task_is_ignored_with_one_line(memory_swarm, caplog):
     """Different task names (an lm task's name carries its corpus digest) never mix: the view
     drops the other's records and the log says why in one line."""
-    caplog.set_level("INFO", logger="peer.daemon")
+    caplog.set_level("INFO", logger="peer")
     a = await memory_swarm.add("a", shard="0/2")
     b = await memory_swarm.add("b", shard="1/2", task="mnist1d-cnn")
-    await wait_until(lambda: a.view.rejected.get("record_wrong_task", 0) >= 2, 20, "a to see b's record")
-    assert not a.view.live(a.transport.now()) and not b.view.live(b.transport.now())
+    await wait_until(lambda: a.core.view.rejected.get("record_wrong_task", 0) >= 2, 20, "a to see b's record")
+    assert not a.core.view.live(a.transport.now()) and not b.core.view.live(b.transport.now())
     lines = [r.getMessage() for r in caplog.records if "trains task" in r.getMessage()]
     assert any("'mnist1d-cnn'" in m and "'digits-mlp'" in m for m in lines), lines
     assert a.counters["rounds_ok"] == 0 and b.counters["rounds_ok"] == 0
@@ -109,9 +109,9 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
         await t.publish(run_key("test"), rec.to_wire(), t.now() + 60)
     await wait_until(lambda: len(served) == 3, 30, "every hostile partner to be asked")
     assert set(served.values()) == {"get_delta"}
-    await wait_until(lambda: sum(honest.rejected.values()) >= 3, 30, "the three bad replies to be counted")
-    assert honest.rejected.get("too_large", 0) >= 1 and honest.rejected.get("wrong_shape", 0) >= 1
-    assert honest.rejected.get("bad_payload", 0) >= 1
+    await wait_until(lambda: sum(honest.stats.rejected.values()) >= 3, 30, "the three bad replies to be counted")
+    assert honest.stats.rejected.get("too_large", 0) >= 1 and honest.stats.rejected.get("wrong_shape", 0) >= 1
+    assert honest.stats.rejected.get("bad_payload", 0) >= 1
     ok = honest.counters["rounds_ok"]
     await wait_until(lambda: honest.counters["rounds_ok"] > ok, 30, "mixing with the honest partner to go on")
     assert bool(torch.isfinite(honest.trainer.snapshot()).all()) and other.phase == "training"

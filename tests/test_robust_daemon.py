@@ -13,10 +13,10 @@ import torch
 
 from peer.aggregation import AGGREGATORS, DEFAULT_AGGREGATOR, DESCRIPTIONS
 from peer.config import PeerConfig
-from peer.hostile import ATTACKS, HostilePolicy, alie_z
+from peer.experiment.attacks import ATTACKS, HostilePolicy, alie_z
 from peer.tasks import load_task
 from peer.trainer import Trainer
-from protocols.discovery import HISTORY_BYTES, PeerRecord, SwarmView
+from protocols.discovery import SKETCH_BYTES, PeerRecord, SwarmView
 from protocols.transport.base import StoredRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,9 @@ def test_history_counts_local_updates_only():
 
 
 def test_record_history_is_size_checked():
-    rec = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=b"\x00" * HISTORY_BYTES)
+    rec = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=b"\x00" * SKETCH_BYTES)
     assert PeerRecord.from_wire(rec.to_wire()).history == rec.history
-    for bad in (b"\x00" * 10, "text", b"\x00" * (HISTORY_BYTES + 2)):
+    for bad in (b"\x00" * 10, "text", b"\x00" * (SKETCH_BYTES + 2)):
         wire = rec.to_wire()
         wire["history"] = bad
         with pytest.raises(ValueError, match="history"):
@@ -77,10 +77,10 @@ def test_hostile_policy_forms():
     p = HostilePolicy("signflip100")
     p.round_start(own, torch.zeros(4))
     p.round_start(own + 0.1, torch.full((4,), 0.1))  # it trained: update 0.1
-    torch.testing.assert_close(p.craft("x", own + 0.1), own - 10.0)
+    torch.testing.assert_close(p.serve("x", own + 0.1), own - 10.0)
     a = HostilePolicy("alie")
     a.observe(["h1", "h2"], [torch.zeros(4), torch.full((4,), 2.0)])
-    torch.testing.assert_close(a.craft("x", own), torch.full((4,), 1.0 - alie_z(25, 5)))
+    torch.testing.assert_close(a.serve("x", own), torch.full((4,), 1.0 - alie_z(25, 5)))
     assert abs(alie_z(25, 5) - 0.2533) < 1e-3
     s = HostilePolicy("adaptive-sybil")
     h = torch.ones(512)
@@ -138,7 +138,7 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
 
 
 def test_record_with_non_finite_history_is_refused_when_parsed():
-    nan = b"\x00\x7e" * (HISTORY_BYTES // 2)  # float16 NaN, little-endian
+    nan = b"\x00\x7e" * (SKETCH_BYTES // 2)  # float16 NaN, little-endian
     wire = PeerRecord("a", ("/x",), "t", 1, 1.0, 1, 5.0, history=nan).to_wire()
     with pytest.raises(ValueError, match="history"):
         PeerRecord.from_wire(wire)

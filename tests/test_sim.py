@@ -95,7 +95,7 @@ def test_churn_follows_the_schedule_and_views_forget_the_departed():
 
     def look(t):
         observer = sim.peers[0]
-        seen[t] = {i.record.peer_id for i in observer.dec.view.live(sim.loop.now)}
+        seen[t] = {i.record.peer_id for i in observer.core.view.live(sim.loop.now)}
 
     for t in (0.9, 1.1, 1.45, 1.9, 2.5):
         sim.loop.at(t, lambda t=t: look(t))

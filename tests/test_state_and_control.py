@@ -36,7 +36,7 @@ WRITER = textwrap.dedent("""
 def test_checkpoint_survives_kill_minus_9_at_random_moments(tmp_path):
     path = tmp_path / "checkpoint.pt"
     rng = random.Random(0)
-    for trial in range(5):
+    for _trial in range(5):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
         target = rng.randint(2, 6)
         for line in proc.stdout:  # the writer says when each checkpoint is complete
@@ -105,7 +105,7 @@ async def test_control_socket_is_private_and_answers_the_cli(memory_swarm, tmp_p
     sock = tmp_path / "a" / "control.sock"
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
-    await wait_until(lambda: len(d.view.live(d.transport.now())) == 1, 10, "a to see b")
+    await wait_until(lambda: len(d.core.view.live(d.transport.now())) == 1, 10, "a to see b")
     out = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "cli.main", "status", "--json", "--data-dir", str(tmp_path / "a")],
         capture_output=True, text=True, cwd=REPO, timeout=60,

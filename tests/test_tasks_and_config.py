@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import random
-import sys
 
 import numpy as np
 import pytest
-import torch
 
 from peer.config import resolve
 from peer.tasks import load_task, shard_indices

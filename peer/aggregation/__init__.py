@@ -1,5 +1,13 @@
 """Aggregation: how a peer mixes partners' models into its own.
 
+    __init__.py     the registry's names and descriptions (no torch import), lazy access to the rest
+    rules.py        the rules a daemon runs, built from the blocks below
+    baselines.py    server-style rules: mean, median, trimmed mean, Krum, Multi-Krum, geomed, NNM
+    clipping.py     centred clipping and self-centred clipping (ClippedGossip), adaptive radii
+    sybil.py        FoolsGold over update-history sketches; the consistency and alignment checks
+    loss.py         the loss screen: partners' loss on our data against the recent window
+    norms.py        norms and distances accurate at any length (float64 sums over float32 slices)
+
 One registry: `AGGREGATORS` maps each name that `peer join --aggregator NAME` accepts to a factory
 for the rule (`peer.aggregation.rules`). Compositions are spelled with `+`, in the order they
 apply: `sybilwall+scc` weighs partners by SybilWall, then mixes with self-centred clipping.
@@ -37,6 +45,10 @@ _LAZY = {"AGGREGATORS", "RoundContext", "make_aggregator", "coordinate_median", 
 
 
 def __getattr__(name: str):
+    if name == "coordinate_median":
+        from peer.aggregation import baselines
+
+        return baselines.coordinate_median
     if name in _LAZY:
         from peer.aggregation import rules
 

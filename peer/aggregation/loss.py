@@ -17,13 +17,13 @@ of three terms:
 - UNTRAINED_FRACTION x an untrained model's loss on the batch (the task's loss scale): once an IID
   swarm has memorised its data, own loss and deltas are ~1e-4 to 1e-2, and against their median
   alone honest partners were cut 14-98 times per peer in a minute (4-peer convergence bench). The
-  floor used to be our own model's loss, which vanishes once we have memorised our shard (label
-  flip, 3-seed average gap: -3.1 with it, -2.6 with this one; docs/robustness.md);
+  floor is not our own model's loss, which vanishes once we have memorised our shard (label flip,
+  3-seed average gap: -3.1 with that floor, -2.6 with this one; CHANGELOG.md, 2026-11-24);
 - with two or more partners, this round's smallest delta / FULL_UP_TO (at most an untrained
   model's loss), so the closest partner is not cut: when a whole swarm changes phase at once
   (post-local SGD's switch to time-only rounds, many local steps between mixes), every delta
-  jumps past a window that still remembers the old ones, and peers whose every partner was cut
-  trained alone at 85 % with a training loss near 1e-8 (4-peer quickstart).
+  jumps past a window that still remembers the old ones; without this term, peers whose every
+  partner was cut trained alone at 85 % with a training loss near 1e-8 (4-peer quickstart).
 
 Pure: it takes the losses the daemon measured (`peer/loss_probe.py`).
 """
@@ -61,7 +61,7 @@ class LossScreen:
         out = []
         median = self._median()
         # of two or more partners, the closest gets full weight: when every partner does far worse
-        # on our data than partners used to, the likelier story is that we (or the whole run's
+        # on our data than the window's partners did, the likelier story is that we (or the whole run's
         # phase) changed, not that every partner turned hostile at once. Not for a lone partner
         # (it would never be screened), and never past an untrained model's loss (a round of
         # label flippers only is still cut)

@@ -24,7 +24,6 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from peer.aggregation import baselines
-from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.clipping import SLICE, CenteredClipping, RadiusCap, adaptive_radius, clip_factors, mix
 from peer.aggregation.loss import LossScreen
 from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction

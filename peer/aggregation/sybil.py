@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from protocols.discovery import HISTORY_DIM as SKETCH_DIM  # what a record carries
+from protocols.discovery import SKETCH_DIM  # what a record carries
 # Coordinates per slice when a pass over long vectors goes slice by slice: a few slices of this
 # size stay in cache, and no temporary as long as the model is allocated.
 CHUNK = 1 << 18
@@ -179,7 +179,7 @@ def consistency_factors(reported: dict[str, torch.Tensor], observed: dict[str, t
     SHARED_OFFSET_AT), as one common offset makes them. Sign flippers in an honest majority
     cannot trigger it, nor can identities that each serve something unrelated (the second test)
     or near-clones in a minority (FoolsGold takes their vote). Coordinated identities that
-    outnumber the honest voters can (measured by a review: 9 against 8); so can a majority
+    outnumber the honest voters can (9 coordinated identities against 8 honest voters do); so can a majority
     against alignment and FoolsGold's median normalisation. Clipping still bounds each partner.
     """
     ids = [p for p in reported if p in observed]

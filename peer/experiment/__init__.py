@@ -1,0 +1,9 @@
+"""Parts of the experiment runner (`scripts/experiment.py`, docs/experiments.md).
+
+    scenario.py     scenario files: parse, check, and draw the churn schedule from the seed (pure)
+    network.py      per-peer network namespaces: bridge + tc (netem, tbf), or the delay switch
+    delayswitch.py  userspace switch over TUN devices: latency, loss and caps without netem
+    collect.py      data dirs -> summary.json, summary.md and plots (pure function of the files)
+    attacks.py      EXPERIMENTS ONLY: hostile behaviours (peer.behaviour.Behaviour) a daemon or
+                    the simulator can run, for `--experiment-attack` and scripts/robustness.py
+"""

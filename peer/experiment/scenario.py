@@ -147,7 +147,7 @@ def check(s: Scenario) -> None:
     if s.attack.count < 0 or (s.attack.count and not s.attack.name):
         raise ScenarioError("[attack] needs a name when count > 0")
     if s.attack.name:
-        from peer.hostile import ATTACKS
+        from peer.experiment.attacks import ATTACKS
 
         if s.attack.name not in ATTACKS:
             raise ScenarioError(f"unknown attack {s.attack.name!r}; choose from {', '.join(ATTACKS)}")

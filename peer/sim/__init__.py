@@ -3,13 +3,12 @@
 - `events.py`: the clock, a heap of timestamped events run in order;
 - `links.py`: per-peer bandwidth and latency, and how long a pull takes;
 - `dht.py`: the run's records in one shared store with expiry (what a DHT lookup returns);
-- `decisions.py`: one peer's decisions (view, partners, reputation, validation, the rule),
-  made by the daemon's own objects; the one place that becomes `PeerCore`;
-- `behaviour.py`: honest, or a hostile policy (`peer.hostile`) deciding what a peer serves;
 - `learners.py`: what trains a peer's model (the real `Trainer`, or a NumPy twin of it for
   the `mnist1d-linear` task that lets 1,000 peers run in minutes);
-- `swarm.py`: the simulation: peers' steps, rounds, heartbeats and churn as events, from a
-  scenario file of `scripts/experiment.py` (its `[sim]` table: speeds, links);
+- `swarm.py`: the simulation: each peer a `PeerCore` (peer/core.py) with a learner, a
+  `Behaviour` (honest, or a hostile policy of `peer.experiment.attacks`) and a link; steps,
+  rounds, heartbeats and churn as events, from a scenario file of `scripts/experiment.py`
+  (its `[sim]` table: speeds, links);
 - `report.py`: the run's files and summary, written as the real runner's
   (`peer.experiment.collect`).
 

@@ -1,9 +1,9 @@
 """A swarm of simulated peers on a virtual clock, driven by a scenario file.
 
-Each peer is what `peer/daemon.py` decides with (`peer.sim.decisions.Decisions`: the swarm view,
-partner picker, reputation, validation and aggregation rule), a learner (`peer.sim.learners`), a
-behaviour (honest, or a hostile policy: `peer.sim.behaviour`) and a link (`peer.sim.links`). The
-daemon's loops become events on one `EventLoop`:
+Each peer is a `PeerCore` (peer/core.py: the daemon's own decisions: swarm view, partners,
+reputation, validation, the aggregation rule, serve admission), a learner (`peer.sim.learners`),
+a `Behaviour` (honest, or a hostile policy of `peer.experiment.attacks`) and a link
+(`peer.sim.links`). The daemon's loops become events on one `EventLoop`:
 
 - a training step every `step_s` of the peer (its compute speed); after each, the gossip cadence
   (`peer.cadence.StepCadence`) may make a round due; a round also starts `gossip_every_s` after
@@ -40,19 +40,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from peer.aggregation import RoundContext
 from peer.aggregation.baselines import coordinate_median
 from peer.aggregation.sybil import Sketcher
+from peer.behaviour import Behaviour
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, settings_by_field
+from peer.core import PeerCore, adopted_step
+from peer.experiment.attacks import TARGETED, behaviour_for
 from peer.experiment.scenario import Scenario, ScenarioError, churn_schedule
-from peer.sim.behaviour import Behaviour, behaviour_for
-from peer.sim.decisions import Decisions, make_decisions, reported_histories
 from peer.sim.dht import RecordStore
 from peer.sim.events import EventLoop
 from peer.sim.learners import LinearLearner, LinearLossProbe
 from peer.sim.links import Link, transfer_seconds
 from peer.tasks import Task, load_task
-from protocols.discovery import HISTORY_DIM, PeerRecord
+from protocols.discovery import SKETCH_DIM, PeerRecord
 
 LINEAR_TASK = "mnist1d-linear"
 
@@ -71,7 +73,7 @@ class SimSettings:
     sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 40)
 
     @classmethod
-    def parse(cls, raw: dict[str, Any]) -> "SimSettings":
+    def parse(cls, raw: dict[str, Any]) -> SimSettings:
         known = {f.name for f in fields(cls)}
         raw = {k.replace("-", "_"): v for k, v in raw.items()}
         unknown = sorted(set(raw) - known)
@@ -108,7 +110,7 @@ class SimPeer:
         self.up = False
         self.learner: Any = None
         self.probe: Any = None
-        self.dec: Decisions | None = None
+        self.core: PeerCore | None = None
         self.behaviour: Behaviour | None = None
         self.link: Link | None = None
         self.step_s = 0.0
@@ -118,12 +120,11 @@ class SimPeer:
         self.round_due = False
         self.starting = False
         self.rounds_total = 0
-        self.counters: Counter[str] = Counter()
         self.lines: dict[str, list[dict]] = {}  # data dir name -> its metrics lines
 
 
 class Simulation:
-    def __init__(self, sc: Scenario, rounds: int | None = None, progress: Callable[[float, "Simulation"], None] | None = None):
+    def __init__(self, sc: Scenario, rounds: int | None = None, progress: Callable[[float, Simulation], None] | None = None):
         self.sc = sc
         self.sim = SimSettings.parse(sc.sim)
         try:
@@ -147,7 +148,7 @@ class Simulation:
         self.by_id: dict[str, SimPeer] = {}
         self.attacker_ids = {self._peer_id(p) for p in self.peers if p.role == "attacker"}
         probe_task = self._task(0)
-        self.uses_histories = make_decisions("probe", self.config, probe_task.name, self.aggregator).uses_histories
+        self.uses_histories = getattr(PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator, "sybil", None) is not None
         self.payload_bytes = 0
         self._init_flat: torch.Tensor | None = None
         if rounds is not None:
@@ -171,8 +172,6 @@ class Simulation:
     def _shard(self, slot: int) -> tuple[int, int, str]:
         sc = self.sc
         if slot >= sc.peers:  # attackers, as scripts/experiment.py starts them
-            from peer.hostile import TARGETED
-
             return (0, 1, "iid") if sc.attack.name in TARGETED else self._shard(slot % sc.peers)
         n = self.sim.shards or sc.peers
         return slot % n, n, sc.split
@@ -190,8 +189,10 @@ class Simulation:
         import dataclasses
 
         task = dataclasses.replace(self._task(p.slot))  # this peer's own Task object, the shard's tensors
-        p.behaviour = behaviour_for(p.role, self.sc.attack.name, p.peer_id, self.attacker_ids)
-        p.behaviour.poison(task)  # a data attack swaps in its own (relabelled) tensors
+        p.behaviour = behaviour_for(self.sc.attack.name if p.role == "attacker" else None, p.peer_id)
+        if not p.behaviour.honest:
+            p.behaviour.colluders = self.attacker_ids - {p.peer_id}
+            p.behaviour.poison(task)  # a data attack swaps in its own (relabelled) tensors
         seed = (self.sc.seed * 1_000_003 + zlib.crc32(p.peer_id.encode())) % 2**32
         batch_seed = p.behaviour.data_seed if p.behaviour.data_seed is not None else seed
         probe_n = task.loss_probe_samples if self.config.loss_probe_samples is None else self.config.loss_probe_samples
@@ -232,7 +233,6 @@ class Simulation:
                 return
             p.starting = False
             p.up = True
-            p.counters = Counter()
             self.by_id[p.peer_id] = p
             resumed = keep and p.checkpoint is not None
             if resumed:
@@ -240,8 +240,7 @@ class Simulation:
             else:
                 self._new_learner(p)
                 p.checkpoint = None
-            p.dec = make_decisions(p.peer_id, self._config_for(p), p.learner.task.name,
-                                   "mean" if p.role == "attacker" else self.aggregator)
+            p.core = PeerCore(p.peer_id, self.config, p.learner.task.name, p.behaviour.aggregator or self.aggregator)
             speed = math.exp(self.rng.gauss(0.0, self.sim.step_s_spread)) if self.sim.step_s_spread else 1.0
             g = self.sc.settings_for(p.slot)
             p.step_s = self.sim.step_s * speed + g.step_delay_s
@@ -251,7 +250,7 @@ class Simulation:
             p.lines.setdefault(p.dir_name, []).append({"time": self.loop.now, "event": "join", "peer_id": p.peer_id,
                                                        "attack": self.sc.attack.name if p.role == "attacker" else None})
             self.heartbeat(p)
-            live = p.dec.view.live(self.loop.now)
+            live = p.core.view.live(self.loop.now)
             if not resumed and not fresh_start and live:
                 chosen = random.Random(p.peer_id).sample(sorted(i.record.peer_id for i in live), min(3, len(live)))
                 self.start_round(p, chosen, sync=True)
@@ -259,9 +258,6 @@ class Simulation:
                 self._run(p)
 
         self.loop.at(now + (0.0 if fresh_start else self.sim.startup_s), begin)
-
-    def _config_for(self, p: SimPeer) -> PeerConfig:
-        return self.config
 
     def _run(self, p: SimPeer) -> None:
         """Start a life's periodic work: steps, heartbeats, samples, checkpoints, the round timer."""
@@ -335,9 +331,9 @@ class Simulation:
         p.round_due = False
         p.round_seq += 1
         if partners is None:
-            _, partners = p.dec.choose_partners(now, exclude=p.behaviour.colluders)
+            _, partners = p.core.choose_partners(now, p.behaviour.avoid)
         if not partners:
-            p.counters["rounds_no_partner"] += 1
+            p.core.stats.counters["rounds_no_partner"] += 1
             self.arm_timer(p)
             return
         own = p.learner.snapshot()
@@ -356,18 +352,18 @@ class Simulation:
             s = self.by_id.get(server_id)
             if s is None or not s.up:
                 return self.loop.after(rtt / 2, lambda: self.arrived(p, life, rnd, server_id, None, "unreachable"))
-            refusal = s.dec.admit(p.peer_id, self.loop.now)
-            if refusal is None and s.link.uploads >= self.config.max_concurrent_serves:
-                refusal = "busy"
-            if refusal is not None:
-                s.counters["serve_refused"] += 1
-                return self.loop.after(rtt / 2, lambda: self.arrived(p, life, rnd, server_id, None, "busy"))
-            model = s.behaviour.serve(p.peer_id, s.learner.snapshot())
+            if s.core.admit(p.peer_id, self.loop.now) is not None:  # answered with an error header
+                return self.loop.after(rtt / 2, lambda: self.arrived(p, life, rnd, server_id, None, "remote_error"))
+            s.core.serve_started(p.peer_id)
+            model = s.learner.snapshot()
+            if not s.behaviour.honest:
+                model = s.behaviour.serve(p.peer_id, model).contiguous()
             got = (s.learner.step, model, s, s.life)
             s.link.uploads += 1
             p.link.downloads += 1
             dt = transfer_seconds(self.payload_bytes, s.link, p.link)
-            s.counters["bytes_sent"] += self.payload_bytes
+            s.core.stats.counters["bytes_sent"] += self.payload_bytes
+            s.core.stats.served_bytes["models"] += self.payload_bytes
             self.serves[server_id] += 1
             self.loop.after(rtt / 2 + dt, lambda: self.arrived(p, life, rnd, server_id, got, None))
 
@@ -378,17 +374,20 @@ class Simulation:
             _, _, s, _ = got
             s.link.uploads -= 1
             p.link.downloads -= 1
-            if s.life != got[3]:
+            if s.life == got[3]:
+                s.core.serve_ended(p.peer_id)
+                s.core.stats.counters["serves"] += 1
+            else:
                 got, failure = None, "disconnected"  # the server went away mid-transfer
         if p.life != life or p.round is not rnd:
             return  # we went away ourselves
         now = self.loop.now
         if got is None:
-            p.dec.pull_failed(server_id, failure, now)
+            p.core.pull_failed(server_id, failure, now)
         else:
-            p.counters["bytes_received"] += self.payload_bytes
+            p.core.stats.counters["bytes_received"] += self.payload_bytes
             step, model = got[0], got[1]
-            if p.dec.accept(server_id, rnd.own, model, now):
+            if p.core.accept(server_id, rnd.own, model, now):
                 rnd.got.append((server_id, step, model))
         rnd.pending -= 1
         if rnd.pending == 0:
@@ -405,38 +404,45 @@ class Simulation:
             return
         p.rounds_total += 1
         if not rnd.got:
-            p.counters["rounds_failed"] += 1
+            p.core.stats.counters["rounds_failed"] += 1
         else:
             ids, steps, models = [g[0] for g in rnd.got], [g[1] for g in rnd.got], [g[2] for g in rnd.got]
             p.behaviour.observe(ids, models)
             t0 = time.perf_counter()
-            histories = reported_histories(p.dec.view, now, self.store.sketch) if p.dec.uses_histories else {}
-            loss = None
-            if p.probe is not None and p.dec.uses_loss:
-                own_loss, deltas = p.probe.measure(rnd.own, models)
-                loss = (own_loss, deltas, p.probe.untrained_loss)
+            ctx = self.round_context(p, ids, now)
             t1 = time.perf_counter()
-            mix = p.dec.mix(rnd.own, ids, models, now, histories, loss)
+            mix, p.probe = p.core.aggregate(rnd.own, models, ctx, p.probe)
             t2 = time.perf_counter()
-            self.timing["probe"] += t1 - t0
+            p.core.mixed(mix, ctx, now)
+            self.timing["context"] += t1 - t0
             self.timing["mix"] += t2 - t1
             self.calls["mix"] += 1
             p.learner.apply_delta(mix.model - rnd.own)
-            target = p.dec.adopt_step(p.learner.step, steps, mix.weights)
+            target = adopted_step(p.learner.step, steps, mix.weights)
             if target is not None:
                 p.learner.advance_step(target)
-            p.counters["rounds_ok"] += 1
         if p.round_due:
             self.start_round(p)
         else:
             self.arm_timer(p)
+
+    def round_context(self, p: SimPeer, ids: list[str], now: float) -> RoundContext:
+        """`PeerCore.round_context`, with each record's history sketch decoded once for the whole
+        swarm (`RecordStore.sketch`) instead of once per reader per round, and none decoded for
+        a rule that reads none."""
+        histories = {}
+        if self.uses_histories:
+            histories = {i.record.peer_id: self.store.sketch(i.record.peer_id, i.record.history)
+                         for i in p.core.view.live(now) if i.record.history}
+        return RoundContext(self_id=p.peer_id, partner_ids=ids, histories=histories,
+                            byzantine_fraction=self.config.byzantine_fraction)
 
     # --- discovery -------------------------------------------------------------------------
     def record(self, p: SimPeer, state: str = "up") -> PeerRecord:
         history = b""
         if self.uses_histories:
             if not hasattr(self, "_sketcher"):
-                self._sketcher = Sketcher(p.learner.flat.numel(), HISTORY_DIM)
+                self._sketcher = Sketcher(p.learner.flat.numel(), SKETCH_DIM)
             sketch = p.behaviour.report_history(self._sketcher(p.learner.history()))
             history = sketch.to(torch.float16).numpy().tobytes()
         loss, acc = p.learner.last_loss, p.learner.metrics.get("accuracy")
@@ -450,7 +456,7 @@ class Simulation:
         now = self.loop.now
         t0 = time.perf_counter()
         self.store.publish(p.peer_id, self.record(p).to_wire(), now + 3 * self.config.heartbeat_s)
-        p.dec.records(self.store.lookup(now), now)
+        p.core.records(self.store.lookup(now), now)
         self.timing["view"] += time.perf_counter() - t0
         self.calls["view"] += 1
 
@@ -459,17 +465,16 @@ class Simulation:
         t0 = time.perf_counter()
         m = p.learner.evaluate()
         self.timing["eval"] += time.perf_counter() - t0
-        live = len(p.dec.view.live(self.loop.now))
+        live = len(p.core.view.live(self.loop.now))
         if p.role == "honest":
             self.view_sizes.append(live)
-        stats = p.dec.stats
+        stats = p.core.stats
         p.lines[p.dir_name].append({
             "time": self.loop.now, "event": event, "step": p.learner.step, "samples": p.learner.samples,
             "loss": p.learner.last_loss, "accuracy": m.get("accuracy"), "test_loss": m.get("test_loss"),
             "samples_per_s": round(p.learner.task.batch_size / p.step_s, 1),
-            **{k: p.counters[k] for k in ("rounds_ok", "rounds_failed", "rounds_no_partner", "bytes_sent", "bytes_received")},
-            "rejected": {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("rejected:")},
-            "pull_failed": {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("pull_failed:")},
+            **{k: stats.counters[k] for k in ("rounds_ok", "rounds_failed", "rounds_no_partner", "bytes_sent", "bytes_received")},
+            "rejected": dict(stats.rejected), "pull_failed": dict(stats.pull_failed),
             "view": live, **({"exit_code": 0} if event == "leave" else {}),
         })
 

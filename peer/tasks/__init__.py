@@ -1,5 +1,8 @@
 """Tasks: what a run trains. A `Task` bundles model, optimizer, data and evaluation.
 
+    __init__.py     `Task`, the built-in MNIST-1D and digits tasks, the dataset cache, `load_task`
+    lm.py           the byte-level language models (`lm-tiny`, `lm`, `lm-large`) and their corpus
+
 Built-in: `mnist1d-cnn` (default), `mnist1d-linear` (softmax regression, 410 parameters: what
 simulations of thousands of peers train, peer/sim), `digits-mlp` (tiny, for fast tests), and the byte-level language
 models `lm-tiny`, `lm`, `lm-large` (peer/tasks/lm.py). A user's own task is
@@ -167,7 +170,8 @@ def _mnist1d_data():
     if arrays is None:
         arrays = _generate_mnist1d()
         _store_cached(path, arrays)
-    f = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)
+    def f(a):
+        return torch.tensor(a, dtype=torch.float32).unsqueeze(1)
     return f(arrays["x"]), torch.tensor(arrays["y"]), f(arrays["x_test"]), torch.tensor(arrays["y_test"])
 
 

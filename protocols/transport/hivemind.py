@@ -440,7 +440,6 @@ def _unpack_plain(data: bytes) -> Any:
 def _make_run_record_validator():
     from hivemind.dht.routing import DHTID
     from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-    from hivemind.utils.timed_storage import get_dht_time
 
     from protocols.discovery import MAX_VIEW_PEERS, check_record
     from protocols.loglimit import LogLimiter
@@ -492,7 +491,7 @@ def safe_validator(validators: list, counters=None):
     """hivemind's CompositeValidator, but a validator that raises refuses the record instead.
 
     hivemind's RSASignatureValidator raises ValueError on a malformed public key in a subkey
-    (found by scripts/fuzz.py); hivemind would then fail the whole RPC. Here it is a counted
+    (scripts/fuzz.py sends one); hivemind would then fail the whole RPC. Here it is a counted
     refusal, like any other bad record.
     """
     from hivemind.dht.validation import CompositeValidator

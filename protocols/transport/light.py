@@ -114,7 +114,7 @@ class LightClient:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls) -> AsyncIterator["LightClient"]:
+    async def open(cls) -> AsyncIterator[LightClient]:
         from libp2p import new_host
         from libp2p.crypto.ed25519 import create_new_key_pair
         from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair

@@ -83,7 +83,7 @@ class MemoryNetwork:
         self.open_streams: dict[str, set[MemoryStream]] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def transport(self, peer_id: str) -> "MemoryTransport":
+    def transport(self, peer_id: str) -> MemoryTransport:
         return MemoryTransport(self, peer_id)
 
     async def kill(self, peer_id: str) -> None:

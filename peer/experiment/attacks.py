@@ -1,9 +1,10 @@
-"""Hostile policies: attacks a real daemon can run, FOR EXPERIMENTS ONLY.
+"""Hostile behaviours: attacks a real daemon or the simulator can run, FOR EXPERIMENTS ONLY.
 
 `peer join --experiment-attack NAME` (hidden from `--help`, used by `scripts/robustness.py` and
-the experiment runner) plugs one of these into an otherwise normal daemon, so every attack
-crosses the real protocol: the attacker discovers peers, pulls their models, trains, publishes
-a signed record, and serves what the policy crafts when an honest peer pulls from it.
+the experiment runner) injects one of these (`peer.behaviour.Behaviour`) into an otherwise normal
+daemon, so every attack crosses the real protocol: the attacker discovers peers, pulls their
+models, trains, publishes a signed record, and serves what the policy crafts when an honest peer
+pulls from it. Attackers mix with a plain mean and never pull their colluders.
 
 Model-space forms of the attacks in the literature (REFERENCE.md section 4). `base` is the
 attacker's model before this round's local steps (it mixes honest models with a plain mean, so
@@ -32,6 +33,7 @@ import math
 
 import torch
 
+from peer.behaviour import Behaviour
 from peer.tasks import Task
 
 ATTACKS = ("signflip", "signflip100", "signflip-liar", "gaussian", "labelflip", "targeted", "adaptive-sybil",
@@ -48,11 +50,15 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf((n - f - s) / (n - f))
 
 
-class HostilePolicy:
+class HostilePolicy(Behaviour):
+    honest = False
+    aggregator = "mean"  # the attacker tracks the swarm: base and mu are honest averages
+
     def __init__(self, attack: str, seed: int = 0, n: int = 25, f: int = 5):
+        super().__init__()
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-        self.attack = attack
+        self.attack = self.name = attack
         self.gen = torch.Generator().manual_seed(seed)
         self.z = alie_z(n, f)
         self.base: torch.Tensor | None = None
@@ -60,14 +66,20 @@ class HostilePolicy:
         self.mu: torch.Tensor | None = None
         self.sigma: torch.Tensor | None = None
         self.seen: dict[str, torch.Tensor] = {}
-        self.colluders: set[str] = set()  # fellow attackers: never pulled, their models are not honest
         self._last_history: torch.Tensor | None = None
+        # Sybils of a targeted attack all train alike: same batches, same init
+        self.data_seed = 12345 if attack in TARGETED else None
+
+    @property
+    def colluders(self) -> frozenset[str]:
+        """Fellow attackers: never pulled, their models are not honest."""
+        return self.avoid
+
+    @colluders.setter
+    def colluders(self, peers) -> None:
+        self.avoid = frozenset(peers)
 
     # --- what the daemon asks --------------------------------------------------------------
-    @property
-    def data_seed_override(self) -> int | None:
-        """Sybils of a targeted attack all train alike: same batches, same init."""
-        return 12345 if self.attack in TARGETED else None
 
     def poison(self, task: Task) -> None:
         """Rewrite the training labels (data attacks only). Sybils of the targeted attack are
@@ -99,7 +111,7 @@ class HostilePolicy:
             self.mu = x.mean(0)
             self.sigma = x.std(0, unbiased=False) if len(models) > 1 else torch.zeros_like(self.mu)
 
-    def craft(self, requester: str, own: torch.Tensor) -> torch.Tensor:
+    def serve(self, requester: str, own: torch.Tensor) -> torch.Tensor:
         """The model served to `requester` in place of the attacker's real one."""
         a = self.attack
         base = self.base if self.base is not None and self.base.shape == own.shape else own
@@ -132,3 +144,11 @@ class HostilePolicy:
             noise = torch.randn(sketch.shape, generator=self.gen)
             return sketch + noise * (3 * float(sketch.norm()) / max(float(noise.norm()), 1e-12))
         return sketch
+
+
+def behaviour_for(attack: str | None, peer_id: str) -> Behaviour:
+    """The behaviour `--experiment-attack ATTACK` asks for (honest without one); each attacker's
+    randomness is seeded by its peer id."""
+    import zlib
+
+    return HostilePolicy(attack, seed=zlib.crc32(peer_id.encode())) if attack else Behaviour()

@@ -8,7 +8,7 @@ Neither is a dependency of this project; install them in a separate venv:
     /tmp/refvenv/bin/pip install numpy scipy pytest /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
     /tmp/refvenv/bin/pip install byzfl==0.0.11 --no-deps    # `import byzfl` needs torchvision: we load files
     /tmp/refvenv/bin/pip install flwr==1.41.0
-    /tmp/refvenv/bin/python scripts/make_golden_vectors.py  # writes tests/golden/aggregators.npz
+    /tmp/refvenv/bin/python -m tests.golden.make_vectors   # from the repository root; writes tests/golden/aggregators.npz
 
 (torch only because ByzFL's modules import it; the references run on their numpy paths.)
 
@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "tests" / "golden" / "aggregators.npz"
 RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geomed")
 KINDS = ("gauss", "offset", "ints", "heavy", "clusters", "same")
@@ -440,7 +440,7 @@ def generate(seed: int, pool_size: int, cc_count: int, refs: References | None =
                  for (rule, ref), rows in entries.items()},
         cc={"reference": "byzfl", "cases": len(cc_cases), "rounds": sum(len(c["rounds"]) for c in cc_cases)},
         krum_tie_rtol=TIE_RTOL,
-        conventions="see scripts/make_golden_vectors.py docstring",
+        conventions="see tests/golden/make_vectors.py docstring",
     )
     return pool, entries, cc_cases, cc_outs, manifest
 
