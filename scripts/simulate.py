@@ -47,6 +47,7 @@ def run(args) -> int:
 
     try:
         sc = load_scenario(args.scenario)
+        scenario_text = args.scenario.read_text()  # what was run, copied into DIR
         if args.peers is not None:
             if args.peers < 1:
                 raise ScenarioError(f"--peers must be >= 1, got {args.peers}")
@@ -75,7 +76,7 @@ def run(args) -> int:
     result["honest_accuracy_mean"] = summary["honest_accuracy_mean"]
     result["honest_accuracy_min"] = summary["honest_accuracy_min"]
     result["summary_s"] = round(time.monotonic() - t0, 1)
-    report.write(out, sim, result, summary, args.scenario.read_text(), plots=not args.no_plots)
+    report.write(out, sim, result, summary, scenario_text, plots=not args.no_plots)
     result["out"] = str(out)
     if args.json:
         print(json.dumps(result))

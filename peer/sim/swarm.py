@@ -235,10 +235,10 @@ class Simulation:
             p.up = True
             self.by_id[p.peer_id] = p
             resumed = keep and p.checkpoint is not None
+            self._new_learner(p)  # a new process: a fresh trainer and behaviour
             if resumed:
                 p.learner.load_state_dict(p.checkpoint)  # its data dir's checkpoint
             else:
-                self._new_learner(p)
                 p.checkpoint = None
             p.core = PeerCore(p.peer_id, self.config, p.learner.task.name, p.behaviour.aggregator or self.aggregator)
             speed = math.exp(self.rng.gauss(0.0, self.sim.step_s_spread)) if self.sim.step_s_spread else 1.0
