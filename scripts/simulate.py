@@ -101,10 +101,13 @@ def progress_bar(quiet: bool):
         task = [None]
 
         def update(now: float, sim) -> None:
+            rounds = sim.target_rounds
             if task[0] is None:
-                task[0] = progress.add_task("sim", total=sim.sc.duration_s, info="")
+                task[0] = progress.add_task("sim", total=rounds or sim.sc.duration_s, info="")
             up = sum(p.up for p in sim.peers)
-            progress.update(task[0], completed=now, info=f"{now:.1f}/{sim.sc.duration_s:.1f} virtual s  up {up}/{len(sim.peers)}")
+            done = sim.mean_rounds()
+            progress.update(task[0], completed=done if rounds else now,
+                            info=f"{now:.2f} virtual s  {done:.0f} rounds  up {up}/{len(sim.peers)}")
 
         with progress:
             yield update

@@ -164,7 +164,7 @@ startup_s = 0.05
     for key in ("peers", "rounds", "wall_s", "peak_rss_mb", "honest_accuracy_mean"):
         assert key in result, key
     assert result["peers"] == 13 and result["attackers"] == 1
-    assert result["rounds"] >= 5  # rounds completed per honest peer (the duration is 10 nominal rounds)
+    assert 10 <= result["rounds"] < 12  # the run stops once honest peers completed 10 rounds on average
     assert result["honest_accuracy_mean"] > 0.15  # chance is 0.10
     assert result["peak_rss_mb"] > 0 and result["wall_s"] > 0
     summary = json.loads((out / "summary.json").read_text())

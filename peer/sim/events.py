@@ -30,6 +30,7 @@ class EventLoop:
         self._heap: list[tuple[float, int, Event]] = []
         self._seq = itertools.count()
         self.processed = 0
+        self._stopped = False
 
     def at(self, time: float, fn: Callable[[], None]) -> Event:
         """Run `fn` at virtual time `time` (never before now: the past cannot be scheduled)."""
@@ -42,11 +43,17 @@ class EventLoop:
     def after(self, delay: float, fn: Callable[[], None]) -> Event:
         return self.at(self.now + max(0.0, delay), fn)
 
+    def stop(self) -> None:
+        """End `run` before its next event (`now` stays where it is)."""
+        self._stopped = True
+
     def run(self, until: float, on_tick: Callable[[float], None] | None = None, tick_s: float = 1.0) -> None:
-        """Run every event with time <= `until`; `now` ends at `until`. `on_tick(now)` is called
-        each time virtual time passes a multiple of `tick_s` (a progress bar)."""
+        """Run every event with time <= `until`; `now` ends at `until`, or where `stop` was
+        called. `on_tick(now)` is called each time virtual time passes a multiple of `tick_s`
+        (a progress bar, a stopping rule)."""
         next_tick = self.now + tick_s
-        while self._heap and self._heap[0][0] <= until:
+        self._stopped = False
+        while self._heap and self._heap[0][0] <= until and not self._stopped:
             ev = heapq.heappop(self._heap)[2]
             if ev.cancelled:
                 continue
@@ -56,7 +63,8 @@ class EventLoop:
                 next_tick = self.now + tick_s
             ev.fn()
             self.processed += 1
-        self.now = max(self.now, until)
+        if not self._stopped:
+            self.now = max(self.now, until)
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -70,7 +70,7 @@ class SimSettings:
     down_bytes_s: float = 1e7
     startup_s: float = 0.0  # from a join to the first heartbeat (process start-up)
     shards: int = 0  # distinct data shards (0: one per honest peer, as the real runner)
-    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 40)
+    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 80)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> SimSettings:
@@ -151,9 +151,12 @@ class Simulation:
         self.uses_histories = getattr(PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator, "sybil", None) is not None
         self.payload_bytes = 0
         self._init_flat: torch.Tensor | None = None
+        # --rounds R: run until the honest peers have completed R rounds on average, within twice
+        # the time R rounds of a nominal peer take (churn, start-up and slower peers stretch it)
+        self.target_rounds = rounds
         if rounds is not None:
-            sc.duration_s = rounds * self.nominal_round_s(probe_task)
-        self.sample_s = self.sim.sample_every_s or sc.duration_s / 40
+            sc.duration_s = 2 * rounds * self.nominal_round_s(probe_task)
+        self.sample_s = self.sim.sample_every_s or sc.duration_s / 80
 
     # --- set-up --------------------------------------------------------------------------
     def nominal_round_s(self, task: Task) -> float:
@@ -506,8 +509,14 @@ class Simulation:
             p = self.peers[ev.peer]
             self.loop.at(ev.at, (lambda p=p, a=ev.action: self.start(p, fresh_start=False)) if ev.action == "join"
                          else (lambda p=p, a=ev.action: self.stop(p, a)))
-        self.loop.run(sc.duration_s, on_tick=(lambda now: self.progress(now, self)) if self.progress else None,
-                      tick_s=max(sc.duration_s / 200, 1e-3))
+        def tick(now: float) -> None:
+            if self.progress is not None:
+                self.progress(now, self)
+            if self.target_rounds is not None and self.mean_rounds() >= self.target_rounds:
+                self.loop.stop()
+
+        self.loop.run(sc.duration_s, on_tick=tick, tick_s=max(sc.duration_s / 400, 1e-3))
+        sc.duration_s = self.loop.now  # where the run ended (earlier with --rounds)
         self.log("stop")
         for p in self.peers:
             if p.up:
@@ -516,13 +525,16 @@ class Simulation:
             [{"time": sc.duration_s, "t": sc.duration_s, "action": "run_end"}]
         return self.result(time.monotonic() - wall0)
 
+    def mean_rounds(self) -> float:
+        """Rounds completed per honest peer slot, on average (over all its lives)."""
+        return sum(p.rounds_total for p in self.peers if p.role == "honest") / max(1, self.sc.peers)
+
     def peer_lines(self) -> dict[str, list[dict]]:
         return {name: lines for p in self.peers for name, lines in p.lines.items()}
 
     def result(self, wall_s: float) -> dict[str, Any]:
         """The simulator's own figures (the scenario summary comes from peer.experiment.collect)."""
         honest_final = []
-        rounds = []
         for p in self.peers:
             if p.role != "honest":
                 continue
@@ -530,7 +542,6 @@ class Simulation:
             metric = [r for r in last if r.get("accuracy") is not None]
             if metric:
                 honest_final.append(metric[-1]["accuracy"])
-                rounds.append(p.rounds_total)
         served = sorted(self.serves.values())
         ever = {p.peer_id for p in self.peers if p.peer_id}
         spread = None
@@ -541,7 +552,7 @@ class Simulation:
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
             "peers": len(self.peers), "honest": self.sc.peers, "attackers": self.sc.attack.count,
-            "rounds": round(statistics.mean(rounds), 1) if rounds else 0,
+            "rounds": round(self.mean_rounds(), 1), "target_rounds": self.target_rounds,
             "virtual_s": round(self.sc.duration_s, 3), "wall_s": round(wall_s, 1), "peak_rss_mb": round(rss_mb, 1),
             "honest_final_accuracy": spread,
             "events": self.loop.processed,
