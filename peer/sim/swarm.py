@@ -148,6 +148,10 @@ class Simulation:
         self.by_id: dict[str, SimPeer] = {}
         self.attacker_ids = {self._peer_id(p) for p in self.peers if p.role == "attacker"}
         probe_task = self._task(0)
+        outer = self.config.outer_every_steps if self.config.outer_every_steps is not None else probe_task.outer_every_steps
+        if outer:
+            raise ScenarioError(f"task {sc.task} gossips with outer steps (outer_every_steps {outer}), which the simulator "
+                                "does not model; set outer-every-steps = 0 in [peer] or pick another task")
         self.uses_histories = getattr(PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator, "sybil", None) is not None
         self.payload_bytes = 0
         self._init_flat: torch.Tensor | None = None
@@ -229,6 +233,8 @@ class Simulation:
         p.peer_id = self._peer_id(p)
         p.lives += 1
         self.log("start", p)
+        if fresh_start and p.role == "honest":
+            self.events[-1]["time"] = -1e-3  # before the run's start, as the real runner's first starts
         life = p.life
 
         def begin() -> None:
