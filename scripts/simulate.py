@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--peers", type=int, help="honest peers (overrides the scenario's)")
     ap.add_argument("--rounds", type=int, help="rounds of a nominal peer (sets the virtual duration)")
     ap.add_argument("--seed", type=int, help="override the scenario's seed")
+    ap.add_argument("--samples", type=int, default=80,
+                    help="evaluations (metrics lines) per peer over the run, unless [sim] sample_every_s says (default 80)")
     ap.add_argument("--out", type=Path, help="run directory (default runs/simulations/<name>-<time>)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     ap.add_argument("--no-plots", action="store_true")
@@ -56,6 +58,8 @@ def run(args) -> int:
             raise ScenarioError(f"--rounds must be >= 1, got {args.rounds}")
         if args.seed is not None:
             sc.seed = args.seed
+        if args.samples < 2:
+            raise ScenarioError(f"--samples must be >= 2, got {args.samples}")
         out = args.out or Path("runs/simulations") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if out.exists() and any(out.iterdir()):
             raise ScenarioError(f"{out} exists and is not empty; choose another --out")
@@ -66,7 +70,7 @@ def run(args) -> int:
         from peer.sim.swarm import Simulation
 
         with progress_bar(args.quiet) as bar:
-            sim = Simulation(sc, rounds=args.rounds, progress=bar)
+            sim = Simulation(sc, rounds=args.rounds, progress=bar, samples=args.samples)
             result = sim.run()
     except ScenarioError as e:
         print(f"simulate: {e}", file=sys.stderr)

@@ -70,7 +70,7 @@ class SimSettings:
     down_bytes_s: float = 1e7
     startup_s: float = 0.0  # from a join to the first heartbeat (process start-up)
     shards: int = 0  # distinct data shards (0: one per honest peer, as the real runner)
-    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: duration / 80)
+    sample_every_s: float = 0.0  # evaluation and metrics line interval (0: the duration / --samples)
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> SimSettings:
@@ -124,7 +124,8 @@ class SimPeer:
 
 
 class Simulation:
-    def __init__(self, sc: Scenario, rounds: int | None = None, progress: Callable[[float, Simulation], None] | None = None):
+    def __init__(self, sc: Scenario, rounds: int | None = None, progress: Callable[[float, Simulation], None] | None = None,
+                 samples: int = 80):
         self.sc = sc
         self.sim = SimSettings.parse(sc.sim)
         try:
@@ -160,7 +161,7 @@ class Simulation:
         self.target_rounds = rounds
         if rounds is not None:
             sc.duration_s = 2 * rounds * self.nominal_round_s(probe_task)
-        self.sample_s = self.sim.sample_every_s or sc.duration_s / 80
+        self.sample_s = self.sim.sample_every_s or sc.duration_s / samples
 
     # --- set-up --------------------------------------------------------------------------
     def nominal_round_s(self, task: Task) -> float:
