@@ -176,3 +176,17 @@ startup_s = 0.05
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "simulate.py"), str(scenario), "--out", str(out), "--quiet"],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_scenario_sim_table_is_kept_for_the_simulator_and_checked():
+    sc = _scenario(sim={"step_s": 0.5})
+    assert sc.sim == {"step_s": 0.5} and sc.to_dict()["sim"] == {"step_s": 0.5}
+    with pytest.raises(ScenarioError, match=r"\[sim\] are tables"):
+        _scenario(sim=3)
+
+
+def test_simulation_refuses_what_it_does_not_model():
+    from peer.sim.swarm import Simulation
+
+    with pytest.raises(ScenarioError, match="outer steps"):
+        Simulation(_scenario(peer={"outer-every-steps": 5}))
