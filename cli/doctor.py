@@ -53,7 +53,7 @@ def run(data_dir: Path | None, initial_peers: list[str], run_id: str | None, lis
             print(c.line())
         fails = sum(c.level == "fail" for c in checks)
         warns = sum(c.level == "warn" for c in checks)
-        print(f"{len(checks)} checks: {fails} failed, {warns} warnings", file=sys.stderr)
+        print(f"{len(checks)} checks: {fails} failed, {warns} warning{'' if warns == 1 else 's'}", file=sys.stderr)
     return code
 
 

@@ -48,6 +48,10 @@ class Check:
         return {"check": self.name, "level": self.level, "what": self.what, "fix": self.fix, **self.detail}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -261,7 +265,7 @@ def check_daemon(data_dir: Path, socket_name: str = "control.sock") -> tuple[Che
                      "the daemon is another version than this command: restart it"), None
     s = reply["status"]
     what = (f"running (pid {s.get('pid')}, run {s.get('run_id')}, task {s.get('task')}, {s.get('phase')}, "
-            f"step {s.get('step')}, {len(s.get('live_peers') or [])} live peers)")
+            f"step {s.get('step')}, {_count(len(s.get('live_peers') or []), 'live peer')})")
     return Check("daemon", "ok", what, detail={"running": True, "peer_id": s.get("peer_id"), "addrs": s.get("addrs", [])}), s
 
 
@@ -432,7 +436,7 @@ def check_clock(probes: list[Probe], heartbeat_s: float) -> Check:
     offset, error, peer = max(samples, key=lambda s: abs(s[0]) - s[1])
     lifetime = 3 * heartbeat_s
     direction = "behind" if offset > 0 else "ahead of"
-    what = f"{abs(offset):.2f} s {direction} peer {peer[:12]}… (±{error:.2f} s; {len(samples)} peers asked)"
+    what = f"{abs(offset):.2f} s {direction} peer {peer[:12]}… (±{error:.2f} s; {_count(len(samples), 'peer')} asked)"
     detail = {"max_offset_s": round(offset, 3), "uncertainty_s": round(error, 3)}
     fix = "sync this machine's clock (timedatectl set-ntp true, or install chrony)"
     if abs(offset) - error >= lifetime:
