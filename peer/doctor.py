@@ -28,7 +28,7 @@ from peer.config import PeerConfig
 MIN_PYTHON = (3, 11)
 # a checkpoint write needs room for the new file beside the old one (temp file, then rename)
 UNSIZED_CHECKPOINT_BYTES = 256 << 20  # asked of a data dir that has no checkpoint to size one from
-MAX_PROBED_PEERS = 3
+MAX_PROBED_PEERS = 4  # asked at once, each within PROBE_TIMEOUT_S
 PROBE_TIMEOUT_S = 10.0
 PING = "DHTProtocol.rpc_ping"  # hivemind's handler: its reply carries the peer's clock (dht_time)
 
@@ -330,9 +330,9 @@ def peers_to_ask(initial: list[str], status: dict[str, Any] | None, data_dir: Pa
     return out
 
 
-def probe_peers(peers: dict[str, list[str]], dialback_addrs: list[str] | None, max_answers: int = MAX_PROBED_PEERS,
+def probe_peers(peers: dict[str, list[str]], dialback_addrs: list[str] | None, max_tried: int = MAX_PROBED_PEERS,
                 timeout: float = PROBE_TIMEOUT_S) -> list[Probe]:
-    """Dial peers of the run with py-libp2p (no p2pd) until `max_answers` answered: ping each
+    """Dial the first `max_tried` peers of the run at once with py-libp2p (no p2pd): ping each
     twice (its clock), and ask it to dial `dialback_addrs` back (the daemon's addresses)."""
     import logging
 
@@ -382,13 +382,16 @@ def probe_peers(peers: dict[str, list[str]], dialback_addrs: list[str] | None, m
         return result
 
     async def main() -> list[Probe]:
-        done: list[Probe] = []
+        chosen = list(peers.items())[:max_tried]
+        done: list[Probe | None] = [None] * len(chosen)
         async with LightClient.open() as client:
-            for peer, addrs in peers.items():
-                done.append(await probe(client, peer, addrs))
-                if sum(p.error is None for p in done) >= max_answers:
-                    break
-        return done
+            async def one(i: int, peer: str, addrs: list[str]) -> None:
+                done[i] = await probe(client, peer, addrs)
+
+            async with trio.open_nursery() as nursery:  # together: a dead peer costs `timeout` once
+                for i, (peer, addrs) in enumerate(chosen):
+                    nursery.start_soon(one, i, peer, addrs)
+        return [p for p in done if p is not None]
 
     return trio.run(main)
 

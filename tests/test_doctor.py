@@ -295,7 +295,11 @@ def test_doctor_json_against_a_real_run(tmp_path):
     peers = start_swarm(tmp_path, 2, ["--run-id", "doc", "--task", "digits-mlp", "--config", str(config)])
     try:
         b = peers[1]
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "doctor", "--json", "--data-dir", str(b.data_dir), "--run", "doc"],
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/{PID}"  # a stale address: must not spoil the rest
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "doctor", "--json", "--data-dir", str(b.data_dir),
+                                 "--run", "doc", "--initial-peer", dead],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         daemons = set()  # p2pd started as a daemon; `p2pd -h` (the install check) only prints its usage
         while proc.poll() is None:
@@ -317,6 +321,7 @@ def test_doctor_json_against_a_real_run(tmp_path):
         assert checks["listen"]["level"] == "ok" and checks["listen"]["addrs"] == b.addrs  # held by the daemon: not a fail
         reach = checks["reachability"]
         assert reach["level"] == "ok" and reach["reachable"] is True and reach["peer"] == peers[0].peer_id
+        assert "1 of 2 peers of the run answer" in reach["what"]
         assert reach["dialled"][own] == "ok"
         assert checks["clock"]["level"] == "ok" and abs(checks["clock"]["max_offset_s"]) < 1.0
         assert checks["identity"]["peer_id"] == b.peer_id
