@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -15,10 +15,10 @@ import typer
 
 def command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="PEER_DATA_DIR", metavar="DIR", show_default="$XDG_DATA_HOME/peer", help="The data dir to check (peer join's)."),
-    initial_peer: Optional[List[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="the daemon's and the data dir's known peers", help="A peer of the run to test reachability and clock against, with /p2p/<id>. Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="the daemon's and the data dir's known peers", help="A peer of the run to test reachability and clock against, with /p2p/<id>. Repeatable."),
     run_id: Optional[str] = typer.Option(None, "--run", "--run-id", envvar="PEER_RUN_ID", metavar="NAME", show_default="default", help="The run whose checkpoint and peers to check."),
-    listen: Optional[List[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", help="The listen address peer join would use. Repeatable."),
-    announce: Optional[List[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", help="The addresses peer join would announce. Repeatable."),
+    listen: Optional[list[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", help="The listen address peer join would use. Repeatable."),
+    announce: Optional[list[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", help="The addresses peer join would announce. Repeatable."),
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", help="TOML settings, as for peer join."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="One JSON object on stdout: {ok, checks: [...]}."),
     debug: bool = typer.Option(False, "--debug", metavar="", envvar="PEER_DEBUG", help="Show the traceback of a check that fails unexpectedly."),
