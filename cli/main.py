@@ -249,6 +249,10 @@ from cli.swarm import command as swarm  # noqa: E402  (peer swarm: cli/swarm.py)
 
 app.command("swarm")(swarm)
 
+from cli.doctor import command as doctor  # noqa: E402  (peer doctor: cli/doctor.py, checks in peer/doctor.py)
+
+app.command("doctor")(doctor)
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,8 @@
     state.py        checkpoints: one per run and task, written whole
     datadir.py      the data dir's checks (writable, private, control socket)
     known_peers.py  recently seen peers of a run, dialled again at start
+    reachability.py the reachability verdict (`peer join` at start, `peer doctor`)
+    doctor.py       `peer doctor`'s checks, one function each
     control.py      the Unix control socket (`peer status`, `peer leave`)
     metrics.py      the Prometheus endpoint
     metrics_log.py  DATA_DIR/metrics.jsonl, rotated (read by the experiment tools)

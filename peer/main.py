@@ -139,6 +139,9 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             if daemon.addrs:
                 print(f"peer {daemon.peer_id} listening on:", *daemon.addrs, sep="\n  ", flush=True)
                 print(join_line(cfg, daemon.addrs, daemon.peer_id), flush=True)
+                from peer.reachability import check_at_start  # dial-back through a peer of the run
+
+                print((await check_at_start(transport.p2p, daemon.addrs, cfg.announce)).line(), flush=True)
 
         announcer = asyncio.create_task(announce())
         try:

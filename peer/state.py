@@ -122,13 +122,14 @@ def _free_bytes(directory: Path) -> float:
         return math.inf
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path`, or None if there is none. Raises ValueError if it is unusable."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None if there is none. Raises ValueError if it is unusable.
+    `mmap`: tensors stay on disk until touched (checking a large checkpoint costs no memory)."""
     path = Path(path)
     if not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable: {(str(e).strip().splitlines() or [''])[0][:200]}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -23,6 +23,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_all_tiny_json_has_every_ratio_and_sane_figures():
     proc = subprocess.run([sys.executable, str(SCRIPT), "all", "--tiny", "--json"], cwd=ROOT,

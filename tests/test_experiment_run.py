@@ -22,6 +22,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_smoke_scenario_kill_and_rejoin_end_to_end(tmp_path):
     out = tmp_path / "run"

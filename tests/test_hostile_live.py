@@ -221,6 +221,7 @@ def _answer(reply: bytes) -> str:
     return header.get("reason", header.get("type"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_hostile_peer_against_live_daemons(tmp_path):
     from hivemind.p2p import P2P

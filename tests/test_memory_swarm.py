@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import asyncio
 
 import numpy as np
@@ -92,6 +93,7 @@ class HostilePeer:
             await asyncio.Event().wait()
 
 
+@pytest.mark.slow
 async def test_misbehaving_partners_are_skipped_counted_and_survived(memory_swarm):
     honest = await memory_swarm.add("honest", shard="0/2", pull_timeout_s=1.0, partners=6)
     numel = honest.specs[0].numel

@@ -46,6 +46,7 @@ def _thread_nices(pid: int) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
     config = tmp_path / "peer.toml"
@@ -117,6 +118,7 @@ def test_real_swarm_with_leave_crash_restart_and_late_join(tmp_path):
     assert all(p.proc.returncode == 0 for p in peers), [p.log_tail() for p in peers]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_real_peers_with_outer_steps_compression_and_a_bandwidth_cap(tmp_path):
     """Two real daemons (p2pd on 127.0.0.1) exchanging int8 pseudo-gradients every 5 inner steps
@@ -144,6 +146,7 @@ def test_real_peers_with_outer_steps_compression_and_a_bandwidth_cap(tmp_path):
     assert all(p.proc.returncode == 0 for p in peers)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_restarted_first_peer_finds_its_run_again(tmp_path):
     """The first peer of a run has no --initial-peer; restarted, it dials the peers its data dir

@@ -93,6 +93,7 @@ def test_hostile_policy_forms():
             "dissensus", "replacement"} == set(ATTACKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["targeted", "signflip100"])
 def test_attacks_cross_the_protocol_and_the_default_resists(attack):
     """A small lock-step swarm of real daemons: the attack hurts plain gossip, the default holds."""

@@ -245,6 +245,7 @@ def swarm_json(initial: str) -> tuple[dict | None, str, set[int]]:
     return json.loads(out), err, seen
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches the process tree through /proc")
 @pytest.mark.timeout(300)
 def test_swarm_lists_three_real_daemons_with_verified_records_and_starts_no_p2pd(tmp_path):

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from protocols.dialback import serve as serve_dialback
 from protocols.transport.base import StoredRecord, StreamHandler, Transport, TransportError
 
 log = logging.getLogger("peer.transport")
@@ -251,6 +252,7 @@ class HivemindTransport(Transport):
             check_if_identity_free=False,
         )
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
+        await serve_dialback(self.p2p)  # other peers' reachability checks (protocols/dialback.py)
         reached = await self._dial(self.remembered)
         validators = [self.validator]
         if self.run_key is not None:
