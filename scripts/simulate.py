@@ -69,8 +69,12 @@ def run(args) -> int:
         from peer.sim import report
         from peer.sim.swarm import Simulation
 
+        try:
+            sim = Simulation(sc, rounds=args.rounds, samples=args.samples)
+        except ScenarioError as e:
+            raise ScenarioError(f"{args.scenario}: {e}") from None
         with progress_bar(args.quiet) as bar:
-            sim = Simulation(sc, rounds=args.rounds, progress=bar, samples=args.samples)
+            sim.progress = bar
             result = sim.run()
     except ScenarioError as e:
         print(f"simulate: {e}", file=sys.stderr)
