@@ -190,3 +190,32 @@ def test_simulation_refuses_what_it_does_not_model():
 
     with pytest.raises(ScenarioError, match="outer steps"):
         Simulation(_scenario(peer={"outer-every-steps": 5}))
+
+
+def test_a_pull_arrives_after_latency_and_transfer_with_the_model_served_when_asked():
+    """Two peers, no automatic rounds: peer 0 pulls from peer 1 at t = 1. The request reaches
+    peer 1 half a round trip later (0.1 s), which serves its model of that instant; 1,640 bytes
+    at peer 1's 1,640 B/s upload arrive 0.1 s + 1 s after that, while peer 1 trains on."""
+    from peer.sim.swarm import Simulation
+
+    sc = parse_scenario({"name": "pull", "peers": 2, "task": "mnist1d-linear", "duration_s": 3.0,
+                         "peer": {"gossip-every-steps": 0, "gossip-every-s": 1000.0, "heartbeat-s": 0.5},
+                         "sim": {"step_s": 0.013, "latency_s": 0.1, "up_bytes_s": 1640, "down_bytes_s": 1e7}})
+    sim = Simulation(sc)
+    seen: dict[str, object] = {}
+    arrived = sim.arrived
+
+    def record(p, life, rnd, server_id, got, failure):
+        seen.update(at=sim.loop.now, served_step=got[0], failure=failure, step_then=sim.by_id[server_id].learner.step)
+        arrived(p, life, rnd, server_id, got, failure)
+
+    sim.arrived = record
+    sim.loop.at(1.1, lambda: seen.update(step_at_serve=sim.peers[1].learner.step))
+    sim.loop.at(1.0, lambda: sim.start_round(sim.peers[0], [sim.peers[1].peer_id]))
+    sim.run()
+    assert sim.payload_bytes == 1640  # 410 float32 parameters
+    assert seen["failure"] is None
+    assert seen["at"] == pytest.approx(2.2)
+    assert seen["served_step"] - seen["step_at_serve"] in (0, 1)  # the model it had when asked
+    assert seen["step_then"] > seen["served_step"] + 50  # not the one it has when the bytes land
+    assert sim.peers[0].rounds_total == 1 and sim.peers[0].core.stats.counters["rounds_ok"] == 1
