@@ -6,8 +6,8 @@ unexpired record, in first-publication order), then 10 peers spread over the run
 lookup into a fresh `SwarmView`, as a joining daemon does. Printed per N: the median update
 time (what every heartbeat costs each peer: every record of the run is parsed and checked), how
 many distinct peers appear in any of the 10 views, and whether the last publisher is in one.
-Above `MAX_VIEW_PEERS` (1,024) every view admits the same first publishers: the rest of the
-run is in nobody's view, so nobody pulls from them.
+Above `MAX_VIEW_PEERS` (1,024) each view admits newcomers in its own drawn order, so the views
+are different samples of the run and together cover most of it.
 
     .venv/bin/python scripts/bench_view.py --peers 100 1000 5000
 """

@@ -98,3 +98,25 @@ def test_record_owner_is_the_peer_id_of_the_signing_key(tmp_path):
     subkey = RSASignatureValidator(load_identity_key(str(tmp_path / "id"))).local_public_key
     assert _owner_peer_id(subkey) == peer_id
     assert _owner_peer_id(b"[owner:garbage]") is None and _owner_peer_id("str") is None
+
+
+def test_views_of_a_run_larger_than_their_bound_fill_with_different_peers():
+    """Every view admits newcomers in its own order: with more publishers than room, two views
+    hold different sets (not the same first publishers), and a view's order cannot be predicted
+    from the ids alone."""
+    from protocols.discovery import PeerRecord, SwarmView
+    from protocols.transport.base import StoredRecord
+
+    records = [StoredRecord(f"p{i:03d}", PeerRecord(f"p{i:03d}", (), "t", 1, 1.0, 1, 0.0).to_wire(), 30.0)
+               for i in range(300)]
+    views = [SwarmView(f"v{j}", "t", max_peers=50) for j in range(2)]
+    for v in views:
+        v.update(records, now=0.0)
+        assert len(v.peers) == 50 and v.rejected["view_full"] == 250
+    first = {r.owner for r in records[:50]}
+    assert set(views[0].peers) != set(views[1].peers)
+    assert set(views[0].peers) != first and set(views[1].peers) != first
+    # a peer already in the view keeps its place when the next lookup comes
+    kept = set(views[0].peers)
+    views[0].update(records, now=1.0)
+    assert set(views[0].peers) == kept
