@@ -190,7 +190,9 @@ class PeerCore:
 
     # --- mixing --------------------------------------------------------------------------------
     def round_context(self, ids: list[str], now: float) -> RoundContext:
-        return RoundContext(self_id=self.peer_id, partner_ids=ids, histories=self.reported_histories(now),
+        """What the rule may know this round; the swarm's sketches are decoded only for a rule that reads them."""
+        histories = self.reported_histories(now) if self.aggregator.uses_sketches else {}
+        return RoundContext(self_id=self.peer_id, partner_ids=ids, histories=histories,
                             byzantine_fraction=self.config.byzantine_fraction)
 
     def aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext, probe=None,

@@ -120,7 +120,7 @@ class PeerDaemon:
         # the default rule's loss screen needs each partner's loss on our own data
         probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
         self.loss_probe = (LossProbe(self.task, probe)
-                           if probe > 0 and getattr(self.core.aggregator, "loss_screen", None) is not None else None)
+                           if probe > 0 and self.core.aggregator.uses_loss_deltas else None)
         self.sketcher = Sketcher(self.trainer.flat.numel(), SKETCH_DIM)
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")

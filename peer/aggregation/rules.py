@@ -77,6 +77,8 @@ class Mix:
 
 class Aggregator(Protocol):
     name: str
+    uses_sketches: bool  # reads `RoundContext.histories` (the daemon decodes them only then)
+    uses_loss_deltas: bool  # reads `RoundContext.loss_deltas` (the daemon probes partners' losses only then)
 
     def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None,
                  out: torch.Tensor | None = None) -> Mix: ...
@@ -106,6 +108,8 @@ def _ctx(ctx: RoundContext | None, others: Sequence[torch.Tensor]) -> RoundConte
 class ServerRule:
     """A server-style rule applied to own model plus partners (n = k + 1 inputs), optional NNM first."""
 
+    uses_sketches = uses_loss_deltas = False
+
     def __init__(self, name: str, fn: Callable[[torch.Tensor, int], torch.Tensor], nnm: bool = False):
         self.name, self.fn, self.nnm = name, fn, nnm
 
@@ -123,6 +127,8 @@ class ServerRule:
 
 class CenteredClippingRule:
     """Server-style centred clipping over own + partners; the centre carries over between rounds."""
+
+    uses_sketches = uses_loss_deltas = False
 
     def __init__(self, name: str = "cc", tau: float = 10.0, iters: int = 3, nnm: bool = False):
         self.name, self.nnm = name, nnm
@@ -245,6 +251,7 @@ class WeightedGossip:
         self.name, self.weighting, self.radius = name, weighting, radius
         self.sybil = SybilWallWeights() if weighting == "sybilwall" else None
         self.loss_screen = LossScreen() if weighting == "sybilwall" else None
+        self.uses_sketches, self.uses_loss_deltas = self.sybil is not None, self.loss_screen is not None
         self.cap = RadiusCap()
         self.scratch = _Scratch()
 

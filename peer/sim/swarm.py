@@ -153,7 +153,7 @@ class Simulation:
         if outer:
             raise ScenarioError(f"task {sc.task} gossips with outer steps (outer_every_steps {outer}), which the simulator "
                                 "does not model; set outer-every-steps = 0 in [peer] or pick another task")
-        self.uses_histories = getattr(PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator, "sybil", None) is not None
+        self.uses_histories = PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator.uses_sketches
         self.payload_bytes = 0
         self._init_flat: torch.Tensor | None = None
         # --rounds R: run until the honest peers have completed R rounds on average, within twice
