@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from protocols.dialback import serve as serve_dialback
+from protocols.relay import HOP as RELAY_HOP, RelayPolicy, serve as serve_relay
 from protocols.transport.base import StoredRecord, StreamHandler, Transport, TransportError
 from protocols.transport.nat import NatSettings, p2pd_options
 
@@ -212,9 +213,6 @@ class _P2PStream:
             pass
 
 
-RELAY_HOP = "/libp2p/circuit/relay/0.2.0/hop"
-
-
 def p2p_with_flags(base, flags: dict[str, Any]):
     """`base` (hivemind's P2P or a subclass) whose `create` also passes `flags` to p2pd: the ones
     P2P.create has no parameter for (protocols/transport/nat.py)."""
@@ -265,6 +263,7 @@ class HivemindTransport(Transport):
         self.allowed = allowed
         self.remembered = remembered or []
         self.nat = nat or NatSettings()
+        self.relay = None  # RelayPolicy (its counters) while serving as a relay
         self.p2p = None
         self.dht = None
         self.run_records = None
@@ -287,7 +286,10 @@ class HivemindTransport(Transport):
             # peers; the data-dir lock already guarantees one daemon per identity on this host.
             check_if_identity_free=False,
         )
-        if options.withdraw_relay_hop:
+        if options.serve_relay_hop:  # our hop service replaces p2pd's (protocols/relay.py says why)
+            self.relay = RelayPolicy()
+            await serve_relay(self.p2p, self.relay)
+        else:
             await withdraw_protocol(self.p2p, RELAY_HOP)
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
         await serve_dialback(self.p2p)  # other peers' reachability checks (protocols/dialback.py)

@@ -15,17 +15,12 @@ only decides what to ask of it:
   one. p2pd ties it to its AutoNAT service (`-autonat`: dialling back peers that ask whether they
   are reachable), so one setting turns both on or off. It needs a public address on at least
   one side, which AutoNAT or identify must have seen;
-- **relay service** (`relay_service`, default off): carry other peers' relayed connections. p2pd
-  serves the hop protocol whatever its flags say, so the transport withdraws it unless this is on
-  (`protocols/transport/hivemind.py`). p2pd runs two relays: one with go-libp2p's default limits
-  (128 KiB each way and 2 minutes per relayed connection), started whatever the flags say, and one
-  with p2pd's own limits (4 GiB each way, 30 minutes, 16 circuits per peer), started only once
-  AutoNAT finds the peer public, which then serves the hop protocol. A relay is of use only when
-  public, so `relay_service` declares the peer public (`force_reachability="public"`) and the
-  second relay serves from the start; off, p2pd gets `-relayService=0`, or a peer that AutoNAT
-  finds public would start that second relay and serve the hop protocol again. Measured in tests/test_nat_traversal.py: without that, every
-  relayed connection was reset after 131072 bytes; with it, 1 MiB and more went through one.
-  A reset connection is re-opened by the next stream, but the transfer it carried fails.
+- **relay service** (`relay_service`, default off): carry other peers' relayed connections, with
+  this process's own hop service (`protocols/relay.py`, bounded and counted) in place of p2pd's,
+  whose relayed connections carry at most 128 KiB each way (why: that module). Off, the hop
+  protocol is withdrawn: p2pd serves it whatever its flags say. Either way p2pd gets
+  `-relayService=0` (its default is on), or a peer that AutoNAT finds public would start a relay
+  of p2pd's that takes the hop protocol back.
 
 UPnP/NAT-PMP port mapping (`-natPortMap=1`) stays on as hivemind sets it.
 """
@@ -34,10 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-# go-libp2p's relay v2 defaults: what a relay that is not public carries per relayed connection
-DEFAULT_RELAY_DATA_LIMIT_BYTES = 1 << 17
-DEFAULT_RELAY_DURATION_LIMIT_S = 120
 
 
 @dataclass(frozen=True)
@@ -52,7 +43,7 @@ class NatSettings:
 class P2PdOptions:
     create_kwargs: dict[str, Any]  # for hivemind's P2P.create
     extra_flags: dict[str, Any]  # p2pd flags P2P.create has no parameter for
-    withdraw_relay_hop: bool  # stop p2pd serving circuit-relay hop once it runs
+    serve_relay_hop: bool  # serve hop with protocols/relay.py; False: withdraw p2pd's
 
 
 def p2pd_options(nat: NatSettings) -> P2PdOptions:
@@ -67,11 +58,8 @@ def p2pd_options(nat: NatSettings) -> P2PdOptions:
         kwargs["use_auto_relay"] = True
     else:
         kwargs["use_auto_relay"] = False
-    # p2pd's -relayService defaults to on: off, no second relay starts when AutoNAT finds us public
-    extra["relayService"] = nat.relay_service
-    if nat.relay_service:
-        kwargs["force_reachability"] = "public"
-    return P2PdOptions(kwargs, extra, withdraw_relay_hop=not nat.relay_service)
+    extra["relayService"] = False  # p2pd's relay never serves: ours does (protocols/relay.py) or none
+    return P2PdOptions(kwargs, extra, serve_relay_hop=nat.relay_service)
 
 
 def is_relayed(addr: str) -> bool:
