@@ -315,3 +315,58 @@ def test_two_dial_out_only_peers_train_together_through_a_relay_peer(tmp_path, t
         _wait_partners(peers, {"out1": {out2.peer_id}, "out2": {out1.peer_id}}, 150)
     finally:
         stop_all(list(peers.values()), timeout=30)
+
+
+# --- the hop service over real p2pd on 127.0.0.1 ---------------------------------------------------
+def test_relay_hop_over_real_p2pd(tmp_path):
+    """A --relay-service transport answers hop requests itself: garbage is dropped, CONNECT to a peer
+    without a reservation gets NO_RESERVATION, RESERVE is granted with the relay's limit, and a
+    CONNECT to a reserved peer reaches that peer's go-libp2p over STOP (it answers OK). A transport
+    without the service offers no hop at all."""
+    import asyncio
+
+    from hivemind.p2p import PeerID
+
+    from protocols.relay import HOP, RelayLimits, messages, read_message, write_message
+    from protocols.transport.hivemind import HivemindTransport
+
+    pb = messages()
+
+    async def hop(src, dst_id: str, msg):
+        _, reader, writer = await src.p2p.call_binary_stream_handler(PeerID.from_base58(dst_id), HOP)
+        try:
+            await write_message(writer, msg)
+            return await asyncio.wait_for(read_message(reader, pb.HopMessage, 4096), 10)
+        finally:
+            writer.close()
+
+    async def main():
+        relay = HivemindTransport(str(tmp_path / "r.key"), ["/ip4/127.0.0.1/tcp/0"], nat=NatSettings(relay_service=True))
+        await relay.start()
+        others = []
+        try:
+            for name in ("a", "b"):
+                t = HivemindTransport(str(tmp_path / f"{name}.key"), ["/ip4/127.0.0.1/tcp/0"], initial_peers=(await relay.addrs())[:1])
+                await t.start()
+                others.append(t)
+            a, b = others
+            _, reader, writer = await a.p2p.call_binary_stream_handler(PeerID.from_base58(relay.peer_id), HOP)
+            writer.write(b"\xff" * 6)  # a length prefix that never ends
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # dropped, nothing said
+            writer.close()
+
+            connect_b = pb.HopMessage(type=pb.HopMessage.CONNECT, peer=pb.Peer(id=PeerID.from_base58(b.peer_id).to_bytes()))
+            assert (await hop(a, relay.peer_id, connect_b)).status == pb.status["NO_RESERVATION"]
+            granted = await hop(b, relay.peer_id, pb.HopMessage(type=pb.HopMessage.RESERVE))
+            assert granted.status == pb.status["OK"] and granted.reservation.expire > time.time() + 3000
+            assert granted.limit.data == RelayLimits().circuit_bytes
+            assert (await hop(a, relay.peer_id, connect_b)).status == pb.status["OK"]  # b's p2pd took the STOP
+            assert relay.relay.counters["circuits_opened"] == 1 and relay.relay.counters["requests_failed"] == 1
+            with pytest.raises(Exception, match="protocol"):  # no hop on a peer without --relay-service
+                await hop(a, b.peer_id, pb.HopMessage(type=pb.HopMessage.RESERVE))
+        finally:
+            for t in [*others, relay]:
+                await t.stop()
+
+    asyncio.run(main())
