@@ -43,7 +43,7 @@ def shareable_addrs(announced: list[str], addrs: list[str], peer_id: str) -> tup
     """Addresses another machine could dial, with /p2p/<peer_id>: announced first, then public,
     then private, then relayed; never 0.0.0.0 or an IPv6 link-local one; loopback only when
     nothing else is left. The flag is True when the list is loopback only."""
-    ranked: dict[str, int] = {}
+    ranked: dict[str, float] = {}
     for rank_hint, addr in [(0, a) for a in announced] + [(None, a) for a in addrs]:
         try:
             parts = parse_multiaddr(addr)
