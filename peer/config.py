@@ -37,6 +37,15 @@ class PeerConfig:
     initial_peers: list[str] = field(default_factory=list)
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce: list[str] = field(default_factory=list)
+    # NAT traversal (protocols/transport/nat.py): relay peers to reserve a slot on when AutoNAT
+    # finds this peer unreachable (each with /p2p/<id>); with none, auto-relay looks among the
+    # peers p2pd knows. Hole punching (DCUtR) upgrades relayed connections to direct ones.
+    relays: list[str] = field(default_factory=list)
+    auto_relay: bool = True
+    hole_punching: bool = True
+    # carry other peers' relayed connections (circuit relay v2 hop): off, because it spends this
+    # volunteer's bandwidth on strangers' traffic
+    relay_service: bool = False
     aggregator: str = DEFAULT_AGGREGATOR
     # fraction of a round's partners assumed Byzantine (robust rules' f and clipping budget)
     byzantine_fraction: float = 0.25
@@ -147,6 +156,8 @@ def _coerce(name: str, value: Any) -> Any:
         return list(value)
     if value is None:
         return None
+    if kind == "bool" and not isinstance(value, bool):
+        raise TypeError("expected true or false")
     if isinstance(value, bool) and kind != "bool":
         raise TypeError("expected a number" if "int" in kind or "float" in kind else "expected a string")
     if "int" in kind:

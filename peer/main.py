@@ -41,9 +41,9 @@ def setup_logging(cfg: PeerConfig) -> None:
 
 def shareable_addrs(announced: list[str], addrs: list[str], peer_id: str) -> tuple[list[str], bool]:
     """Addresses another machine could dial, with /p2p/<peer_id>: announced first, then public,
-    then private; never 0.0.0.0 or an IPv6 link-local one; loopback only when nothing else is
-    left. The flag is True when the list is loopback only."""
-    ranked: dict[str, int] = {}
+    then private, then relayed; never 0.0.0.0 or an IPv6 link-local one; loopback only when
+    nothing else is left. The flag is True when the list is loopback only."""
+    ranked: dict[str, float] = {}
     for rank_hint, addr in [(0, a) for a in announced] + [(None, a) for a in addrs]:
         try:
             parts = parse_multiaddr(addr)
@@ -53,6 +53,11 @@ def shareable_addrs(announced: list[str], addrs: list[str], peer_id: str) -> tup
         if host is None:
             continue
         rank = rank_hint
+        if "/p2p-circuit" in addr:  # through a relay (protocols/transport/nat.py): after the direct ones
+            rank = 2.5 if rank is None else rank
+            full = addr if addr.endswith(f"/p2p/{peer_id}") else addr + f"/p2p/{peer_id}"
+            ranked[full] = min(rank, ranked.get(full, rank))
+            continue
         if rank is None:
             if host[0].startswith("dns"):
                 rank = 1
@@ -108,6 +113,7 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     from peer.known_peers import KnownPeers
     from protocols.discovery import run_key
     from protocols.transport.hivemind import HivemindTransport
+    from protocols.transport.nat import NatSettings
 
     setup_logging(cfg)
     if threads > 0:
@@ -119,8 +125,10 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             prepare_data_dir(cfg.data_dir, cfg.socket_path.name)  # before the identity key is read or made
             allowed = load_allowed_peers(cfg.allow_peers)
             known = KnownPeers(cfg.data_dir, cfg.run_id)
+            nat = NatSettings(cfg.relays, cfg.auto_relay, cfg.hole_punching, cfg.relay_service)
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
-                                          run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs())
+                                          run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs(),
+                                          nat=nat)
             known.self_id = transport.peer_id
             behaviour = None
             if cfg.experiment_attack:  # EXPERIMENTS ONLY: an attacker's behaviour (peer/experiment/attacks.py)

@@ -103,6 +103,18 @@ def check_initial_peer(addr: str) -> None:
     _need_host_and_port(flag, addr, parts)
 
 
+def check_relay(addr: str) -> None:
+    """A `--relay` is a peer's direct address with its id: the relay must be dialled directly."""
+    parts = _parsed("--relay", addr)
+    if _field(parts, "p2p-circuit") is not None:
+        raise StartError(f"--relay {addr}: a relay is dialled directly: give its own address (the line it printed "
+                         "at start), not a /p2p-circuit one")
+    if _field(parts, "p2p", "ipfs") is None:
+        raise StartError(f"--relay {addr}: no /p2p/<peer id> at the end: use the whole address the relay peer "
+                         "printed at start (it runs with --relay-service), e.g. " + EXAMPLE)
+    _need_host_and_port("--relay", addr, parts)
+
+
 def check_listen(addr: str) -> None:
     parts = _parsed("--listen", addr)
     host = _field(parts, *_HOSTS)
@@ -222,6 +234,8 @@ def check_config(cfg: PeerConfig, threads: int = 1) -> None:
         check_initial_peer(addr)
     if not cfg.listen:
         raise StartError("--listen: no address to listen on, e.g. /ip4/0.0.0.0/tcp/0")
+    for addr in cfg.relays:
+        check_relay(addr)
     for addr in cfg.listen:
         check_listen(addr)
     for addr in cfg.announce:

@@ -6,7 +6,9 @@ peer of the run (`protocols/dialback.py`), or why there was none. A peer that co
 of our addresses proves we are reachable from where it is; a peer that tried and failed proves we
 are not (from there); without a dial-back only the addresses speak, and the verdict says it is
 untested. The fix names what the volunteer can change: a fixed listen port, forwarding it,
-`--announce`, or reaching the run through a relay.
+`--announce`, or `--relay` (a peer of the run started with `--relay-service`). A relayed address
+(`/p2p-circuit`, from a relay reservation: protocols/transport/nat.py) is not an address of this
+machine: it proves the peer is reachable through that relay, and it is never dialled back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from protocols.dialback import tcp_endpoint
+from protocols.transport.nat import is_relayed, relay_of
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,23 @@ def _scope(host: str) -> str:
 
 def verdict(addrs: list[str], announce: list[str], dialback: DialBack | None) -> Verdict:
     """The reachability verdict from the daemon's addresses, `--announce` and a dial-back result."""
-    endpoints = [e for e in (tcp_endpoint(a) for a in [*announce, *addrs]) if e is not None]
+    relayed = [a for a in addrs if is_relayed(a)]
+    endpoints = [e for e in (tcp_endpoint(a) for a in [*announce, *addrs] if not is_relayed(a)) if e is not None]
     scopes = {_scope(h) for h, _ in endpoints}
     ports = sorted({p for _, p in endpoints})
     port = str(ports[0]) if ports else "PORT"
     public_seen = next((h for h in (dialback.observed if dialback else []) if _scope(h) == "public"), None)
     announce_hint = f"--announce /ip4/{public_seen or '<public IP>'}/tcp/{port}"
-    fix_unreachable = (f"forward TCP port {port} of your router to this machine (and open it in the firewall), "
-                       f"then restart with {announce_hint}; if you cannot, other peers can reach this one only "
-                       "through a relay peer")
+    fix_direct = (f"forward TCP port {port} of your router to this machine (and open it in the firewall), "
+                  f"then restart with {announce_hint}")
+    fix_unreachable = (fix_direct + "; if you cannot, join through a relay: --relay <the address of a peer of the "
+                       "run started with --relay-service> (auto-relay, on by default, looks for one by itself for "
+                       "up to 3 minutes)")
+    if relayed and not (dialback is not None and any(r == "ok" for r in dialback.dialled.values())):
+        via = (relay_of(relayed[0]) or "?")[:12] + "…"
+        return Verdict("ok", True, f"reachable through relay {via} ({len(relayed)} relayed address"
+                       f"{'es' if len(relayed) > 1 else ''}); direct connections from outside are not proven",
+                       "" if announce else "for direct connections (no relay in between): " + fix_direct)
     if dialback is None or dialback.error is not None:
         why = dialback.error if dialback is not None else "no dial-back asked"
         if announce or "public" in scopes:

@@ -8,6 +8,7 @@
     ratelimit.py    bandwidth caps, fair sharing, deadlines from measured goodput
     loglimit.py     at most one log line per peer and reason a minute
     dialback.py     `/peer/dialback/1`: a peer dials the asker back (reachability)
+    relay.py        circuit relay v2 hop for `--relay-service`: bounded reservations and relayed connections
     lightdht.py     reading a run's records from the DHT without a daemon (`peer swarm`)
     transport/      base.py (the interface), hivemind.py (p2pd), memory.py (tests, simulation),
                     light.py (py-libp2p client for `peer swarm`, `peer doctor`)

@@ -81,7 +81,10 @@ def decode_reply(data: bytes) -> Reply:
 
 
 def tcp_endpoint(addr: str) -> tuple[str, int] | None:
-    """('1.2.3.4', 5) for '/ip4/1.2.3.4/tcp/5[/p2p/..]' (ip4 or ip6 and TCP only), else None."""
+    """('1.2.3.4', 5) for '/ip4/1.2.3.4/tcp/5[/p2p/..]' (ip4 or ip6 and TCP only), else None; None
+    for a relayed address too (its host and port are the relay's)."""
+    if "/p2p-circuit" in addr:
+        return None
     parts = addr.split("/")
     if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or not parts[4].isdigit():
         return None

@@ -16,7 +16,9 @@ import os
 from typing import Any
 
 from protocols.dialback import serve as serve_dialback
+from protocols.relay import HOP as RELAY_HOP, RelayPolicy, serve as serve_relay
 from protocols.transport.base import StoredRecord, StreamHandler, Transport, TransportError
+from protocols.transport.nat import NatSettings, p2pd_options
 
 log = logging.getLogger("peer.transport")
 
@@ -211,6 +213,33 @@ class _P2PStream:
             pass
 
 
+def p2p_with_flags(base, flags: dict[str, Any]):
+    """`base` (hivemind's P2P or a subclass) whose `create` also passes `flags` to p2pd: the ones
+    P2P.create has no parameter for (protocols/transport/nat.py)."""
+    if not flags:
+        return base
+
+    class _WithFlags(base):
+        @staticmethod
+        def _make_process_args(*args, **kwargs) -> list[str]:
+            return base._make_process_args(*args, **kwargs, **flags)
+
+    return _WithFlags
+
+
+async def withdraw_protocol(p2p, protocol: str) -> None:
+    """Stop p2pd offering `protocol`, a service of its own that no flag turns off: registering a
+    handler replaces p2pd's (SetStreamHandler) and removing ours removes the protocol from the
+    host, so it is neither served nor listed by identify. p2pd serves circuit-relay hop whatever
+    `-relay` and `-relayService` say."""
+
+    async def refuse(_info, _reader, writer) -> None:  # only between the two calls below
+        writer.close()
+
+    await p2p.add_binary_stream_handler(protocol, refuse)
+    await p2p.remove_binary_stream_handler(protocol)
+
+
 class HivemindTransport(Transport):
     def __init__(
         self,
@@ -221,9 +250,11 @@ class HivemindTransport(Transport):
         run_key: str | None = None,
         allowed: frozenset[str] | None = None,
         remembered: list[str] | None = None,
+        nat: NatSettings | None = None,
     ):
         """`remembered`: addresses (with /p2p/<id>) of peers seen before, dialled at start besides
-        `initial_peers`; unlike those, none of them has to answer."""
+        `initial_peers`; unlike those, none of them has to answer. `nat`: relays, auto-relay, hole
+        punching and relay service (protocols/transport/nat.py; None: its defaults)."""
         self.identity_path = identity_path
         self.listen = listen
         self.announce = announce or []
@@ -231,6 +262,8 @@ class HivemindTransport(Transport):
         self.run_key = run_key
         self.allowed = allowed
         self.remembered = remembered or []
+        self.nat = nat or NatSettings()
+        self.relay = None  # RelayPolicy (its counters) while serving as a relay
         self.p2p = None
         self.dht = None
         self.run_records = None
@@ -242,7 +275,9 @@ class HivemindTransport(Transport):
         from hivemind.dht.routing import DHTID
         from hivemind.p2p import P2P
 
-        self.p2p = await P2P.create(
+        options = p2pd_options(self.nat)
+        self.p2p = await p2p_with_flags(P2P, options.extra_flags).create(
+            **options.create_kwargs,
             initial_peers=self.initial_peers or None,
             host_maddrs=self.listen,
             announce_maddrs=self.announce or None,
@@ -251,6 +286,11 @@ class HivemindTransport(Transport):
             # peers; the data-dir lock already guarantees one daemon per identity on this host.
             check_if_identity_free=False,
         )
+        if options.serve_relay_hop:  # our hop service replaces p2pd's (protocols/relay.py says why)
+            self.relay = RelayPolicy()
+            await serve_relay(self.p2p, self.relay)
+        else:
+            await withdraw_protocol(self.p2p, RELAY_HOP)
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
         await serve_dialback(self.p2p)  # other peers' reachability checks (protocols/dialback.py)
         reached = await self._dial(self.remembered)

@@ -1,0 +1,372 @@
+"""NAT traversal (protocols/transport/nat.py): the p2pd options each setting becomes, the checks and
+the reachability fix, then real `peer join` daemons in network namespaces this test creates.
+
+How "behind NAT" is emulated: this machine has no iptables or nft, so there is no kernel NAT to put
+a peer behind. A dial-out-only peer here is one that nobody can dial: inside its own namespace it
+listens on 127.0.0.1 only, while it can open connections through its veth to the public
+namespace. The public namespace does not forward (ip_forward=0), so the two dial-out-only
+namespaces cannot reach each other at all. That is what a NAT does to connections from outside;
+not emulated: address and port rewriting, and hole punching through a real NAT (DCUtR does not
+run here: a dial-out-only peer has no public address to try; p2pd logs "waiting until we have at
+least one public address").
+
+The addresses are public-looking (11.231.x.x) because go-libp2p's AutoNAT dials back public
+addresses only: with private ones a peer's reachability stays unknown and it never reserves a
+relay slot. The namespaces have no route off this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peer.config import resolve
+from peer.launcher import LocalPeer, stop_all
+from peer.main import shareable_addrs
+from peer.preflight import StartError, check_relay
+from peer.reachability import DialBack, verdict
+from protocols.dialback import tcp_endpoint
+from protocols.relay import RelayLimits, RelayPolicy
+from protocols.transport.hivemind import p2p_with_flags
+from protocols.transport.nat import NatSettings, p2pd_options, relay_of
+
+REPO = Path(__file__).resolve().parents[1]
+PID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+RELAY = "QmcQEozJTp9dRP6kTivaYP8HrUTXnZZeX6SVZUkbQBwfAV"
+
+
+# --- settings -> p2pd ---------------------------------------------------------------------------
+def test_defaults_relay_client_and_hole_punching_on_relay_service_off():
+    o = p2pd_options(NatSettings())
+    assert o.create_kwargs == {"use_relay": True, "auto_nat": True, "use_auto_relay": True}
+    # p2pd's own default is -relayService=1: off explicitly, and its hop withdrawn
+    assert o.extra_flags == {"relayService": False} and not o.serve_relay_hop
+
+
+def test_given_relays_are_the_only_ones_and_reserved_without_discovery():
+    o = p2pd_options(NatSettings(relays=[f"/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}"]))
+    assert o.create_kwargs["use_auto_relay"] and o.create_kwargs["trusted_relays"] == [f"/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}"]
+    assert o.extra_flags["relayDiscovery"] is False  # discovery would wait for 4 candidates or 3 minutes
+
+
+def test_relay_service_is_ours_and_p2pds_stays_off():
+    o = p2pd_options(NatSettings(relay_service=True))
+    assert o.serve_relay_hop and o.extra_flags["relayService"] is False  # no p2pd relay to take hop back
+    assert "force_reachability" not in o.create_kwargs
+
+
+def test_everything_off():
+    o = p2pd_options(NatSettings(auto_relay=False, hole_punching=False))
+    assert o.create_kwargs == {"use_relay": True, "auto_nat": False, "use_auto_relay": False}
+
+
+def test_extra_flags_reach_the_p2pd_command_line():
+    from hivemind.p2p import P2P
+
+    cls = p2p_with_flags(P2P, {"relayDiscovery": False, "relayService": True})
+    args = cls._make_process_args("p2pd", autoRelay=True, relay=True)
+    assert args == ["p2pd", "-autoRelay=1", "-relay=1", "-relayDiscovery=0", "-relayService=1"]
+    assert p2p_with_flags(P2P, {}) is P2P
+
+
+# --- the relay's decisions (protocols/relay.py) ----------------------------------------------------
+def test_relay_reservations_expire_and_are_bounded():
+    policy = RelayPolicy(RelayLimits(max_reservations=2, reservation_ttl_s=60))
+    assert policy.reserve("a", now=0) == ("OK", 60) and policy.reserve("b", now=0) == ("OK", 60)
+    assert policy.reserve("c", now=10) == ("RESERVATION_REFUSED", 0)
+    assert policy.reserve("a", now=10) == ("OK", 70)  # a renewal is never refused
+    assert policy.reserve("c", now=61) == ("OK", 121)  # b's expired and made room
+    assert policy.summary(now=61)["reservations"] == 2 and policy.counters["reservations_refused"] == 1
+
+
+def test_relay_connects_only_to_reserved_peers_within_circuit_limits():
+    policy = RelayPolicy(RelayLimits(max_circuits=2, max_circuits_per_peer=1, reservation_ttl_s=60))
+    for p in ("a", "b", "c"):
+        policy.reserve(p, now=0)
+    assert policy.open_circuit("x", "nobody", now=1) == "NO_RESERVATION"
+    assert policy.open_circuit("x", "a", now=61) == "NO_RESERVATION"  # expired
+    assert policy.open_circuit("x", "a", now=1) == "OK"
+    assert policy.open_circuit("y", "a", now=1) == "RESOURCE_LIMIT_EXCEEDED"  # a is an end already
+    assert policy.open_circuit("x", "b", now=1) == "RESOURCE_LIMIT_EXCEEDED"  # so is x
+    assert policy.open_circuit("y", "b", now=1) == "OK"
+    assert policy.open_circuit("z", "c", now=1) == "RESOURCE_LIMIT_EXCEEDED"  # 2 in total
+    policy.close_circuit("x", "a")
+    assert policy.open_circuit("z", "c", now=1) == "OK" and policy.summary(now=1)["circuits"] == 2
+
+
+# --- checks and config ----------------------------------------------------------------------------
+@pytest.mark.parametrize("addr, words", [
+    ("/ip4/11.231.1.1/tcp/4001", "no /p2p/<peer id>"),
+    (f"/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PID}", "dialled directly"),
+    (f"/ip4/11.231.1.1/tcp/0/p2p/{RELAY}", "needs a real port"),
+    ("11.231.1.1:4001", "not a multiaddr"),
+    ("/ip4/11.231.1.1/tcp/4001/p2p/Qm...", "placeholder"),
+])
+def test_bad_relay_is_one_line_naming_the_flag(addr, words):
+    with pytest.raises(StartError) as e:
+        check_relay(addr)
+    assert str(e.value).startswith(f"--relay {addr}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_file_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+    f = tmp_path / "peer.toml"
+    f.write_text(f'relays = ["/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}"]\nauto-relay = false\nhole-punching = false\nrelay-service = true\n')
+    cfg = resolve({}, f)
+    assert (cfg.relays, cfg.auto_relay, cfg.hole_punching, cfg.relay_service) == ([f"/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}"], False, False, True)
+    assert resolve({"relay_service": False}, f).relay_service is False  # a flag wins over the file
+    f.write_text('relay-service = "yes"\n')
+    with pytest.raises(ValueError, match="relay-service = 'yes': expected true or false"):
+        resolve({}, f)
+
+
+def test_cli_refuses_a_bad_relay_before_torch_loads(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "cli.main", "join", "--data-dir", str(tmp_path / "d"), "--relay", "/ip4/11.231.1.1/tcp/4001"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "cannot start: --relay /ip4/11.231.1.1/tcp/4001: no /p2p/<peer id> at the end: use the whole address the relay "
+        "peer printed at start (it runs with --relay-service), e.g. /ip4/203.0.113.5/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"]
+    assert not (tmp_path / "d").exists()
+
+
+# --- reachability and the join line ---------------------------------------------------------------
+CIRCUIT = f"/ip4/11.231.1.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PID}"
+
+
+def test_unreachable_fix_names_the_relay_flags():
+    v = verdict([f"/ip4/192.168.1.5/tcp/31337/p2p/{PID}"], [],
+                DialBack("QmOther", {"/ip4/192.168.1.5/tcp/31337": "connection refused"}, ["11.231.9.9"]))
+    assert v.level == "fail" and "--relay <the address of a peer of the run started with --relay-service>" in v.fix
+    assert "--announce /ip4/11.231.9.9/tcp/31337" in v.fix
+
+
+def test_a_relayed_address_is_reachable_through_its_relay_and_never_taken_for_ours():
+    assert tcp_endpoint(CIRCUIT) is None and relay_of(CIRCUIT) == RELAY
+    v = verdict([f"/ip4/127.0.0.1/tcp/4002/p2p/{PID}", CIRCUIT], [], DialBack(error="no other peer of the run is connected yet"))
+    assert v.level == "ok" and v.reachable and f"through relay {RELAY[:12]}…" in v.what
+    assert "11.231.1.1" not in v.fix  # the relay's host is not ours to announce
+
+
+def test_join_line_keeps_a_relayed_address_whole_and_last():
+    usable, loopback_only = shareable_addrs([], [f"/ip4/127.0.0.1/tcp/4002/p2p/{PID}", CIRCUIT, f"/ip4/10.0.0.5/tcp/4002/p2p/{PID}"], PID)
+    assert usable == [f"/ip4/10.0.0.5/tcp/4002/p2p/{PID}", CIRCUIT] and not loopback_only
+
+
+# --- real daemons in network namespaces -----------------------------------------------------------
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
+def _netns_missing() -> str | None:
+    if not os.path.exists(IP):
+        return "the ip tool is not installed"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    name = f"rlyprobe{os.getpid() % 100000}"
+    r = subprocess.run([IP, "netns", "add", name], capture_output=True, text=True)
+    if r.returncode:
+        return f"cannot create network namespaces ({r.stderr.strip()[:60]})"
+    subprocess.run([IP, "netns", "del", name], capture_output=True)
+    return None
+
+
+class DialOutTopology:
+    """A public namespace `pub` and dial-out-only namespaces `out1`, `out2`, each on its own veth
+    link to `pub` (11.231.i.1 on pub's side, 11.231.i.2 on theirs, a default route via pub).
+    `down()` removes everything, whatever state a failure left."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self.namespaces: list[str] = []
+
+    def ns(self, name: str) -> str:
+        return f"rly{self.tag}{name}"
+
+    def prefix(self, name: str) -> list[str]:
+        return [IP, "netns", "exec", self.ns(name)]
+
+    def _ip(self, *args: str) -> None:
+        r = subprocess.run([IP, *args], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def up(self) -> None:
+        for name in ("pub", "out1", "out2"):
+            self._ip("netns", "add", self.ns(name))
+            self.namespaces.append(self.ns(name))
+            self._ip("-n", self.ns(name), "link", "set", "lo", "up")
+        for i in (1, 2):
+            a, b = f"rly{self.tag}p{i}"[:15], f"rly{self.tag}o{i}"[:15]
+            self._ip("link", "add", a, "netns", self.ns("pub"), "type", "veth", "peer", "name", b, "netns", self.ns(f"out{i}"))
+            self._ip("-n", self.ns("pub"), "addr", "add", f"11.231.{i}.1/24", "dev", a)
+            self._ip("-n", self.ns("pub"), "link", "set", a, "up")
+            self._ip("-n", self.ns(f"out{i}"), "addr", "add", f"11.231.{i}.2/24", "dev", b)
+            self._ip("-n", self.ns(f"out{i}"), "link", "set", b, "up")
+            self._ip("-n", self.ns(f"out{i}"), "route", "add", "default", "via", f"11.231.{i}.1")
+        # the public namespace is no router: out1 and out2 cannot reach each other
+        subprocess.run([*self.prefix("pub"), "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
+
+    def down(self) -> None:
+        for ns in self.namespaces:  # deleting a namespace deletes the veths in it
+            subprocess.run([IP, "netns", "del", ns], capture_output=True)
+        self.namespaces = []
+
+
+@pytest.fixture
+def topology():
+    missing = _netns_missing()
+    if missing:
+        pytest.skip(missing)
+    t = DialOutTopology(f"{os.getpid() % 100000}")
+    try:
+        t.up()
+        yield t
+    finally:
+        t.down()
+        left = subprocess.run([IP, "netns", "list"], capture_output=True, text=True).stdout
+        assert f"rly{t.tag}" not in left
+
+
+# light on the CPU (the machine is shared): training paced at 20 steps/s
+FAST = "heartbeat-s = 1.0\ngossip-every-s = 0.5\neval-every-s = 2.0\ncheckpoint-every-s = 30.0\nstep-delay-s = 0.05\n"
+
+
+def _addr_on(peer: LocalPeer, host: str) -> str:
+    return next(a for a in peer.addrs if a.startswith(f"/ip4/{host}/tcp/"))
+
+
+def _wait_partners(peers: dict[str, LocalPeer], want: dict[str, set[str]], timeout: float) -> dict[str, dict]:
+    """Poll the daemons until each peer named in `want` has pulled (had in a round's partners) every
+    peer id in its set; their last statuses. Cross-process: there is no event to wait on."""
+    seen: dict[str, set[str]] = {name: set() for name in want}
+    statuses: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, p in peers.items():
+            if not p.alive:
+                raise AssertionError(f"{name} exited:\n{p.log_tail()}")
+            s = p.status()
+            if s is not None:
+                statuses[name] = s
+                if name in seen:
+                    seen[name] |= set(s["last_round"]["partners"])
+        if all(want[n] <= seen[n] for n in want):
+            return statuses
+        time.sleep(0.5)
+    short = {n: sorted(x[:8] for x in s) for n, s in seen.items()}
+    state = {n: {k: s.get(k) for k in ("rounds_ok", "rounds_failed", "pull_failed", "serves")} for n, s in statuses.items()}
+    raise AssertionError(f"partners pulled after {timeout:.0f}s: {short}; {state}\n"
+                         + "\n".join(f"--- {n}\n{p.log_tail(8)}" for n, p in peers.items()))
+
+
+@pytest.mark.slow
+def test_a_dial_out_only_peer_trains_with_a_public_peer(tmp_path, topology):
+    """(a) out1 can only dial out. It trains with pub, and pub pulls from it too, over the
+    connection out1 opened (libp2p reuses a connection whichever side opened it)."""
+    (tmp_path / "peer.toml").write_text(FAST)
+    common = ["--run-id", "natA", "--task", "digits-mlp", "--config", str(tmp_path / "peer.toml")]
+    pub = LocalPeer(tmp_path / "pub", [*common, "--shard", "0/2"], listen="/ip4/0.0.0.0/tcp/0", prefix=topology.prefix("pub"))
+    peers = {"pub": pub.start()}
+    try:
+        pub.wait_ready(90)
+        out = LocalPeer(tmp_path / "out1", [*common, "--shard", "1/2", "--initial-peer", _addr_on(pub, "11.231.1.1")],
+                        prefix=topology.prefix("out1"))
+        peers["out1"] = out.start()
+        out.wait_ready(90)
+        assert all("/ip4/127.0.0.1/" in a for a in out.addrs)  # nothing another machine could dial
+        s = _wait_partners(peers, {"pub": {out.peer_id}, "out1": {pub.peer_id}}, 90)
+        assert s["out1"]["serves"] > 0 and s["out1"]["rounds_ok"] > 0  # pub's pulls, served to pub
+        # pub dialled it back and failed, and the fix names the relay flags
+        verdict_line = next(ln for ln in (out.data_dir / "stdout.log").read_text().splitlines() if ln.startswith("reachability:"))
+        assert verdict_line.startswith("reachability: not reachable") and "--relay <" in verdict_line
+    finally:
+        stop_all(list(peers.values()), timeout=30)
+
+
+@pytest.mark.slow
+def test_two_dial_out_only_peers_train_together_through_a_relay_peer(tmp_path, topology):
+    """(b) out1 and out2 cannot reach each other; pub runs --relay-service, they join with --relay.
+    Each pulls the other's model through pub. One model is ~300 KB (tests/nat_task.py), more than a
+    relayed connection carries under go-libp2p's default relay limits (128 KiB each way): a pull
+    that arrives proves the relay applies p2pd's limits (protocols/transport/nat.py)."""
+    (tmp_path / "peer.toml").write_text(FAST)
+    common = ["--run-id", "natB", "--task", "tests.nat_task:wide_digits", "--config", str(tmp_path / "peer.toml")]
+    pub = LocalPeer(tmp_path / "pub", [*common, "--shard", "0/3", "--relay-service"], listen="/ip4/0.0.0.0/tcp/0",
+                    prefix=topology.prefix("pub"))
+    peers = {"pub": pub.start()}
+    try:
+        pub.wait_ready(90)
+        outs = []
+        for i in (1, 2):
+            via = _addr_on(pub, f"11.231.{i}.1")
+            p = LocalPeer(tmp_path / f"out{i}", [*common, "--shard", f"{i}/3", "--initial-peer", via, "--relay", via],
+                          prefix=topology.prefix(f"out{i}"))
+            peers[f"out{i}"] = p.start()
+            outs.append(p)
+        for p in outs:
+            p.wait_ready(90)
+        out1, out2 = outs
+        _wait_partners(peers, {"out1": {out2.peer_id}, "out2": {out1.peer_id}}, 150)
+    finally:
+        stop_all(list(peers.values()), timeout=30)
+
+
+# --- the hop service over real p2pd on 127.0.0.1 ---------------------------------------------------
+def test_relay_hop_over_real_p2pd(tmp_path):
+    """A --relay-service transport answers hop requests itself: garbage is dropped, CONNECT to a peer
+    without a reservation gets NO_RESERVATION, RESERVE is granted with the relay's limit, and a
+    CONNECT to a reserved peer reaches that peer's go-libp2p over STOP (it answers OK). A transport
+    without the service offers no hop at all."""
+    import asyncio
+
+    from hivemind.p2p import PeerID
+
+    from protocols.relay import HOP, RelayLimits, messages, read_message, write_message
+    from protocols.transport.hivemind import HivemindTransport
+
+    pb = messages()
+
+    async def hop(src, dst_id: str, msg):
+        _, reader, writer = await src.p2p.call_binary_stream_handler(PeerID.from_base58(dst_id), HOP)
+        try:
+            await write_message(writer, msg)
+            return await asyncio.wait_for(read_message(reader, pb.HopMessage, 4096), 10)
+        finally:
+            writer.close()
+
+    async def main():
+        relay = HivemindTransport(str(tmp_path / "r.key"), ["/ip4/127.0.0.1/tcp/0"], nat=NatSettings(relay_service=True))
+        await relay.start()
+        others = []
+        try:
+            for name in ("a", "b"):
+                t = HivemindTransport(str(tmp_path / f"{name}.key"), ["/ip4/127.0.0.1/tcp/0"], initial_peers=(await relay.addrs())[:1])
+                await t.start()
+                others.append(t)
+            a, b = others
+            _, reader, writer = await a.p2p.call_binary_stream_handler(PeerID.from_base58(relay.peer_id), HOP)
+            writer.write(b"\xff" * 6)  # a length prefix that never ends
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # dropped, nothing said
+            writer.close()
+
+            connect_b = pb.HopMessage(type=pb.HopMessage.CONNECT, peer=pb.Peer(id=PeerID.from_base58(b.peer_id).to_bytes()))
+            assert (await hop(a, relay.peer_id, connect_b)).status == pb.status["NO_RESERVATION"]
+            granted = await hop(b, relay.peer_id, pb.HopMessage(type=pb.HopMessage.RESERVE))
+            assert granted.status == pb.status["OK"] and granted.reservation.expire > time.time() + 3000
+            assert granted.limit.data == RelayLimits().circuit_bytes
+            assert (await hop(a, relay.peer_id, connect_b)).status == pb.status["OK"]  # b's p2pd took the STOP
+            assert relay.relay.counters["circuits_opened"] == 1 and relay.relay.counters["requests_failed"] == 1
+            with pytest.raises(Exception, match="protocol"):  # no hop on a peer without --relay-service
+                await hop(a, b.peer_id, pb.HopMessage(type=pb.HopMessage.RESERVE))
+        finally:
+            for t in [*others, relay]:
+                await t.stop()
+
+    asyncio.run(main())
