@@ -161,7 +161,10 @@ class PeerDaemon:
         self._mix_buffer: torch.Tensor | None = None  # the aggregation rule's output, reused every round
         self._receive_buffers: list[torch.Tensor] = []  # partners' models land here, reused every round
         self._stop = asyncio.Event()
-        self.listening = asyncio.Event()  # set once `addrs` holds our listen addresses
+        # set once the daemon can be joined: `addrs` known, gossip handler and control socket up.
+        # The join line waits for it, so a Ctrl-C after the line finds a started daemon
+        # (it leaves cleanly) and never a p2pd control call half done.
+        self.listening = asyncio.Event()
         self._lock_fd: int | None = None
         self.exit_code = 0
         self.exporter: Exporter | None = None  # the Prometheus endpoint, when metrics_port is set
@@ -207,10 +210,10 @@ class PeerDaemon:
         started = False  # a start that failed saves no checkpoint: it has nothing new to save
         try:
             self.addrs = await self.transport.addrs()
-            self.listening.set()
             await self.transport.set_handler(gossip.PROTOCOL, self._serve_model)
             control = await serve_control(self.config.socket_path, self._control)
             self.phase = "syncing"
+            self.listening.set()
             await self._heartbeat_once()
             if not resumed and self.config.initial_peers:
                 await self._sync_from_swarm()
