@@ -123,6 +123,7 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
             asr.append(hits / int(src[0].sum() + src[1].sum()))
         return sum(acc) / len(acc), sum(asr) / len(asr), min(acc)
 
+    mix_stats = dict.fromkeys(("pulls", "byzantine_pulls", "weight", "byzantine_weight", "honest_unmixed"), 0.0)
     started = time.monotonic()
     for r in range(rounds):
         for d in daemons:
@@ -131,7 +132,17 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
         clock.t += 1.0
         for d in daemons:
             await d._heartbeat_once()
-        await asyncio.gather(*(d.gossip_round() for d in daemons))
+        mixed = await asyncio.gather(*(d.gossip_round() for d in daemons))
+        for d, ok in zip(good, mixed):  # what the honest peers' rule did with whom (`peer status`'s last round)
+            if ok:
+                last = d.core.status(clock.t)["last_round"]
+                for p, w in zip(last["partners"], last["weights"]):
+                    hostile = p in byz_ids
+                    mix_stats["pulls"] += 1
+                    mix_stats["byzantine_pulls"] += hostile
+                    mix_stats["weight"] += w
+                    mix_stats["byzantine_weight"] += w if hostile else 0.0
+                    mix_stats["honest_unmixed"] += (not hostile) and w == 0
         if r >= rounds - 3:
             acc, asr, worst = evaluate()
             accs.append(acc)
@@ -148,6 +159,11 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
         "attack_success_rate": sum(asrs) / len(asrs), "worst_peer_accuracy": worst,
         "peer_accuracy": [round(a / len(accs), 4) for a in per_peer],  # per honest peer, last 3 rounds
         "rejected": rejected, "seconds": round(time.monotonic() - started, 1),
+        # of the honest peers' mixed pulls: the share from attackers, the attackers' share of the
+        # partner weight, the share of honest partners the rule left unmixed
+        "mix": {"pulls_to_byzantine": round(mix_stats["byzantine_pulls"] / max(mix_stats["pulls"], 1), 4),
+                "weight_on_byzantine": round(mix_stats["byzantine_weight"] / max(mix_stats["weight"], 1e-12), 4),
+                "honest_unmixed": round(mix_stats["honest_unmixed"] / max(mix_stats["pulls"] - mix_stats["byzantine_pulls"], 1), 4)},
     }
 
 
@@ -257,16 +273,33 @@ def run_grid(args, aggregators: list[str], attacks: list[str], overrides: dict |
         for seed in range(args.seed, args.seed + args.seeds):
             kw = dict(rounds=args.rounds or c["rounds"], local_steps=args.local_steps, partners=c["partners"], honest=c["honest"],
                       byzantine=c["byzantine"], alpha=c["alpha"], seed=seed, peer_settings=overrides or None)
-            jobs += [(g, a, kw, {"cell": c["key"], "seed": seed}) for g in aggregators for a in attacks]
+            # attack by attack, each for every aggregator: a run cut short has whole columns
+            tags = {"cell": c["key"], "seed": seed, "rounds": kw["rounds"], "local_steps": args.local_steps,
+                    "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}}
+            jobs += [(g, a, kw, tags) for a in attacks for g in aggregators]
     peer_rounds = sum(j[2]["rounds"] * (j[2]["honest"] + (j[2]["byzantine"] if j[1] != "none" else 0)) for j in jobs)
     print(f"grid: {len(cells)} cells x {args.seeds} seeds x {len(aggregators)} aggregators x {len(attacks)} runs "
           f"(clean + {len(attacks) - 1} attacks) = {len(jobs)} runs, {peer_rounds} peer-rounds", file=sys.stderr, flush=True)
     results = []
     t0 = time.monotonic()
-    with mp.get_context("spawn").Pool(max(1, min(args.workers, len(jobs)))) as pool:
+    if args.log:  # a logged run counts only if it ran with this run's settings
+        def ident(g, a, t):
+            return json.dumps([g, a, t["cell"], t["seed"], t["rounds"], t["local_steps"], t["peer_settings"]])
+
+        done = {ident(r["aggregator"], r["attack"], r): r for r in (_read_log(args.log, ap) if Path(args.log).exists() else [])
+                if {"cell", "seed", "rounds", "local_steps", "peer_settings"} <= set(r)}
+        results = [done[ident(g, a, t)] for g, a, _, t in jobs if ident(g, a, t) in done]
+        jobs = [(g, a, kw, t) for g, a, kw, t in jobs if ident(g, a, t) not in done]
+        if results:
+            print(f"grid: {len(results)} runs taken from {args.log}, {len(jobs)} to run", file=sys.stderr, flush=True)
+    total = len(results) + len(jobs)
+    with mp.get_context("spawn").Pool(max(1, min(args.workers, len(jobs) or 1))) as pool:
         for res in pool.imap_unordered(_grid_job, jobs):
             results.append(res)
-            print(f"[{len(results)}/{len(jobs)} {time.monotonic() - t0:5.0f}s] {res['cell']} seed {res['seed']} "
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+            print(f"[{len(results)}/{total} {time.monotonic() - t0:5.0f}s] {res['cell']} seed {res['seed']} "
                   f"{res['aggregator']:>14} {res['attack']:>14}: accuracy {100 * res['accuracy']:5.1f}%  "
                   f"worst peer {100 * min(res['peer_accuracy']):5.1f}%  ({res['seconds']}s)", file=sys.stderr, flush=True)
     summary = summarise_grid(results, aggregators, attacks, cells)
@@ -291,6 +324,13 @@ def run_grid(args, aggregators: list[str], attacks: list[str], overrides: dict |
             print(f"\n{'cell':<34}" + "".join(f"{a[:10]:>11}" for a in hostile))
             for key, v in summary[g].items():
                 print(f"{key:<34}" + "".join(f"{100 * v['drop'][a]:11.1f}" if a in v["drop"] else f"{'-':>11}" for a in hostile))
+
+
+def _read_log(path: str, ap) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        ap.error(f"--log {path}: cannot read it as one JSON run per line ({e}); give a new file name")
 
 
 def _grid_job(args: tuple) -> dict:
@@ -333,6 +373,8 @@ def main() -> None:
     grid.add_argument("--partners-list", default="2,4", help="honest partners per round (default 2,4)")
     grid.add_argument("--phases", default="early,late", help="early (40 rounds), late (100 rounds) (default both)")
     grid.add_argument("--seeds", type=int, default=3, help="seeds per cell, from --seed on (default 3)")
+    grid.add_argument("--log", metavar="FILE", help="append each finished run to FILE (one JSON per line); runs "
+                      "already in it are not run again, so a cut-short grid resumes where it stopped")
     args = ap.parse_args()
     if args.outer or args.compression:
         args.peer_setting = [f"outer_every_steps={args.local_steps}", *args.peer_setting]
