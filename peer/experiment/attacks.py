@@ -21,7 +21,8 @@ per-coordinate standard deviation of the honest models it pulled last round:
                    classes 0 and 1 in its shard, labels swapped) with the same seed, and serves
                    base + 3 u (its poisoned update boosted x3)
 - adaptive-sybil:  targeted, and adds fresh noise (3x the history's norm) to the history it reports
-- alie:            mu - z sigma, z = 0.253 (n = 25, f = 5)
+- alie:            mu - z sigma, z from the run's n and f (`alie_z`; 0.253 for n = 25, f = 5, 0.366
+                   for n = 20, f = 6)
 - ipm:             base - 2 (mu - base)     (inner-product manipulation, eps = 2)
 - dissensus:       x_r - 1.5 (mu - x_r), x_r the requester's last model it saw (or base)
 - replacement:     trains on y -> 9 - y, serves G + 10 (X - G) with G = mu (boosted model replacement)
@@ -55,9 +56,10 @@ the median distance from `x_r` to the models in `seen`:
                    Alignment and FoolsGold's reported channel see its honest history.
 - framing:         makes honest peers look like Sybils. Each framer picks one honest peer (the
                    framers' sorted ids, each its own rank among the live honest ids) and reports
-                   that peer's history sketch, copied bit for bit from its record, in its own
-                   validly signed record; it serves the target's last model it pulled, so the
-                   target's and its observed deviations align as well
+                   that peer's history sketch, copied bit for bit from its record as of its last
+                   lookup (one heartbeat old), in its own validly signed record; it serves the
+                   target's last model it pulled, so the target's and its observed deviations
+                   align as well
 - poisoning:       partner-selection poisoning: serves ALIE and pulls from every live peer every
                    round. `gossip.PartnerPicker` picks uniformly among live, unbanned, not
                    backed-off peers, so the levers are (1) identities (the Byzantine count),
