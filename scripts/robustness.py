@@ -152,16 +152,19 @@ async def run_swarm(aggregator: str, attack: str, *, honest: int = 20, byzantine
     tmp.cleanup()
     rejected: dict[str, int] = {}
     pull_failed: dict[str, int] = {}
+    refused: dict[str, int] = {}
     for d in good:
         for k, v in d.stats.rejected.items():
             rejected[k] = rejected.get(k, 0) + v
         for k, v in d.stats.pull_failed.items():
             pull_failed[k] = pull_failed.get(k, 0) + v
+        for k, v in d.stats.refused.items():  # partners the rule left unmixed, by why
+            refused[k] = refused.get(k, 0) + v
     return {
         "aggregator": aggregator, "attack": attack, "accuracy": sum(accs) / len(accs),
         "attack_success_rate": sum(asrs) / len(asrs), "worst_peer_accuracy": worst,
         "peer_accuracy": [round(a / len(accs), 4) for a in per_peer],  # per honest peer, last 3 rounds
-        "rejected": rejected, "pull_failed": pull_failed, "seconds": round(time.monotonic() - started, 1),
+        "rejected": rejected, "pull_failed": pull_failed, "refused": refused, "seconds": round(time.monotonic() - started, 1),
         # of the honest peers' mixed pulls: the share from attackers, the attackers' share of the
         # partner weight, the share of honest partners the rule left unmixed
         "mix": {"pulls_to_byzantine": round(mix_stats["byzantine_pulls"] / max(mix_stats["pulls"], 1), 4),
