@@ -283,6 +283,7 @@ def test_grid_worst_case_is_the_median_over_seeds_then_the_worst_attack():
     assert out["clean_accuracy"] == 0.8 and out["seeds"] == 3
 
 
+@pytest.mark.slow
 def test_tiny_grid_reports_worst_case_drop():
     """The grid end to end: 6 honest + 2 framers, 3 rounds, one cell, one seed."""
     import json
