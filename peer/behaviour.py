@@ -36,6 +36,7 @@ class Behaviour:
         """The model served to `requester`: this peer's own, for an honest peer."""
         return model
 
-    def report_history(self, sketch: torch.Tensor) -> torch.Tensor:
-        """The history sketch published in this peer's record."""
+    def report_history(self, sketch: torch.Tensor, others: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The history sketch published in this peer's record. `others`: the live peers' reported
+        sketches (peer id -> sketch), which the daemon passes to hostile behaviours only."""
         return sketch

@@ -368,7 +368,10 @@ class PeerDaemon:
         )
 
     def _history_sketch(self) -> torch.Tensor:
-        return self.behaviour.report_history(self.sketcher(self.trainer.history()))
+        # a hostile behaviour sees the live peers' reported sketches (framing copies one); an
+        # honest peer skips the lookup
+        others = None if self.behaviour.honest else self.core.reported_histories(self.transport.now())
+        return self.behaviour.report_history(self.sketcher(self.trainer.history()), others)
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
