@@ -81,10 +81,12 @@ def join_line(cfg: PeerConfig, addrs: list[str], peer_id: str) -> str:
     return "To join this run from another machine:\n  " + command
 
 
-def resolve_initial_peers(addrs: list[str], wait_s: float, lookup=None) -> tuple[list[str], list[str]]:
+def resolve_initial_peers(addrs: list[str], wait_s: float, remembered: list[str] = (), lookup=None) -> tuple[list[str], list[str]]:
     """(the addresses to dial, each ending in /p2p/<id>; one line per address given without an id
     that nothing answered). An address without /p2p/ gets the id proven by whoever answers there
-    (protocols/transport/peer_id_lookup.py). Raises StartError when no address is left to dial."""
+    (protocols/transport/peer_id_lookup.py). Raises StartError when nothing is left to dial: no
+    initial peer and no peer `remembered` from earlier runs (peer/known_peers.py), which let a
+    restarted peer rejoin while its bootstrap peer is away."""
     if lookup is None:
         from protocols.transport.peer_id_lookup import learn_peer_ids as lookup
     bare = [a for a in addrs if not has_peer_id(a)]
@@ -97,7 +99,7 @@ def resolve_initial_peers(addrs: list[str], wait_s: float, lookup=None) -> tuple
             dial.append(f"{addr.rstrip('/')}/p2p/{learned[addr]}")
         else:
             failed.append(f"--initial-peer {addr}: {learned[addr]}")
-    if failed and not dial:
+    if failed and not dial and not remembered:
         raise StartError(f"{failed[0]} (or paste the whole address with /p2p/<id> that the peer printed at start)")
     return dial, failed
 
@@ -125,9 +127,12 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     setup_logging(cfg)
     log = logging.getLogger("peer")
     if cfg.initial_peers:  # before torch loads: a wrong address is said in seconds
-        dial, failed = resolve_initial_peers(cfg.initial_peers, cfg.initial_peer_wait_s)
+        from peer.known_peers import KnownPeers
+
+        dial, failed = resolve_initial_peers(cfg.initial_peers, cfg.initial_peer_wait_s,
+                                             KnownPeers(cfg.data_dir, cfg.run_id).dial_addrs())
         for line in failed:
-            log.warning("%s; joining through the other initial peers", line)
+            log.warning("%s; joining through the %s", line, "other initial peers" if dial else "peers seen in earlier runs")
         for addr in (a for a in dial if a not in cfg.initial_peers):
             log.info("initial peer %s (the id is the one that answered there)", addr)
         cfg = replace(cfg, initial_peers=dial)

@@ -54,13 +54,16 @@ def test_resolve_keeps_given_ids_and_appends_learned_ones():
         return {"/dns4/boot/tcp/1": "QmBoot", "/ip4/10.0.0.9/tcp/2": LookupFailed("connection refused")}
 
     full = f"/ip4/10.0.0.1/tcp/3/p2p/{PID}"
-    dial, failed = resolve_initial_peers(["/dns4/boot/tcp/1", full, "/ip4/10.0.0.9/tcp/2"], 30.0, lookup)
+    dial, failed = resolve_initial_peers(["/dns4/boot/tcp/1", full, "/ip4/10.0.0.9/tcp/2"], 30.0, lookup=lookup)
     assert asked == [(["/dns4/boot/tcp/1", "/ip4/10.0.0.9/tcp/2"], 30.0)]  # the full address is not dialled
     assert dial == ["/dns4/boot/tcp/1/p2p/QmBoot", full]
     assert failed == ["--initial-peer /ip4/10.0.0.9/tcp/2: connection refused"]
-    assert resolve_initial_peers([full], 0.0, lambda *a: pytest.fail("nothing to look up")) == ([full], [])
+    assert resolve_initial_peers([full], 0.0, lookup=lambda *a: pytest.fail("nothing to look up")) == ([full], [])
     with pytest.raises(StartError, match=r"--initial-peer /ip4/10.0.0.9/tcp/2: connection refused \(or paste"):
-        resolve_initial_peers(["/ip4/10.0.0.9/tcp/2"], 0.0, lookup)
+        resolve_initial_peers(["/ip4/10.0.0.9/tcp/2"], 0.0, lookup=lookup)
+    # a restarted pod whose bootstrap is away still starts: it dials the peers it saw last time
+    assert resolve_initial_peers(["/ip4/10.0.0.9/tcp/2"], 0.0, [full], lookup=lookup) == (
+        [], ["--initial-peer /ip4/10.0.0.9/tcp/2: connection refused"])
 
 
 # --- real daemons ------------------------------------------------------------------------------
