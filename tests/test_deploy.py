@@ -260,3 +260,108 @@ def test_print_schedule_feeds_the_churn_script():
     rows = [line.split() for line in r.stdout.splitlines() if not line.startswith("#")]
     assert rows and all(len(x) == 3 and x[1] in ("kill", "leave", "join") for x in rows)
     assert [float(x[0]) for x in rows] == sorted(float(x[0]) for x in rows)
+
+
+# --- deploy/compose.yaml: a local swarm with Prometheus and Grafana ------------------------------
+DEPLOY = REPO / "deploy"
+FULL_STATUS = {  # every figure peer/metrics.py exports, as the daemon's status carries them
+    "run_id": "r", "task": "mnist1d-cnn", "step": 12, "samples": 1200, "samples_per_s": 3.5, "loss": 0.7,
+    "test_loss": 0.8, "accuracy": 0.5, "bits_per_byte": 1.2, "outer_step": 3, "uptime_s": 60.0,
+    "rounds_ok": 4, "rounds_failed": 1, "rounds_no_partner": 2, "bytes_sent": 10, "bytes_received": 20,
+    "serves": 5, "serve_refused": 1, "rejected": {"nan": 3}, "pull_failed": {"timeout": 1},
+    "live_peers": [{}, {}], "traffic": {"upload_mbps": 1.5, "download_mbps": 2.5, "utilisation": 0.9},
+}
+
+
+def exported_names() -> set[str]:
+    """Sample names peer/metrics.py serves (counters with their _total), scraped over HTTP."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from peer.metrics import Exporter
+
+    exporter = Exporter("127.0.0.1", 0)
+    port = exporter.start()
+    try:
+        exporter.update(FULL_STATUS)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        exporter.stop()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "peer-swarm.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"]]
+    return exprs
+
+
+def test_every_metric_the_dashboard_queries_is_exported():
+    exported = exported_names()
+    queried = {m for e in dashboard_queries() for m in re.findall(r"\b(peer_[a-z_]+)\b", e)}
+    assert len(queried) >= 15, queried
+    assert queried <= exported, f"not exported by peer/metrics.py: {sorted(queried - exported)}"
+    # and the dashboard shows most of what is exported
+    assert len(exported - queried) <= 2, sorted(exported - queried)
+
+
+def test_the_dashboard_check_can_fail():
+    assert "peer_step" in exported_names() and "peer_steps" not in exported_names()
+    assert "peer_samples" not in exported_names(), "counters are served with _total"
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_peers_join_by_service_name_and_prometheus_scrapes_each():
+    services = compose()["services"]
+    envs = dockerfile().envs
+    (volume,) = instructions("VOLUME")
+    image_port = int(re.search(r"/tcp/(\d+)", envs["PEER_LISTEN"]).group(1))
+    peers = {n: s for n, s in services.items() if s.get("image") == "peer:latest"}
+    assert len(peers) >= 3
+    targets = set()
+    for name, s in peers.items():
+        env = s["environment"]
+        assert env["PEER_METRICS_HOST"] == "0.0.0.0"  # reachable from the Prometheus container
+        targets.add(f"{name}:{env['PEER_METRICS_PORT']}")
+        assert s["build"]["dockerfile"] == "deploy/Dockerfile" and (DEPLOY / s["build"]["context"] / "deploy/Dockerfile").exists()
+        assert any(v.endswith(":" + volume) for v in s["volumes"]), f"{name}: the data volume"
+        args = s["command"]
+        if "--initial-peer" in args:
+            host, port = re.fullmatch(r"/dns4/([a-z0-9-]+)/tcp/(\d+)", args[args.index("--initial-peer") + 1]).groups()
+            assert host in peers and "--initial-peer" not in peers[host]["command"] and int(port) == image_port
+            assert s["depends_on"][host]["condition"] == "service_healthy"
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    scraped = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert scraped == targets
+    mounted = {v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    assert "./prometheus/prometheus.yml" in mounted
+
+
+def test_grafana_is_provisioned_with_the_prometheus_datasource_and_the_dashboard():
+    services = compose()["services"]
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
+    for src in mounts:
+        assert (DEPLOY / src).is_dir(), src
+    provisioning = DEPLOY / mounts_inverse(mounts, "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "peer.yaml").read_text())["providers"]
+    assert mounts_inverse(mounts, provider["options"]["path"])  # the provider reads the mounted folder
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "peer-swarm.json").read_text())
+    uids = {p["datasource"]["uid"] for p in dash["panels"]} | {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]}
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/") and (DEPLOY / "grafana" / "dashboards" / Path(home).name).exists()
+
+
+def mounts_inverse(mounts: dict[str, str], target: str) -> str:
+    (src,) = [s for s, t in mounts.items() if t == target]
+    return src
