@@ -64,7 +64,9 @@ def test_a_user_install_puts_peer_where_the_systemd_unit_runs_it(wheel, tmp_path
                                 capture_output=True, text=True, timeout=60)
         assert before.returncode != 0 and "not executable" in before.stderr, before.stderr
 
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--prefix", str(user_base), str(wheel)],
+    # --ignore-installed: pip would otherwise uninstall this interpreter's own copy of peer first
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                        "--prefix", str(user_base), str(wheel)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Path(command).is_file() and os.access(command, os.X_OK)
