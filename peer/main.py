@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-
 from dataclasses import replace
 
 from peer.config import PeerConfig
