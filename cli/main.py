@@ -57,7 +57,7 @@ def _root(
 def join(
     # network
     run_id: Optional[str] = typer.Option(None, "--run-id", envvar="PEER_RUN_ID", metavar="NAME", show_default="default", rich_help_panel=NET, help="Name of the run to join."),
-    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="A peer already in the run: the address it printed at start (with /p2p/<id>), or HOST/tcp/PORT to take the id of whoever answers there (e.g. /dns4/boot.example.org/tcp/31337). Repeatable."),
     listen: Optional[list[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
     announce: Optional[list[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
     relay: Optional[list[str]] = typer.Option(None, "--relay", envvar="PEER_RELAY", metavar="MADDR", show_default="none: find one", rich_help_panel=NET, help="Relay peer (started with --relay-service) to be reached through when this peer is behind NAT; its address with /p2p/<id>. Repeatable."),
@@ -87,6 +87,7 @@ def join(
     config: Optional[Path] = typer.Option(None, "--config", envvar="PEER_CONFIG", metavar="FILE", show_default="$XDG_CONFIG_HOME/peer/config.toml if present", rich_help_panel=FILES, help="TOML file with any of these settings (flags and PEER_* win)."),
     log_format: Optional[str] = typer.Option(None, "--log-format", envvar="PEER_LOG_FORMAT", metavar="text|json", show_default="text", rich_help_panel=FILES, help="Log line format on stderr and in daemon.log."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", envvar="PEER_METRICS_PORT", metavar="PORT", show_default="off", rich_help_panel=FILES, help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port; peer status says which)."),
+    metrics_host: Optional[str] = typer.Option(None, "--metrics-host", envvar="PEER_METRICS_HOST", metavar="IP", show_default="127.0.0.1", rich_help_panel=FILES, help="Address the metrics endpoint binds (0.0.0.0 in a container, for Prometheus)."),
     debug: bool = typer.Option(False, "--debug", metavar="", envvar="PEER_DEBUG", rich_help_panel=FILES, help="Show the traceback behind a 'cannot start' line."),
 ) -> None:
     """Start a peer daemon in the foreground and join (or start) a training run.
@@ -105,7 +106,7 @@ def join(
                 "allow_peers": str(allow_peers) if allow_peers else None,
                 "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
                 "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
-                "metrics_port": metrics_port, "relays": relay, "auto_relay": auto_relay,
+                "metrics_port": metrics_port, "metrics_host": metrics_host, "relays": relay, "auto_relay": auto_relay,
                 "hole_punching": hole_punching, "relay_service": relay_service,
             },
             config,

@@ -35,6 +35,10 @@ class PeerConfig:
     run_id: str = "default"
     task: str = "mnist1d-cnn"
     initial_peers: list[str] = field(default_factory=list)
+    # how long `peer join` keeps trying an initial peer given without /p2p/<id> (HOST/tcp/PORT)
+    # before it gives up; 0: one try, so a wrong address is said at once. Containers started
+    # together with their bootstrap peer (deploy/) set it to outlast the bootstrap's start.
+    initial_peer_wait_s: float = 0.0
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce: list[str] = field(default_factory=list)
     # NAT traversal (protocols/transport/nat.py): relay peers to reserve a slot on when AutoNAT

@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 
 from peer.config import PeerConfig
-from peer.preflight import StartError, parse_multiaddr
+from peer.preflight import StartError, has_peer_id, parse_multiaddr
 
 
 class _JsonFormatter(logging.Formatter):
@@ -84,6 +85,29 @@ def join_line(cfg: PeerConfig, addrs: list[str], peer_id: str) -> str:
     return "To join this run from another machine:\n  " + command
 
 
+def resolve_initial_peers(addrs: list[str], wait_s: float, remembered: list[str] = (), lookup=None) -> tuple[list[str], list[str]]:
+    """(the addresses to dial, each ending in /p2p/<id>; one line per address given without an id
+    that nothing answered). An address without /p2p/ gets the id proven by whoever answers there
+    (protocols/transport/peer_id_lookup.py). Raises StartError when nothing is left to dial: no
+    initial peer and no peer `remembered` from earlier runs (peer/known_peers.py), which let a
+    restarted peer rejoin while its bootstrap peer is away."""
+    if lookup is None:
+        from protocols.transport.peer_id_lookup import learn_peer_ids as lookup
+    bare = [a for a in addrs if not has_peer_id(a)]
+    learned = lookup(bare, wait_s) if bare else {}
+    dial, failed = [], []
+    for addr in addrs:
+        if addr not in learned:
+            dial.append(addr)
+        elif isinstance(learned[addr], str):
+            dial.append(f"{addr.rstrip('/')}/p2p/{learned[addr]}")
+        else:
+            failed.append(f"--initial-peer {addr}: {learned[addr]}")
+    if failed and not dial and not remembered:
+        raise StartError(f"{failed[0]} (or paste the whole address with /p2p/<id> that the peer printed at start)")
+    return dial, failed
+
+
 def start_failure(e: BaseException, cfg: PeerConfig) -> StartError | None:
     """A StartError for what p2pd or the daemon reports when it cannot start; None if unknown."""
     text = str(e)
@@ -104,6 +128,19 @@ def start_failure(e: BaseException, cfg: PeerConfig) -> StartError | None:
 
 def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     """Run a daemon until it leaves; its exit code. A failed start raises StartError."""
+    setup_logging(cfg)
+    log = logging.getLogger("peer")
+    if cfg.initial_peers:  # before torch loads: a wrong address is said in seconds
+        from peer.known_peers import KnownPeers
+
+        dial, failed = resolve_initial_peers(cfg.initial_peers, cfg.initial_peer_wait_s,
+                                             KnownPeers(cfg.data_dir, cfg.run_id).dial_addrs())
+        for line in failed:
+            log.warning("%s; joining through the %s", line, "other initial peers" if dial else "peers seen in earlier runs")
+        for addr in (a for a in dial if a not in cfg.initial_peers):
+            log.info("initial peer %s (the id is the one that answered there)", addr)
+        cfg = replace(cfg, initial_peers=dial)
+
     import torch
     import uvloop
 
@@ -115,10 +152,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
     from protocols.transport.hivemind import HivemindTransport
     from protocols.transport.nat import NatSettings
 
-    setup_logging(cfg)
     if threads > 0:
         torch.set_num_threads(threads)
-    log = logging.getLogger("peer")
 
     async def main() -> int:
         try:

@@ -94,13 +94,24 @@ def _field(parts: list[tuple[str, str | None]], *names: str) -> tuple[str, str |
     return next(((n, v) for n, v in parts if n in names), None)
 
 
+def has_peer_id(addr: str) -> bool:
+    try:
+        return _field(parse_multiaddr(addr), "p2p", "ipfs") is not None
+    except ValueError:
+        return False
+
+
 def check_initial_peer(addr: str) -> None:
+    """An address with /p2p/<id>, or a plain TCP one (HOST/tcp/PORT) whose peer id `peer join`
+    learns from whoever answers there (protocols/transport/peer_id_lookup.py)."""
+    from protocols.transport.peer_id_lookup import lookup_target
+
     flag = "--initial-peer"
     parts = _parsed(flag, addr)
-    if _field(parts, "p2p", "ipfs") is None:
-        raise StartError(f"{flag} {addr}: no /p2p/<peer id> at the end: use the whole address the other peer printed "
-                         "at start, e.g. " + EXAMPLE)
     _need_host_and_port(flag, addr, parts)
+    if _field(parts, "p2p", "ipfs") is None and lookup_target(addr) is None:
+        raise StartError(f"{flag} {addr}: without /p2p/<peer id> only HOST/tcp/PORT can be looked up (e.g. "
+                         f"/dns4/boot.example.org/tcp/31337): use that, or the whole address the peer printed, e.g. {EXAMPLE}")
 
 
 def check_relay(addr: str) -> None:
@@ -213,7 +224,7 @@ def check_config(cfg: PeerConfig, threads: int = 1) -> None:
         _number("--outer-momentum", cfg.outer_momentum, low=0.0, high=1.0, high_open=True)
     # join-sync-timeout-s 0: start from the run's initial model without syncing (benchmarks
     # whose peers all start together)
-    for name in ("max_upload_mbps", "max_download_mbps", "step_delay_s", "join_sync_timeout_s"):
+    for name in ("max_upload_mbps", "max_download_mbps", "step_delay_s", "join_sync_timeout_s", "initial_peer_wait_s"):
         _number(_flag(name), getattr(cfg, name), low=0.0)
     for name in ("heartbeat_s", "gossip_every_s", "pull_timeout_s", "max_pull_s", "checkpoint_every_s",
                  "eval_every_s", "read_timeout_s"):

@@ -51,7 +51,7 @@ def readme_placeholder() -> str:
 
 BAD_FLAGS = {
     "readme-placeholder": (["--initial-peer", readme_placeholder()], "placeholder"),
-    "initial-peer-without-p2p": (["--initial-peer", "/ip4/203.0.113.5/tcp/31337"], "/p2p/"),
+    "initial-peer-without-p2p-not-tcp": (["--initial-peer", "/ip4/203.0.113.5/udp/31337/quic"], "without /p2p/<peer id> only HOST/tcp/PORT"),
     "initial-peer-garbage": (["--initial-peer", "garbage"], "not a multiaddr"),
     "initial-peer-bad-ip": (["--initial-peer", f"/ip4/300.1.2.3/tcp/1/p2p/{PID}"], "not an IPv4 address"),
     "initial-peer-port-0": (["--initial-peer", f"/ip4/1.2.3.4/tcp/0/p2p/{PID}"], "real port"),
@@ -89,7 +89,8 @@ BAD_CONFIGS = {
     "not-whole": ("max-steps = 1.5\n", "whole number"),
     "unknown-key": ("heartbeat = 1.0\n", "did you mean 'heartbeat-s'"),
     "bad-value": ("heartbeat-s = -1\n", "heartbeat-s"),
-    "bad-address": ('initial-peers = ["/ip4/1.2.3.4/tcp/5"]\n', "/p2p/"),
+    "bad-address": ('initial-peers = ["/ip4/1.2.3.4/tcp/5/ws"]\n', "/p2p/"),
+    "bad-wait": ("initial-peer-wait-s = -1\n", "initial-peer-wait-s"),
 }
 
 
