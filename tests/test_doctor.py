@@ -279,10 +279,10 @@ def _doctor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_bad_initial_peer_is_one_fail_line_and_the_rest_still_runs(tmp_path):
-    out = _doctor("--data-dir", str(tmp_path / "d"), "--initial-peer", "/ip4/1.2.3.4/tcp/5")
+    out = _doctor("--data-dir", str(tmp_path / "d"), "--initial-peer", "garbage")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("fail  settings: --initial-peer /ip4/1.2.3.4/tcp/5: no /p2p/<peer id>")
+    assert lines[0].startswith("fail  settings: --initial-peer garbage: not a multiaddr")
     assert any(line.startswith("ok    data dir:") for line in lines) and not (tmp_path / "d").exists()
 
 
