@@ -69,7 +69,8 @@ class Peer:
 
 def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum: float, compression: str,
              rule: str, stale: float, partners: int, sync_every: int, dense_rounds: int = 0,
-             dense_compression: str = "int8", anchor_compression: str = "int8", seed: int = 0) -> dict:
+             dense_compression: str = "int8", anchor_compression: str = "int8", consensus: str = "anchors",
+             seed: int = 0) -> dict:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     spec, dense_spec = CompressionSpec.parse(compression), CompressionSpec.parse(dense_compression)
@@ -101,13 +102,27 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
             p.published.pop(rnd.outer_step - 2, None)
             rounds.append(rnd)
         anchors_before = [p.served_anchor for p in peers]
+        lives_before = [p.trainer.snapshot() for p in peers] if consensus == "models" else None
         for i, (p, rnd) in enumerate(zip(peers, rounds)):
             others = [j for j in range(n) if j != i]
             chosen = others if partners >= len(others) else rng.sample(others, partners)
             own_model = rnd.own_model
             sync = p.outer.sync_due(rnd.outer_step)
             ids, models = [], []
-            if sync:
+            if sync and consensus == "models":
+                # consensus on live models: every peer's whole progress (anchor minus what it has
+                # not sent yet) is averaged, then anchor and model both become the mix
+                live = lives_before[i]
+                for j in chosen:
+                    a = compress(lives_before[j], anchor_spec)
+                    models.append(decompress(a.header, a.parts, d))
+                    ids.append(peers[j].id)
+                    served[j] += a.nbytes
+                p.outer.step(own_model)  # keeps the outer momentum's bookkeeping as in an anchor round
+                mixed = run_rule(p, live, ids, models, histories) if ids else live
+                p.outer.adopt(mixed)
+                change = mixed - live
+            elif sync:
                 p.outer.step(own_model)
                 for j in chosen:
                     a = anchors_before[j]  # partners' anchors as served before this round
@@ -184,6 +199,8 @@ def main() -> None:
     ap.add_argument("--sync-every", type=int, default=None)
     ap.add_argument("--dense-rounds", type=int, default=0, help="the first N outer rounds send --dense-compression")
     ap.add_argument("--dense-compression", default="int8")
+    ap.add_argument("--consensus", choices=["anchors", "models"], default="anchors",
+                    help="what a consensus round mixes: anchors (the daemon) or the peers' live models")
     ap.add_argument("--central", action="store_true", help="also central training on the same samples")
     args = ap.parse_args()
     task = load_task(args.task, shard=0, num_shards=args.peers)
@@ -196,7 +213,7 @@ def main() -> None:
     cfg = dict(task_name=args.task, n=args.peers, steps=args.steps, every=args.every or task.outer_every_steps or 50,
                lr=task.outer_lr if args.outer_lr is None else args.outer_lr,
                momentum=task.outer_momentum if args.outer_momentum is None else args.outer_momentum,
-               dense_rounds=args.dense_rounds, dense_compression=args.dense_compression, **v)
+               dense_rounds=args.dense_rounds, dense_compression=args.dense_compression, consensus=args.consensus, **v)
     out = {"variant": args.variant, **cfg, **simulate(**cfg)}
     if args.central:
         out["central_loss"] = round(central(args.task, args.peers, args.steps), 4)
