@@ -14,6 +14,9 @@ so asynchrony enters only through the modelled staleness:
                    (the comms bench measured 94 of 229 mixed one behind: P ~ 0.41); a payload
                    already mixed is not mixed again (the daemon's `since`)
     --partners K   partners pulled per round (the daemon asks up to 4: with 4 peers, all 3 others)
+    --consensus models
+                   a consensus round mixes the peers' live models instead of their anchors: a
+                   change the daemon does not have (it serves anchors), simulated to measure it
 
 Every variant trains the same number of samples. Prints one JSON line per run: the final
 held-out loss of each peer's live model (mean and range), the gap to central training at the same
@@ -175,6 +178,30 @@ def evaluate_flat(task, flat: torch.Tensor) -> float:
     return task.evaluate(model)["test_loss"]
 
 
+def energy_split(task_name: str, n: int, every: int, texts: list[str]) -> dict:
+    """One pseudo-gradient (shard 0 of n, `every` inner steps from the start): the share of its
+    squared norm that each compression keeps, and which parameters its kept coordinates are in."""
+    torch.set_num_threads(1)
+    tr = Trainer(load_task(task_name, shard=0, num_shards=n), seed=0)
+    start = tr.snapshot()
+    for _ in range(every):
+        tr.train_step()
+    delta = start - tr.snapshot()
+    energy = delta.pow(2)
+    names = [name for name, p in tr.model.named_parameters() for _ in range(p.numel())]
+    out = {}
+    for text in texts:
+        payload = compress(delta, CompressionSpec.parse(text))
+        kept = decompress(payload.header, payload.parts, delta.numel()) != 0
+        where: dict[str, int] = {}
+        for i in torch.nonzero(kept).flatten().tolist():
+            key = names[i].split(".")[0] if not names[i].startswith("blocks") else "blocks"
+            where[key] = where.get(key, 0) + 1
+        out[text] = {"energy_kept": round(float(energy[kept].sum() / energy.sum()), 3),
+                     "kept_in": {k: round(v / int(kept.sum()), 3) for k, v in where.items()}}
+    return out
+
+
 def central(task_name: str, n: int, steps: int) -> float:
     task = load_task(task_name, shard=0, num_shards=1)
     tr = Trainer(dataclasses.replace(task, batch_size=n * task.batch_size), seed=0)
@@ -202,7 +229,12 @@ def main() -> None:
     ap.add_argument("--consensus", choices=["anchors", "models"], default="anchors",
                     help="what a consensus round mixes: anchors (the daemon) or the peers' live models")
     ap.add_argument("--central", action="store_true", help="also central training on the same samples")
+    ap.add_argument("--energy", nargs="+", metavar="SPEC", default=None,
+                    help="only: what each compression SPEC keeps of one pseudo-gradient (shard 0, H steps)")
     args = ap.parse_args()
+    if args.energy:
+        print(json.dumps(energy_split(args.task, args.peers, args.every or 50, args.energy)))
+        return
     task = load_task(args.task, shard=0, num_shards=args.peers)
     v = dict(VARIANTS[args.variant])
     for k in ("compression", "rule", "stale", "partners", "sync_every"):
