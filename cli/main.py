@@ -76,7 +76,7 @@ def join(
     outer_every_steps: Optional[int] = typer.Option(None, "--outer-every-steps", envvar="PEER_OUTER_EVERY_STEPS", metavar="H", show_default="the task's", rich_help_panel=TRAIN, help="Inner steps per outer round (compressed pseudo-gradients, Nesterov outer step); 0: whole models every few steps."),
     outer_lr: Optional[float] = typer.Option(None, "--outer-lr", envvar="PEER_OUTER_LR", metavar="LR", show_default="the task's", rich_help_panel=TRAIN, help="Outer learning rate."),
     outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", envvar="PEER_OUTER_MOMENTUM", metavar="M", show_default="the task's", rich_help_panel=TRAIN, help="Outer Nesterov momentum."),
-    compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", metavar="SPEC", show_default="the task's", rich_help_panel=TRAIN, help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION], topk-int8[:FRACTION]."),
+    compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", metavar="SPEC", show_default="the task's", rich_help_panel=TRAIN, help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION[:CHUNK]], topk-int8[:FRACTION[:CHUNK]] (CHUNK: k chosen per chunk of that many coordinates)."),
     # robustness
     aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", metavar="NAME", show_default=DEFAULT_AGGREGATOR, rich_help_panel=ROBUST, help=f"Aggregation rule, one of: {aggregation_help()}."),
     byzantine_fraction: Optional[float] = typer.Option(None, "--byzantine-fraction", envvar="PEER_BYZANTINE_FRACTION", metavar="F", show_default="0.25", rich_help_panel=ROBUST, help="Fraction of a round's partners the robust rules assume Byzantine."),

@@ -9,7 +9,7 @@ Methods (wire names):
     fp16/bf16  each coordinate rounded to 16 bits, saturated at the type's largest finite value
     int8       blocks of `block` consecutive coordinates; per block a float32 scale max|x|/127 and
                int8 values round(x/scale) in [-127, 127]
-    topk       the k largest-magnitude coordinates, float16 values; the indices, strictly
+    topk       k coordinates, float16 values (which k: `CompressionSpec.chunk`); the indices, strictly
                increasing, travel as a uint32 count per chunk of INDEX_CHUNK = 65536 coordinates
                and each index's uint16 offset within its chunk: 2 bytes an index, not 4
     topk-int8  the same indices; the kept values int8 with per-block scales over the kept values
@@ -78,6 +78,14 @@ class CompressionSpec:
     method: str = "fp32"
     topk_fraction: float = 0.0156
     block: int = 1024
+    # How the top-k methods choose their k coordinates (the sender's choice: receivers see only
+    # indices). 0: the k largest magnitudes of the whole vector. C > 0: the largest of every
+    # chunk of C consecutive coordinates, each chunk its share of k, so every part of the model
+    # is sent each round. The whole-vector choice spends a pseudo-gradient's budget on the
+    # tensors whose coordinates move most: on lm-tiny after 50 inner steps, 98 % of a 1.56 %
+    # top-k lies in the token embedding (4 % of the parameters), and the transformer blocks'
+    # progress waits in the error feedback.
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,24 +99,37 @@ class CompressionSpec:
         b = self.block
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BLOCK:
             raise ValueError(f"compression block must be an int in [1, {MAX_BLOCK}], got {b!r}")
+        c = self.chunk
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"compression chunk must be an int >= 0 (0: the whole vector), got {c!r}")
 
     @classmethod
     def parse(cls, text: str) -> CompressionSpec:
-        """`METHOD` or, for the top-k methods, `METHOD:FRACTION` (e.g. "int8", "topk:0.01")."""
+        """`METHOD` or, for the top-k methods, `METHOD:FRACTION[:CHUNK]` (e.g. "int8",
+        "topk:0.01", "topk-int8:0.0156:4096"; CHUNK as `chunk`)."""
         method, sep, rest = text.strip().partition(":")
         if not sep:
             return cls(method=method)
         if method not in TOPK_METHODS:
             raise ValueError(f"compression {text!r}: only {' and '.join(TOPK_METHODS)} take a ':FRACTION'")
+        rest, sep, chunk_text = rest.partition(":")
         try:
             fraction = float(rest)
         except ValueError:
             raise ValueError(f"compression {text!r}: fraction {rest!r} is not a number") from None
-        return cls(method=method, topk_fraction=fraction)
+        chunk = 0
+        if sep:
+            try:
+                chunk = int(chunk_text)
+            except ValueError:
+                raise ValueError(f"compression {text!r}: chunk {chunk_text!r} is not an integer") from None
+        return cls(method=method, topk_fraction=fraction, chunk=chunk)
 
     def describe(self) -> str:
         """The spelling `parse` reads back (`peer status`, logs)."""
-        return f"{self.method}:{self.topk_fraction:g}" if self.method in TOPK_METHODS else self.method
+        if self.method not in TOPK_METHODS:
+            return self.method
+        return f"{self.method}:{self.topk_fraction:g}" + (f":{self.chunk}" if self.chunk else "")
 
     def k(self, numel: int) -> int:
         """How many coordinates the top-k methods keep of `numel`."""
@@ -291,6 +312,30 @@ def topk_indices(parts: list[np.ndarray], numel: int) -> np.ndarray:
     return indices
 
 
+def top_indices(vec: torch.Tensor, k: int, chunk: int = 0) -> torch.Tensor:
+    """Sorted int64 indices of the k coordinates a top-k payload keeps (`CompressionSpec.chunk`).
+    With chunks, each whole chunk keeps floor(k · chunk / numel) of its largest magnitudes, and
+    the rest of k (the remainders and the last partial chunk's share) goes to the largest
+    magnitudes not yet kept, so the count is exactly k and no index repeats."""
+    n = vec.numel()
+    mags = vec.abs()
+    full = n // chunk if chunk else 0
+    per = k * chunk // n if full else 0
+    if per == 0:
+        _, idx = torch.topk(mags, k, sorted=False)
+    else:
+        _, rows = torch.topk(mags[: full * chunk].view(full, chunk), per, dim=1, sorted=False)
+        kept = rows.add_(torch.arange(full).mul_(chunk).unsqueeze(1)).reshape(-1)
+        rest = k - kept.numel()
+        if rest:
+            mags[kept] = -1.0  # below every magnitude: never chosen twice
+            _, extra = torch.topk(mags, rest, sorted=False)
+            kept = torch.cat([kept, extra])
+        idx = kept
+    idx, _ = torch.sort(idx)
+    return idx
+
+
 def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:
     """Compress a non-empty, finite, 1-D float32 vector (ValueError otherwise)."""
     vec = _check_vector(vec)
@@ -308,8 +353,7 @@ def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:
     else:
         k = spec.k(n)
         header["k"] = k
-        _, idx = torch.topk(vec.abs(), k, sorted=False)
-        idx, _ = torch.sort(idx)
+        idx = top_indices(vec, k, spec.chunk)
         values = vec[idx]
         index = _encode_indices(idx.numpy(), n)
         if method == "topk":

@@ -55,7 +55,8 @@ def vectors(draw, max_size: int = 3000) -> np.ndarray:
 blocks = st.one_of(st.sampled_from([1, 3, 64, 1024]), st.integers(1, 2048))
 fractions = st.one_of(st.sampled_from([0.001, 0.01, 0.0156, 0.1, MAX_TOPK_FRACTION]),
                       st.floats(1e-6, MAX_TOPK_FRACTION))
-specs = st.builds(CompressionSpec, method=st.sampled_from(METHODS), topk_fraction=fractions, block=blocks)
+chunks = st.one_of(st.just(0), st.sampled_from([1, 7, 64, 1000]), st.integers(1, 4000))
+specs = st.builds(CompressionSpec, method=st.sampled_from(METHODS), topk_fraction=fractions, block=blocks, chunk=chunks)
 
 
 # --- round trips -------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ def assert_int8(x: np.ndarray, y: np.ndarray, q: np.ndarray, scales: np.ndarray,
 
 
 def check_top_k(x: np.ndarray, y: np.ndarray, payload, spec: CompressionSpec) -> np.ndarray:
-    """Exactly k indices, strictly increasing, holding the k largest magnitudes; zeros elsewhere."""
+    """Exactly k indices, strictly increasing; zeros elsewhere. Without chunks they hold the k
+    largest magnitudes; with chunks, each whole chunk keeps at least its share
+    floor(k · chunk / numel), as its own largest magnitudes."""
     indices = topk_indices(payload.parts, x.size)
     k = spec.k(x.size)
     assert payload.header["k"] == k == indices.size
@@ -116,8 +119,17 @@ def check_top_k(x: np.ndarray, y: np.ndarray, payload, spec: CompressionSpec) ->
     kept = np.zeros(x.size, dtype=bool)
     kept[indices] = True
     mags = np.abs(x.astype(np.float64))
-    if not kept.all():
-        assert mags[kept].min() >= mags[~kept].max()  # ties may go either way
+    c = spec.chunk
+    full = x.size // c if c else 0
+    if full == 0 or k * c // x.size == 0:
+        if not kept.all():
+            assert mags[kept].min() >= mags[~kept].max()  # ties may go either way
+    else:
+        for start in range(0, full * c, c):
+            part, m = kept[start:start + c], mags[start:start + c]
+            assert part.sum() >= k * c // x.size
+            if not part.all():
+                assert m[part].min() >= m[~part].max()
     assert np.all(y[~kept] == 0)
     return indices
 
@@ -547,16 +559,20 @@ def test_error_feedback_refuses_bad_delta_and_keeps_its_residual():
     ("fp16", CompressionSpec("fp16")), ("topk", CompressionSpec("topk")),
     ("topk:0.01", CompressionSpec("topk", 0.01)), ("topk-int8:0.0156", CompressionSpec("topk-int8", 0.0156)),
     (" topk:0.25 ", CompressionSpec("topk", 0.25)), ("topk:1e-3", CompressionSpec("topk", 0.001)),
+    ("topk-int8:0.0156:4096", CompressionSpec("topk-int8", 0.0156, chunk=4096)),
+    ("topk:0.01:0", CompressionSpec("topk", 0.01)),
 ])
 def test_spec_parse(text, spec):
     assert CompressionSpec.parse(text) == spec
+    assert CompressionSpec.parse(spec.describe()) == spec
 
 
 @pytest.mark.parametrize("text, setting", [
     ("", "method"), ("int4", "method"), ("INT8", "method"), ("topk:", "not a number"),
     ("topk:abc", "not a number"), ("topk:0", "topk_fraction"), ("topk:-0.1", "topk_fraction"),
     ("topk:1.5", "topk_fraction"), ("topk:0.5", "topk_fraction"), ("topk:nan", "topk_fraction"),
-    ("topk:inf", "topk_fraction"), ("int8:0.1", "FRACTION"), ("topk:0.01:3", "not a number"),
+    ("topk:inf", "topk_fraction"), ("int8:0.1", "FRACTION"), ("topk:0.01:x", "not an integer"),
+    ("topk:0.01:1.5", "not an integer"), ("topk:0.01:-1", "chunk"), ("topk:abc:3", "not a number"),
 ])
 def test_spec_parse_refuses(text, setting):
     with pytest.raises(ValueError, match=setting):
@@ -569,7 +585,7 @@ def test_spec_parse_refuses(text, setting):
     ({"topk_fraction": True}, "topk_fraction"), ({"topk_fraction": "0.1"}, "topk_fraction"),
     ({"method": "topk-int8", "topk_fraction": 0.3}, "topk_fraction"),
     ({"block": 0}, "block"), ({"block": -4}, "block"), ({"block": True}, "block"), ({"block": 2.0}, "block"),
-    ({"block": MAX_BLOCK + 1}, "block"),
+    ({"block": MAX_BLOCK + 1}, "block"), ({"chunk": -1}, "chunk"), ({"chunk": True}, "chunk"), ({"chunk": 4.0}, "chunk"),
 ])
 def test_spec_refuses_bad_settings(kwargs, setting):
     with pytest.raises(ValueError, match=setting):
@@ -580,3 +596,44 @@ def test_spec_k():
     spec = CompressionSpec("topk", 0.01)
     assert [spec.k(n) for n in (1, 99, 100, 101, 10**6)] == [1, 1, 1, 2, 10**4]
     assert CompressionSpec("topk", MAX_TOPK_FRACTION).k(7) == math.ceil(MAX_TOPK_FRACTION * 7)
+
+
+def test_chunked_top_k_sends_every_part_of_a_vector_that_one_part_dominates():
+    """A pseudo-gradient whose first 4 % moved 10x more (lm-tiny's token embedding after 50 inner
+    steps): the whole-vector top-k 1.56 % spends all of k there; with chunks of 1000 every chunk
+    sends its 15 largest, and the payload is the same size and decodes the same way."""
+    n = 100_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    x[: n // 25] *= 10
+    whole, chunked = CompressionSpec("topk-int8", 0.0156), CompressionSpec("topk-int8", 0.0156, chunk=1000)
+    kept = {}
+    for spec in (whole, chunked):
+        payload = compress(x, spec)
+        y = decompress(payload.header, payload.parts, n)
+        kept[spec.chunk] = torch.from_numpy(topk_indices(payload.parts, n))
+        assert payload.header["k"] == spec.k(n) == int((y != 0).sum())
+        assert payload.nbytes == compress(x, whole).nbytes
+    assert int(kept[0].max()) < n // 25  # all of k in the large part
+    per_chunk = torch.bincount(kept[1000] // 1000, minlength=n // 1000)
+    assert int(per_chunk.min()) == 15 and int(per_chunk.sum()) == whole.k(n)
+
+
+def test_chunked_error_feedback_conserves_and_sends_every_part_from_the_first_round():
+    """Error feedback with chunked top-k: the sum of what was sent plus the residual equals the
+    sum of the deltas, and the part that whole-vector top-k would leave waiting (here 90 % of the
+    coordinates, 20x smaller) gets its chunks' share from the first round on."""
+    n = 20_000
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    delta[: n // 10] *= 20
+    small = {}
+    for chunk in (0, 500):
+        spec = CompressionSpec("topk", 0.05, chunk=chunk)
+        ef = ErrorFeedback(n)
+        sent_sum = torch.zeros(n, dtype=torch.float64)
+        for i in range(3):
+            _, sent = ef.compress(delta, spec)
+            sent_sum += sent.double()
+            if i == 0:
+                small[chunk] = int((sent[n // 10:] != 0).sum())
+        torch.testing.assert_close(sent_sum + ef.residual.double(), 3 * delta.double(), rtol=1e-4, atol=1e-4)
+    assert small[0] == 0 and small[500] >= 25 * (n - n // 10) // 500
