@@ -60,6 +60,7 @@ def join(
     initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", show_default="none: start a run", rich_help_panel=NET, help="Address of a peer already in the run, with /p2p/<id> (the line it printed at start). Repeatable."),
     listen: Optional[list[str]] = typer.Option(None, "--listen", envvar="PEER_LISTEN", metavar="MADDR", show_default="/ip4/0.0.0.0/tcp/0", rich_help_panel=NET, help="Address to listen on. Repeatable."),
     announce: Optional[list[str]] = typer.Option(None, "--announce", envvar="PEER_ANNOUNCE", metavar="MADDR", show_default="none", rich_help_panel=NET, help="Address to announce to others (e.g. a public IP and fixed port). Repeatable."),
+    relay_service: Optional[bool] = typer.Option(None, "--relay-service/--no-relay-service", envvar="PEER_RELAY_SERVICE", show_default="off", rich_help_panel=NET, help="Relay connections between other peers (libp2p circuit relay). Costs your bandwidth; SECURITY.md."),
     max_upload_mbps: Optional[float] = typer.Option(None, "--max-upload-mbps", envvar="PEER_MAX_UPLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip upload in Mbit/s, enforced by the daemon."),
     max_download_mbps: Optional[float] = typer.Option(None, "--max-download-mbps", envvar="PEER_MAX_DOWNLOAD_MBPS", metavar="MBIT", show_default="0: none", rich_help_panel=NET, help="Cap on gossip download in Mbit/s."),
     # training
@@ -101,7 +102,7 @@ def join(
                 "allow_peers": str(allow_peers) if allow_peers else None,
                 "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
                 "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
-                "metrics_port": metrics_port,
+                "metrics_port": metrics_port, "relay_service": relay_service,
             },
             config,
         )

@@ -99,6 +99,9 @@ class PeerConfig:
     max_concurrent_serves: int = 8
     max_serves_per_peer: int = 2  # one peer cannot take every serving slot
     read_timeout_s: float = 10.0  # no byte for this long ends a transfer (slow-loris)
+    # let p2pd relay connections between other peers (libp2p circuit relay v2 hop). Off: a relay
+    # serves strangers' traffic with our bandwidth, and our peers dial each other directly.
+    relay_service: bool = False
     # closed run: a file of admitted peer ids, one per line; others' records and requests are dropped
     allow_peers: str = ""
     log_format: str = "text"
@@ -147,6 +150,8 @@ def _coerce(name: str, value: Any) -> Any:
         return list(value)
     if value is None:
         return None
+    if kind == "bool" and not isinstance(value, bool):
+        raise TypeError("expected true or false")
     if isinstance(value, bool) and kind != "bool":
         raise TypeError("expected a number" if "int" in kind or "float" in kind else "expected a string")
     if "int" in kind:

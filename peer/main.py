@@ -120,7 +120,8 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             allowed = load_allowed_peers(cfg.allow_peers)
             known = KnownPeers(cfg.data_dir, cfg.run_id)
             transport = HivemindTransport(str(cfg.identity_path), cfg.listen, cfg.announce, cfg.initial_peers,
-                                          run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs())
+                                          run_key=run_key(cfg.run_id), allowed=allowed, remembered=known.dial_addrs(),
+                                          relay_service=cfg.relay_service)
             known.self_id = transport.peer_id
             behaviour = None
             if cfg.experiment_attack:  # EXPERIMENTS ONLY: an attacker's behaviour (peer/experiment/attacks.py)

@@ -211,6 +211,25 @@ class _P2PStream:
             pass
 
 
+RELAY_HOP = "/libp2p/circuit/relay/0.2.0/hop"
+
+
+async def withdraw_protocol(p2p, protocol: str) -> None:
+    """Stop p2pd offering `protocol`, a service of its own that no flag turns off.
+
+    hivemind's p2pd serves circuit-relay v2 hop (reservations and relayed connections for any
+    stranger, 2 min and 128 KiB per circuit) whatever `-relay` and `-relayService` say (measured:
+    SECURITY.md). Registering a handler for the protocol replaces p2pd's own (`SetStreamHandler`),
+    and removing ours then removes the protocol from the host (`RemoveStreamHandler`), so it is
+    neither served nor listed by identify."""
+
+    async def refuse(_info, _reader, writer) -> None:  # only between the two calls below
+        writer.close()
+
+    await p2p.add_binary_stream_handler(protocol, refuse)
+    await p2p.remove_binary_stream_handler(protocol)
+
+
 class HivemindTransport(Transport):
     def __init__(
         self,
@@ -221,9 +240,13 @@ class HivemindTransport(Transport):
         run_key: str | None = None,
         allowed: frozenset[str] | None = None,
         remembered: list[str] | None = None,
+        rpc_limits=None,
+        relay_service: bool = False,
     ):
         """`remembered`: addresses (with /p2p/<id>) of peers seen before, dialled at start besides
-        `initial_peers`; unlike those, none of them has to answer."""
+        `initial_peers`; unlike those, none of them has to answer. `rpc_limits`: bounds on the DHT
+        RPCs other peers send us (protocols/dht_guard.py's RpcLimits; None: its defaults).
+        `relay_service`: let p2pd relay connections for other peers (circuit relay hop)."""
         self.identity_path = identity_path
         self.listen = listen
         self.announce = announce or []
@@ -231,6 +254,10 @@ class HivemindTransport(Transport):
         self.run_key = run_key
         self.allowed = allowed
         self.remembered = remembered or []
+        self.relay_service = relay_service
+        from protocols.dht_guard import RpcPolicy
+
+        self.rpc_policy = RpcPolicy(rpc_limits)
         self.p2p = None
         self.dht = None
         self.run_records = None
@@ -240,9 +267,10 @@ class HivemindTransport(Transport):
         from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
         from hivemind.dht.routing import DHTID
-        from hivemind.p2p import P2P
+        from protocols.dht_guard import guarded_p2p
 
-        self.p2p = await P2P.create(
+        # hivemind's P2P with the DHT RPCs served under self.rpc_policy (protocols/dht_guard.py)
+        self.p2p = await guarded_p2p(self.rpc_policy).create(
             initial_peers=self.initial_peers or None,
             host_maddrs=self.listen,
             announce_maddrs=self.announce or None,
@@ -251,6 +279,8 @@ class HivemindTransport(Transport):
             # peers; the data-dir lock already guarantees one daemon per identity on this host.
             check_if_identity_free=False,
         )
+        if not self.relay_service:
+            await withdraw_protocol(self.p2p, RELAY_HOP)
         self.validator = RSASignatureValidator(load_identity_key(self.identity_path))
         await serve_dialback(self.p2p)  # other peers' reachability checks (protocols/dialback.py)
         reached = await self._dial(self.remembered)
@@ -339,6 +369,9 @@ class HivemindTransport(Transport):
 
     async def addrs(self) -> list[str]:
         return [str(a) for a in await self.p2p.get_visible_maddrs(latest=True)]
+
+    def dht_rpcs(self) -> dict[str, Any]:
+        return self.rpc_policy.summary()
 
     async def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         async def adapter(info, reader, writer) -> None:
