@@ -15,6 +15,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.dht_guard import BUSY, MALFORMED, OUTCOMES, RpcLimits, RpcPolicy
 from tests.conftest import wait_until
@@ -72,13 +74,33 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def envelope(proto: str, data: bytes) -> bytes:
-    """What a caller's p2pd writes for a unary call."""
+def call_message(proto: str, data: bytes) -> bytes:
     from hivemind.proto import p2pd_pb2
 
-    msg = p2pd_pb2.PersistentConnectionRequest(
+    return p2pd_pb2.PersistentConnectionRequest(
         callId=uuid.uuid4().bytes, callUnary=p2pd_pb2.CallUnaryRequest(peer=b"", proto=proto, data=data)).SerializeToString()
+
+
+def envelope(proto: str, data: bytes) -> bytes:
+    """What a caller's p2pd writes for a unary call: the message after its varint length."""
+    msg = call_message(proto, data)
     return _varint(len(msg)) + msg
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda data, proto: call_message(proto, data), st.binary(max_size=200),
+                           st.sampled_from([FIND, PING, "", "DHTProtocol.rpc_find\x00"]))))
+def test_parse_request_refuses_any_bytes_with_malformed_only(raw):
+    from hivemind.proto import dht_pb2
+
+    from protocols.dht_guard import Malformed, parse_request
+
+    try:
+        call_id, request = parse_request(raw, FIND, dht_pb2.FindRequest)
+    except Malformed:
+        return
+    assert isinstance(request, dht_pb2.FindRequest) and isinstance(call_id, bytes)
 
 
 async def read_reply(reader: asyncio.StreamReader):
