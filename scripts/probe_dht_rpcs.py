@@ -6,6 +6,7 @@
 Starts two victims on 127.0.0.1, each a real p2pd with a hivemind DHTNode: `stock` (hivemind's
 own P2P, unary handlers) and `guarded` (protocols/transport/hivemind.py: protocols/dht_guard.py's
 defaults). From a third p2pd, for each victim it:
+  - times 100 pings of hivemind's own client one after another (what an honest caller pays);
   - sends `DHTProtocol.rpc_find` a request that does not parse, and prints the error it gets back;
   - opens one stream that sends nothing, and times how long the victim keeps it open (cut at 60 s);
   - opens `--streams` such streams at once from one peer, and counts how many the victim still
@@ -65,6 +66,18 @@ async def _until_closed(reader: asyncio.StreamReader, cap: float) -> float | Non
     return time.monotonic() - started
 
 
+async def ping_ms(client, victim_id, n: int = 100) -> float:
+    """Median round trip of hivemind's own `call_ping` (an honest caller), in ms."""
+    import statistics
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        assert await client.protocol.call_ping(victim_id) is not None
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 2)
+
+
 async def probe(attacker, victim_id, streams: int) -> dict:
     from hivemind.proto import p2pd_pb2
 
@@ -111,13 +124,17 @@ async def main(args) -> dict:
         guarded = HivemindTransport(str(Path(tmp) / "g.key"), ["/ip4/127.0.0.1/tcp/0"], run_key="probe")
         await guarded.start()
         attacker = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await DHTNode.create(p2p=attacker, client_mode=True)
         try:
             for name, p2p in (("stock", stock_p2p), ("guarded", guarded.p2p)):
                 addrs = [Multiaddr(str(a).split("/p2p/")[0]) for a in await p2p.get_visible_maddrs()]
                 await attacker._client.connect(p2p.peer_id, addrs)
-                results[name] = await probe(attacker, PeerID.from_base58(p2p.peer_id.to_base58()), args.streams)
+                victim_id = PeerID.from_base58(p2p.peer_id.to_base58())
+                results[name] = {"honest_ping_median_ms": await ping_ms(client, victim_id)}
+                results[name].update(await probe(attacker, victim_id, args.streams))
             results["guarded"]["counters"] = guarded.dht_rpcs()
         finally:
+            await client.shutdown()
             await attacker.shutdown()
             await guarded.stop()
             await stock.shutdown()
