@@ -14,8 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import protocols.transport.light as light  # noqa: E402  (before anything imports hivemind)
+import protocols.transport.light as light  # before anything imports hivemind
 
 
 async def identify(maddr: str) -> list[str]:
@@ -27,8 +26,8 @@ async def identify(maddr: str) -> list[str]:
     pid, dial = light.split_maddr(maddr)
     async with light.LightClient.open() as client:
         await client.host.connect(PeerInfo(ID.from_base58(pid), [multiaddr.Multiaddr(a) for a in dial]))
-        with trio.fail_after(10):
-            while not (protos := client.host.get_peerstore().get_protocols(ID.from_base58(pid))):
+        with trio.fail_after(10):  # identify fills the peerstore; py-libp2p signals no event for it
+            while not (protos := client.host.get_peerstore().get_protocols(ID.from_base58(pid))):  # noqa: ASYNC110
                 await trio.sleep(0.05)
     return sorted(str(p) for p in protos)
 

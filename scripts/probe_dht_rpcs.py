@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FIND = "DHTProtocol.rpc_find"
 HOLD_CAP_S = 60.0
@@ -61,7 +59,7 @@ async def _until_closed(reader: asyncio.StreamReader, cap: float) -> float | Non
     started = time.monotonic()
     try:
         await asyncio.wait_for(reader.read(), cap)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
     return time.monotonic() - started
 
