@@ -67,6 +67,11 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("rejected / failed", rej)
     refused = {**s.get("serve_errors", {}), **s.get("record_rejects", {}), **s.get("dht_rejects", {})}
     head.add_row("refused (serving, records)", ", ".join(f"{k} {v}" for k, v in refused.items()) or "none")
+    rpcs = (s.get("dht_rpcs") or {}).get("rpcs") or {}
+    if rpcs:  # DHT RPCs other peers sent us: only what was not served in full is worth a glance
+        head.add_row("DHT requests", "; ".join(
+            f"{rpc} {c.get('requests', 0)}" + "".join(f", {k} {v}" for k, v in c.items() if v and k not in ("requests", "served"))
+            for rpc, c in rpcs.items()))
     banned = s.get("banned", {})
     head.add_row("banned peers", ", ".join(f"{p[:12]}… {t:.0f}s" for p, t in banned.items()) or "none")
     ck = s["checkpoint"]

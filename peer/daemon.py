@@ -755,6 +755,7 @@ class PeerDaemon:
                                    *({"samples_per_s": i.record.samples_per_s, "accuracy": i.record.accuracy} for i in live)]),
             **core,
             "dht_rejects": dict(getattr(getattr(self.transport, "run_records", None), "rejected", None) or {}),
+            "dht_rpcs": self.transport.dht_rpcs(),  # DHT RPCs other peers sent us (protocols/dht_guard.py)
             "metrics_port": self.metrics_port,
             "outer": self._outer_status(),
             "traffic": self._traffic_status(),

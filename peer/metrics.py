@@ -89,6 +89,14 @@ class StatusCollector:
                 if (v := _number(count)) is not None:
                     fam.add_metric([*values, str(reason)], v)
             yield fam
+        dht = CounterMetricFamily("peer_dht_rpc", "DHT RPCs other peers sent this one, by RPC and outcome "
+                                  "(requests, served, refused, timed_out, malformed, failed, disconnected).",
+                                  labels=[*names, "rpc", "outcome"])
+        for rpc, counts in sorted(((st.get("dht_rpcs") or {}).get("rpcs") or {}).items()):
+            for outcome, count in sorted((counts or {}).items()):
+                if (v := _number(count)) is not None:
+                    dht.add_metric([*values, str(rpc), str(outcome)], v)
+        yield dht
 
 
 class Exporter:

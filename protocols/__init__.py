@@ -5,6 +5,7 @@
     gossip.py       `/peer/gossip/1`: pull a model or a pseudo-gradient; partner picking
     discovery.py    signed peer records in the DHT and the bounded swarm view
     reputation.py   scores and bans from what peers did
+    dht_guard.py    hivemind's DHT RPCs served under per-peer caps and deadlines, and counted
     ratelimit.py    bandwidth caps, fair sharing, deadlines from measured goodput
     loglimit.py     at most one log line per peer and reason a minute
     dialback.py     `/peer/dialback/1`: a peer dials the asker back (reachability)

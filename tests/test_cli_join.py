@@ -87,6 +87,7 @@ BAD_CONFIGS = {
     "wrong-type": ('heartbeat-s = "fast"\n', "heartbeat-s"),
     "wrong-type-string": ("task = 3\n", "expected a string"),
     "not-whole": ("max-steps = 1.5\n", "whole number"),
+    "not-a-bool": ('relay-service = "yes"\n', "relay-service = 'yes': expected true or false"),
     "unknown-key": ("heartbeat = 1.0\n", "did you mean 'heartbeat-s'"),
     "bad-value": ("heartbeat-s = -1\n", "heartbeat-s"),
     "bad-address": ('initial-peers = ["/ip4/1.2.3.4/tcp/5/ws"]\n', "/p2p/"),

@@ -269,6 +269,9 @@ async def test_hostile_peer_against_live_daemons(tmp_path):
                 assert not stores[f"{bad}@{v}"], (bad, v)
         assert {"record_owner_mismatch", "record_ttl_too_long", "malformed_record:addrs", "record_too_large",
                 "malformed_record:msgpack"} <= set(s["dht_rejects"]), s["dht_rejects"]
+        # mallory's stores reached p0 through the bounded DHT RPC server, and were counted there
+        stored = s["dht_rpcs"]["rpcs"]["rpc_store"]
+        assert stored["served"] >= 1 and stored["requests"] >= stored["served"], s["dht_rpcs"]
         # the replayed older record did not replace the newer one
         replayed = [q for q in s["live_peers"] if q["peer_id"] == mallory.replayed_id]
         assert [q["step"] for q in replayed] == [2], replayed

@@ -376,11 +376,14 @@ def test_status_view_shows_refusals_bans_and_scores():
          "checkpoint": {"step": None, "age_s": None, "errors": 0},
          "live_peers": [{"peer_id": "QmHonest", "step": 3, "samples_per_s": 5.0, "last_seen_s": 1.0, "addrs": []}],
          "serve_errors": {"bad_header": 2}, "record_rejects": {}, "dht_rejects": {"record_owner_mismatch": 1},
-         "banned": {"QmMallory": 55.0}, "reputation": {"QmHonest": {"score": 0.65}}}
+         "banned": {"QmMallory": 55.0}, "reputation": {"QmHonest": {"score": 0.65}},
+         "dht_rpcs": {"rpcs": {"rpc_find": {"requests": 9, "served": 5, "refused": 3, "timed_out": 1, "malformed": 0}},
+                      "active": 0}}
     console = Console(width=160, record=True)
     console.print(render_status(s))
     text = console.export_text()
     assert "bad_header 2, record_owner_mismatch 1" in text and "QmMallory" in text and "0.65" in text
+    assert "rpc_find 9, refused 3, timed_out 1" in text  # what was not served; zeros left out
 
 
 async def test_closed_run_ignores_and_refuses_unadmitted_peers(memory_swarm, tmp_path):

@@ -38,7 +38,8 @@ def test_exporter_serves_the_last_status_in_the_text_format():
                          "accuracy": 0.5, "test_loss": None, "rounds_ok": 4, "rounds_failed": 1,
                          "rounds_no_partner": 2, "bytes_sent": 10, "bytes_received": 20,
                          "rejected": {"nan": 3}, "pull_failed": {}, "live_peers": [{}, {}],
-                         "traffic": {"upload_mbps": 1.5, "utilisation": 0.9}})
+                         "traffic": {"upload_mbps": 1.5, "utilisation": 0.9},
+                         "dht_rpcs": {"rpcs": {"rpc_find": {"requests": 9, "refused": 2, "malformed": 1}}}})
         got = scrape(port)
         assert value(got, "peer_step", run_id="r", task="t") == 12
         assert value(got, "peer_samples_total") == 1200
@@ -48,6 +49,8 @@ def test_exporter_serves_the_last_status_in_the_text_format():
         assert value(got, "peer_rejected_total", reason="nan") == 3
         assert value(got, "peer_live_peers") == 2
         assert value(got, "peer_upload_mbps") == 1.5
+        assert value(got, "peer_dht_rpc_total", rpc="rpc_find", outcome="refused") == 2
+        assert value(got, "peer_dht_rpc_total", rpc="rpc_find", outcome="malformed") == 1
         assert "peer_test_loss" not in got  # no evaluation yet: absent, not 0
     finally:
         exporter.stop()

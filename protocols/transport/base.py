@@ -61,6 +61,11 @@ class Transport(abc.ABC):
     def now(self) -> float:
         """The clock records expire by (DHT time for hivemind, a virtual clock in memory)."""
 
+    def dht_rpcs(self) -> dict[str, Any]:
+        """What became of the DHT RPCs other peers sent us (protocols/dht_guard.py); empty where
+        the transport serves none."""
+        return {}
+
 
 class CountingStream:
     """Wraps a stream: adds the bytes it moves to a stats dict (bytes_sent / bytes_received), and

@@ -228,10 +228,13 @@ def p2p_with_flags(base, flags: dict[str, Any]):
 
 
 async def withdraw_protocol(p2p, protocol: str) -> None:
-    """Stop p2pd offering `protocol`, a service of its own that no flag turns off: registering a
-    handler replaces p2pd's (SetStreamHandler) and removing ours removes the protocol from the
-    host, so it is neither served nor listed by identify. p2pd serves circuit-relay hop whatever
-    `-relay` and `-relayService` say."""
+    """Stop p2pd offering `protocol`, a service of its own that no flag turns off.
+
+    hivemind's p2pd serves circuit-relay v2 hop (reservations and relayed connections for any
+    stranger, 2 min and 128 KiB per circuit) whatever `-relay` and `-relayService` say (measured:
+    SECURITY.md). Registering a handler for the protocol replaces p2pd's own (`SetStreamHandler`),
+    and removing ours then removes the protocol from the host (`RemoveStreamHandler`), so it is
+    neither served nor listed by identify."""
 
     async def refuse(_info, _reader, writer) -> None:  # only between the two calls below
         writer.close()
@@ -251,10 +254,13 @@ class HivemindTransport(Transport):
         allowed: frozenset[str] | None = None,
         remembered: list[str] | None = None,
         nat: NatSettings | None = None,
+        rpc_limits=None,
     ):
         """`remembered`: addresses (with /p2p/<id>) of peers seen before, dialled at start besides
         `initial_peers`; unlike those, none of them has to answer. `nat`: relays, auto-relay, hole
-        punching and relay service (protocols/transport/nat.py; None: its defaults)."""
+        punching and relay service (protocols/transport/nat.py; None: its defaults). `rpc_limits`:
+        bounds on the DHT RPCs other peers send us (protocols/dht_guard.py's RpcLimits; None: its
+        defaults)."""
         self.identity_path = identity_path
         self.listen = listen
         self.announce = announce or []
@@ -264,6 +270,9 @@ class HivemindTransport(Transport):
         self.remembered = remembered or []
         self.nat = nat or NatSettings()
         self.relay = None  # RelayPolicy (its counters) while serving as a relay
+        from protocols.dht_guard import RpcPolicy
+
+        self.rpc_policy = RpcPolicy(rpc_limits)
         self.p2p = None
         self.dht = None
         self.run_records = None
@@ -273,10 +282,12 @@ class HivemindTransport(Transport):
         from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.dht.node import DHTNode
         from hivemind.dht.routing import DHTID
-        from hivemind.p2p import P2P
+        from protocols.dht_guard import guarded_p2p
 
         options = p2pd_options(self.nat)
-        self.p2p = await p2p_with_flags(P2P, options.extra_flags).create(
+        # hivemind's P2P with the DHT RPCs served under self.rpc_policy (protocols/dht_guard.py),
+        # and the p2pd flags P2P.create has no parameter for (protocols/transport/nat.py)
+        self.p2p = await p2p_with_flags(guarded_p2p(self.rpc_policy), options.extra_flags).create(
             **options.create_kwargs,
             initial_peers=self.initial_peers or None,
             host_maddrs=self.listen,
@@ -379,6 +390,9 @@ class HivemindTransport(Transport):
 
     async def addrs(self) -> list[str]:
         return [str(a) for a in await self.p2p.get_visible_maddrs(latest=True)]
+
+    def dht_rpcs(self) -> dict[str, Any]:
+        return self.rpc_policy.summary()
 
     async def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         async def adapter(info, reader, writer) -> None:
