@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from protocols.loglimit import LogLimiter
+from protocols import varint
 
 log = logging.getLogger("peer.dht_guard")
 
@@ -46,7 +47,6 @@ OUTCOMES = ("requests", "served", "refused", "timed_out", "malformed", "failed",
 # What a caller is told. Fixed words: an exception's text would tell a stranger about our code.
 BUSY, MALFORMED, FAILED, TOO_LARGE = "busy", "malformed request", "request failed", "response too large"
 MAX_MESSAGE_BYTES = 4 << 20  # p2pd's persistentConnMsgMaxSize: the caller's p2pd reads no larger reply
-_MAX_VARINT_BYTES = 5  # 35 bits: more than any allowed length
 
 
 @dataclass(frozen=True)
@@ -135,27 +135,13 @@ def short_rpc_name(handle_name: str) -> str:
 
 async def _read_delimited(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     """One varint-length-prefixed message of at most `max_bytes`."""
-    n = shift = 0
-    for _ in range(_MAX_VARINT_BYTES):
-        (byte,) = await reader.readexactly(1)
-        n |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    else:
-        raise Malformed("length prefix")
+    try:
+        n = await varint.read(reader)
+    except ValueError:
+        raise Malformed("length prefix") from None
     if n > max_bytes:
         raise Malformed("too_large")
     return await reader.readexactly(n)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _reply(call_id: bytes, *, response: bytes | None = None, error: str | None = None) -> bytes:
@@ -164,7 +150,7 @@ def _reply(call_id: bytes, *, response: bytes | None = None, error: str | None =
     result = (p2pd_pb2.CallUnaryResponse(response=response) if error is None
               else p2pd_pb2.CallUnaryResponse(error=error.encode()))
     msg = p2pd_pb2.PersistentConnectionRequest(callId=call_id, unaryResponse=result).SerializeToString()
-    return _varint(len(msg)) + msg
+    return varint.encode(len(msg)) + msg
 
 
 def parse_request(raw: bytes, handle_name: str, request_type: Any) -> tuple[bytes, Any]:

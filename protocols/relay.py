@@ -29,6 +29,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from protocols import varint
 
 log = logging.getLogger("peer.relay")
 
@@ -154,25 +155,8 @@ def messages():
     _MESSAGES = SimpleNamespace(**classes, status=statuses)
     return _MESSAGES
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 async def read_message(reader: asyncio.StreamReader, cls, max_bytes: int):
-    size, shift = 0, 0
-    for _ in range(5):
-        byte = (await reader.readexactly(1))[0]
-        size |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    else:
-        raise ValueError("length prefix too long")
+    size = await varint.read(reader)
     if size > max_bytes:
         raise ValueError(f"message of {size} bytes")
     msg = cls()
@@ -182,7 +166,7 @@ async def read_message(reader: asyncio.StreamReader, cls, max_bytes: int):
 
 async def write_message(writer: asyncio.StreamWriter, msg) -> None:
     data = msg.SerializeToString()
-    writer.write(_varint(len(data)) + data)
+    writer.write(varint.encode(len(data)) + data)
     await writer.drain()
 
 

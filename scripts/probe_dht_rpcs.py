@@ -24,19 +24,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from protocols import varint
 
 
 FIND = "DHTProtocol.rpc_find"
 HOLD_CAP_S = 60.0
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 async def _reply_error(reader: asyncio.StreamReader) -> str | None:
@@ -87,7 +79,7 @@ async def probe(attacker, victim_id, streams: int) -> dict:
     r, w = await open_()
     msg = p2pd_pb2.PersistentConnectionRequest(callId=uuid.uuid4().bytes, callUnary=p2pd_pb2.CallUnaryRequest(
         peer=b"", proto=FIND, data=b"\xff\xff\xff\xff not a FindRequest")).SerializeToString()
-    w.write(_varint(len(msg)) + msg)
+    w.write(varint.encode(len(msg)) + msg)
     out["malformed_reply"] = await asyncio.wait_for(_reply_error(r), 30)
     w.close()
 

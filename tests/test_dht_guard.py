@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from protocols.dht_guard import BUSY, MALFORMED, OUTCOMES, RpcLimits, RpcPolicy
 from tests.conftest import wait_until
+from protocols import varint
 
 FIND, PING = "DHTProtocol.rpc_find", "DHTProtocol.rpc_ping"
 
@@ -65,15 +66,6 @@ def test_limits_refuse_nonsense(bad):
 # ---------------------------------------------------------------- real p2pd
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def call_message(proto: str, data: bytes) -> bytes:
     from hivemind.proto import p2pd_pb2
 
@@ -84,7 +76,7 @@ def call_message(proto: str, data: bytes) -> bytes:
 def envelope(proto: str, data: bytes) -> bytes:
     """What a caller's p2pd writes for a unary call: the message after its varint length."""
     msg = call_message(proto, data)
-    return _varint(len(msg)) + msg
+    return varint.encode(len(msg)) + msg
 
 
 @settings(max_examples=400, deadline=None)
@@ -199,7 +191,7 @@ async def test_a_slow_loris_stream_is_closed_at_the_read_deadline(victim_and_att
     victim, attacker = victim_and_attacker
     silent_reader, silent_writer = await open_stream(attacker, victim, FIND)  # sends nothing
     partial_reader, partial_writer = await open_stream(attacker, victim, FIND)
-    partial_writer.write(_varint(100) + b"x" * 10)  # announces 100 bytes, sends 10, then stalls
+    partial_writer.write(varint.encode(100) + b"x" * 10)  # announces 100 bytes, sends 10, then stalls
     started = time.monotonic()
     ends = await asyncio.wait_for(asyncio.gather(silent_reader.read(), partial_reader.read()), 10)
     elapsed = time.monotonic() - started
@@ -215,7 +207,7 @@ async def test_a_malformed_request_gets_a_fixed_word_and_no_parser_message(victi
     victim, attacker = victim_and_attacker
     cases = [
         envelope(FIND, b"\xff\xff\xff\xff not a FindRequest"),  # the RPC's own request does not parse
-        _varint(12) + b"\x0a\xff\xff\xff\xff\xff garbage",  # the envelope does not parse
+        varint.encode(12) + b"\x0a\xff\xff\xff\xff\xff garbage",  # the envelope does not parse
         envelope(PING, b""),  # a ping inside a find stream: hivemind's dispatch would trust the field
     ]
     for raw in cases:
@@ -228,7 +220,7 @@ async def test_a_malformed_request_gets_a_fixed_word_and_no_parser_message(victi
     await wait_until(lambda: counts(victim, "rpc_find").get("malformed") == len(cases), 5, "malformed counted")
     # one over the size limit is refused on its length prefix alone
     reader, writer = await open_stream(attacker, victim, FIND)
-    writer.write(_varint(victim.rpc_policy.limits.max_request_bytes + 1))
+    writer.write(varint.encode(victim.rpc_policy.limits.max_request_bytes + 1))
     assert (await asyncio.wait_for(read_reply(reader), 10)).error.decode() == MALFORMED
     writer.close()
     await wait_until(lambda: counts(victim, "rpc_find").get("malformed") == len(cases) + 1, 5, "oversize counted")

@@ -30,6 +30,7 @@ import libp2p.crypto.pb.crypto_pb2 as _libp2p_crypto_pb2  # noqa: E402
 sys.modules["hivemind.proto.crypto_pb2"] = _libp2p_crypto_pb2
 
 from protocols.lightdht import QueryError  # noqa: E402  (imports no hivemind at import time)
+from protocols import varint  # noqa: E402
 
 FIND = "DHTProtocol.rpc_find"  # hivemind's handler name: ServicerBase._get_handle_name(None, "rpc_find")
 MAX_MESSAGE_BYTES = 4 << 20  # p2pd's persistentConnMsgMaxSize: no reply can be larger
@@ -70,15 +71,6 @@ def transport_addrs(addrs: list[str]) -> list[str]:
         if dialable(head) and head not in out:
             out.append(head)
     return out
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 async def _read_exactly(stream, n: int) -> bytes:
@@ -153,7 +145,7 @@ class LightClient:
             # `peer` is required by the schema; the serving p2pd overwrites it with the caller's id
             message = p2pd_pb2.PersistentConnectionRequest(
                 callId=call_id, callUnary=p2pd_pb2.CallUnaryRequest(peer=b"", proto=proto, data=request)).SerializeToString()
-            await stream.write(_varint(len(message)) + message)
+            await stream.write(varint.encode(len(message)) + message)
             reply = p2pd_pb2.PersistentConnectionRequest.FromString(await _read_delimited(stream))
         finally:
             await stream.close()
