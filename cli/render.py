@@ -8,6 +8,14 @@ from rich.console import Group
 from rich.table import Table
 
 
+def _duration(seconds: float) -> str:
+    """3725 -> '1h 2m', 75 -> '1m 15s', 4 -> '4s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
+
+
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None:
         return "-"
@@ -36,6 +44,10 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("run / task", f"{s['run_id']} / {s['task']} (shard {s['shard']}, aggregator {s['aggregator']})")
     head.add_row("phase", f"{s['phase']}, up {s['uptime_s']:.0f}s")
     head.add_row("training", f"step {s['step']}  loss {_fmt(s['loss'])}  accuracy {_fmt(s['accuracy'], pct=True)}  {s['samples_per_s']:.0f} samples/s")
+    prog = s.get("progress")
+    if prog:
+        eta = "unknown" if prog["eta_s"] is None else _duration(prog["eta_s"])
+        head.add_row("progress", f"{100 * prog['done']:.1f} % of {prog['target_steps']} steps, {eta} left at this rate")
     if s.get("bits_per_byte") is not None:
         head.add_row("held-out", f"loss {_fmt(s.get('test_loss'))} nats/byte, {_fmt(s['bits_per_byte'])} bits/byte")
     head.add_row("gossip", f"{s['rounds_ok']} rounds ok, {s['rounds_failed']} failed, {s.get('rounds_no_partner', 0)} found no partner; "

@@ -34,7 +34,7 @@ from peer.aggregation.sybil import Sketcher
 from peer.cadence import StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
-from peer.core import QUIET_REPLIES, PeerCore, adopted_step
+from peer.core import QUIET_REPLIES, PeerCore, adopted_step, progress
 from peer.datadir import prepare_data_dir
 from peer.known_peers import KnownPeers
 from peer.loss_probe import LossProbe
@@ -744,6 +744,8 @@ class PeerDaemon:
             "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
             "steps_adopted": self.counters["steps_adopted"],
+            "progress": progress(self.trainer.step, self.config.max_steps, self.trainer.samples_per_s,
+                                 min(self.task.batch_size, len(self.task.y_train))),
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
                  "accuracy": i.record.accuracy, "loss": i.record.loss,

@@ -61,6 +61,17 @@ def lower_thread_priority(nice: int) -> int | None:
         return None
 
 
+# weight of the newest 1 s window in the reported samples/s: an evaluation, a checkpoint or a
+# gossip round's aggregation takes CPU from training for a moment, and `peer status` refreshing
+# every second would otherwise jump with each of them
+RATE_SMOOTHING = 0.3
+
+
+def smoothed_rate(previous: float, window: float) -> float:
+    """Samples/s after one more 1 s window: an exponential moving average (the first window as is)."""
+    return window if previous <= 0 else (1 - RATE_SMOOTHING) * previous + RATE_SMOOTHING * window
+
+
 class Trainer:
     def __init__(self, task: Task, seed: int = 0, eval_every_s: float = 2.0, max_steps: int | None = None,
                  step_delay_s: float = 0.0, warmup_steps: int = 50, nice: int = 0):
@@ -291,7 +302,7 @@ class Trainer:
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             now = time.monotonic()
             if now - window_start >= 1.0:
-                self.samples_per_s = window_samples / (now - window_start)
+                self.samples_per_s = smoothed_rate(self.samples_per_s, window_samples / (now - window_start))
                 window_start, window_samples = now, 0
             # evaluations take at most ~2 % of the training thread's time, however large the model
             if now - last_eval >= max(self.eval_every_s, 50 * self.eval_seconds) or self.done:

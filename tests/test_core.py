@@ -127,3 +127,23 @@ def test_adopted_step_is_the_lower_median_of_ours_and_the_mixed_partners():
     assert adopted_step(100, [500, 10**9], [0.3, 0.3]) == 500
     assert adopted_step(500, [200, 300], [0.3, 0.3]) is None  # never backwards
     assert adopted_step(100, [500, 600], []) == 500  # a server-style rule weighs nobody: all count
+
+
+def test_progress_toward_max_steps_and_its_eta():
+    from peer.core import progress
+
+    assert progress(50, None, 100.0, 10) is None  # no target, nothing to show
+    assert progress(50, 200, 100.0, 10) == {"target_steps": 200, "done": 0.25, "eta_s": 15.0}  # 150 steps at 10/s
+    assert progress(50, 200, 0.0, 10)["eta_s"] is None  # no rate yet
+    assert progress(250, 200, 0.0, 10) == {"target_steps": 200, "done": 1.0, "eta_s": 0.0}
+
+
+def test_samples_per_second_is_smoothed_across_windows():
+    from peer.trainer import RATE_SMOOTHING, smoothed_rate
+
+    assert smoothed_rate(0.0, 500.0) == 500.0  # the first window as is
+    rate = 500.0
+    for _ in range(3):  # one slow window (an evaluation took the CPU) moves the figure by a share only
+        rate = smoothed_rate(rate, 100.0 if _ == 0 else 500.0)
+    assert abs(rate - (500 - 400 * RATE_SMOOTHING * (1 - RATE_SMOOTHING) ** 2)) < 1e-9
+    assert smoothed_rate(500.0, 100.0) > 300.0

@@ -383,6 +383,11 @@ def test_status_view_shows_refusals_bans_and_scores():
     console.print(render_status(s))
     text = console.export_text()
     assert "bad_header 2, record_owner_mismatch 1" in text and "QmMallory" in text and "0.65" in text
+    assert "progress" not in text  # no --max-steps: nothing to be done toward
+    s["progress"] = {"target_steps": 1000, "done": 0.25, "eta_s": 3725.0}
+    console = Console(width=160, record=True)
+    console.print(render_status(s))
+    assert "25.0 % of 1000 steps, 1h 2m left at this rate" in console.export_text()
     assert "rpc_find 9, refused 3, timed_out 1" in text  # what was not served; zeros left out
 
 
