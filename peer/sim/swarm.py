@@ -69,7 +69,7 @@ class SimSettings:
     up_bytes_s: float = 1e6
     down_bytes_s: float = 1e7
     startup_s: float = 0.0  # from a join to the first heartbeat (process start-up)
-    shards: int = 0  # distinct data shards (0: one per honest peer, as the real runner)
+    shards: int = 0  # distinct data shards (0: one per honest peer, as the real runner, at most one per example)
     sample_every_s: float = 0.0  # evaluation and metrics line interval (0: the duration / --samples)
 
     @classmethod
@@ -140,6 +140,7 @@ class Simulation:
         self.store = RecordStore()
         self.events: list[dict] = []
         self._tasks: dict[tuple[int, int, str], Task] = {}
+        self._examples: int | None = None  # training examples of the whole task (the shard bound)
         self._probes: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
         self.timing: Counter[str] = Counter()  # wall seconds by what the simulator spent them on
         self.calls: Counter[str] = Counter()  # how many of each (per-call costs in the result)
@@ -181,8 +182,15 @@ class Simulation:
         sc = self.sc
         if slot >= sc.peers:  # attackers, as scripts/experiment.py starts them
             return (0, 1, "iid") if sc.attack.name in TARGETED else self._shard(slot % sc.peers)
-        n = self.sim.shards or sc.peers
+        # one shard per honest peer, as the real runner, but never more shards than training
+        # examples: an empty shard has nothing to train on (10,000 peers on MNIST-1D's 4,000)
+        n = self.sim.shards or min(sc.peers, self._train_size())
         return slot % n, n, sc.split
+
+    def _train_size(self) -> int:
+        if self._examples is None:
+            self._examples = len(load_task(self.sc.task, shard=0, num_shards=1, seed=self.config.data_seed).y_train)
+        return self._examples
 
     def _task(self, slot: int) -> Task:
         """The shard's task, built once and shared (tensors included) by every peer of that shard."""
