@@ -74,13 +74,12 @@ def adopted_step(own: int, steps: Sequence[int], weights: Sequence[float]) -> in
     return target if target > own else None
 
 
-def progress(step: int, max_steps: int | None, samples_per_s: float, batch_size: int) -> dict[str, Any] | None:
+def progress(step: int, max_steps: int | None, steps_per_s: float) -> dict[str, Any] | None:
     """Progress toward `--max-steps` for `peer status`: the fraction done and the seconds left at
     the current rate (None while the rate is unknown); None with no target."""
     if not max_steps:
         return None
     done = min(1.0, step / max_steps)
-    steps_per_s = samples_per_s / batch_size if batch_size > 0 else 0.0
     left = max(0, max_steps - step)
     eta = round(left / steps_per_s, 1) if steps_per_s > 0 else (0.0 if left == 0 else None)
     return {"target_steps": max_steps, "done": round(done, 4), "eta_s": eta}

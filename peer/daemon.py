@@ -744,8 +744,7 @@ class PeerDaemon:
             "uptime_s": round(time.time() - self.started, 1), "train_nice": self.trainer.nice,
             **self._metrics(),
             "steps_adopted": self.counters["steps_adopted"],
-            "progress": progress(self.trainer.step, self.config.max_steps, self.trainer.samples_per_s,
-                                 min(self.task.batch_size, len(self.task.y_train))),
+            "progress": progress(self.trainer.step, self.config.max_steps, self.trainer.steps_per_s),
             "live_peers": [
                 {"peer_id": i.record.peer_id, "step": i.record.step, "samples_per_s": i.record.samples_per_s,
                  "accuracy": i.record.accuracy, "loss": i.record.loss,

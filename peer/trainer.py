@@ -94,6 +94,8 @@ class Trainer:
         self.last_loss: float | None = None
         self.metrics: dict[str, float] = {}
         self.samples_per_s = 0.0
+        self.steps_per_s = 0.0  # smoothed like samples_per_s; status's ETA reads it (never task.batch_size,
+        # which a task may compute, or block in, on the training thread's behalf)
         self.eval_every_s = eval_every_s
         self.max_steps = max_steps
         self.step_delay_s = step_delay_s
@@ -288,7 +290,7 @@ class Trainer:
 
     def _loop(self) -> None:
         last_eval = 0.0
-        window_start, window_samples = time.monotonic(), 0
+        window_start, window_samples, window_steps = time.monotonic(), 0, 0
         while not self._stop.is_set():
             if self.done:
                 if not self.metrics:  # done before a single step (a joiner adopted a later step)
@@ -300,10 +302,12 @@ class Trainer:
             if notify is not None and cadence is not None and cadence.due(self.step, self.local_steps):
                 notify()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
+            window_steps += 1
             now = time.monotonic()
             if now - window_start >= 1.0:
                 self.samples_per_s = smoothed_rate(self.samples_per_s, window_samples / (now - window_start))
-                window_start, window_samples = now, 0
+                self.steps_per_s = smoothed_rate(self.steps_per_s, window_steps / (now - window_start))
+                window_start, window_samples, window_steps = now, 0, 0
             # evaluations take at most ~2 % of the training thread's time, however large the model
             if now - last_eval >= max(self.eval_every_s, 50 * self.eval_seconds) or self.done:
                 self.evaluate()

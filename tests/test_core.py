@@ -132,10 +132,10 @@ def test_adopted_step_is_the_lower_median_of_ours_and_the_mixed_partners():
 def test_progress_toward_max_steps_and_its_eta():
     from peer.core import progress
 
-    assert progress(50, None, 100.0, 10) is None  # no target, nothing to show
-    assert progress(50, 200, 100.0, 10) == {"target_steps": 200, "done": 0.25, "eta_s": 15.0}  # 150 steps at 10/s
-    assert progress(50, 200, 0.0, 10)["eta_s"] is None  # no rate yet
-    assert progress(250, 200, 0.0, 10) == {"target_steps": 200, "done": 1.0, "eta_s": 0.0}
+    assert progress(50, None, 10.0) is None  # no target, nothing to show
+    assert progress(50, 200, 10.0) == {"target_steps": 200, "done": 0.25, "eta_s": 15.0}  # 150 steps at 10/s
+    assert progress(50, 200, 0.0)["eta_s"] is None  # no rate yet
+    assert progress(250, 200, 0.0) == {"target_steps": 200, "done": 1.0, "eta_s": 0.0}
 
 
 def test_samples_per_second_is_smoothed_across_windows():
