@@ -191,6 +191,22 @@ def grid_cells(fractions, alphas, partners_list, phases, peers: int) -> list[dic
     return cells
 
 
+def grid_jobs(cells: list[dict], seeds, aggregators: list[str], attacks: list[str], *, rounds: int | None,
+              local_steps: int, overrides: dict | None) -> list[tuple]:
+    """(aggregator, attack, run_swarm kwargs, tags) per run: every cell x seed, attack by attack,
+    each for every aggregator (a run cut short has whole columns). `rounds` replaces every cell's
+    phase rounds (smoke tests); None keeps them."""
+    jobs = []
+    for c in cells:
+        for seed in seeds:
+            kw = dict(rounds=rounds or c["rounds"], local_steps=local_steps, partners=c["partners"], honest=c["honest"],
+                      byzantine=c["byzantine"], alpha=c["alpha"], seed=seed, peer_settings=overrides or None)
+            tags = {"cell": c["key"], "seed": seed, "rounds": kw["rounds"], "local_steps": local_steps,
+                    "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}}
+            jobs += [(g, a, kw, tags) for a in attacks for g in aggregators]
+    return jobs
+
+
 def summarise_grid(results: list[dict], aggregators: list[str], attacks: list[str], cells: list[dict]) -> dict:
     """Per aggregator and cell, as ByzFL reports a defence: each attack's drop against the same
     cell's clean run (honest mean accuracy; the worst honest peer: the largest drop of one peer's
@@ -273,15 +289,8 @@ def run_grid(args, aggregators: list[str], attacks: list[str], overrides: dict |
         if c["byzantine"] < 1 or c["honest"] < 2:
             ap.error(f"--peers {args.peers} gives cell {c['key']} {c['honest']} honest + {c['byzantine']} Byzantine peers; use more peers")
     attacks = ["none", *[a for a in attacks if a != "none"]]
-    jobs = []
-    for c in cells:
-        for seed in range(args.seed, args.seed + args.seeds):
-            kw = dict(rounds=args.rounds or c["rounds"], local_steps=args.local_steps, partners=c["partners"], honest=c["honest"],
-                      byzantine=c["byzantine"], alpha=c["alpha"], seed=seed, peer_settings=overrides or None)
-            # attack by attack, each for every aggregator: a run cut short has whole columns
-            tags = {"cell": c["key"], "seed": seed, "rounds": kw["rounds"], "local_steps": args.local_steps,
-                    "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}}
-            jobs += [(g, a, kw, tags) for a in attacks for g in aggregators]
+    jobs = grid_jobs(cells, range(args.seed, args.seed + args.seeds), aggregators, attacks,
+                     rounds=args.rounds, local_steps=args.local_steps, overrides=overrides)
     peer_rounds = sum(j[2]["rounds"] * (j[2]["honest"] + (j[2]["byzantine"] if j[1] != "none" else 0)) for j in jobs)
     print(f"grid: {len(cells)} cells x {args.seeds} seeds x {len(aggregators)} aggregators x {len(attacks)} runs "
           f"(clean + {len(attacks) - 1} attacks) = {len(jobs)} runs, {peer_rounds} peer-rounds", file=sys.stderr, flush=True)
@@ -395,7 +404,6 @@ def main() -> None:
     for a in attacks:
         if a not in ALL_ATTACKS:
             ap.error(f"unknown attack {a!r}")
-    args.rounds = args.rounds or (40 if args.quick else 100)
     from peer.config import settings_by_field
     try:
         overrides = settings_by_field(dict(item.partition("=")[::2] for item in args.peer_setting), "--peer-setting")
@@ -406,6 +414,8 @@ def main() -> None:
         return
     if not args.alpha > 0:
         ap.error(f"--alpha must be > 0, got {args.alpha}")
+    # outside the grid only: there, no --rounds means each phase's own rounds
+    args.rounds = args.rounds or (40 if args.quick else 100)
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
               byzantine=args.byzantine, alpha=args.alpha, seed=args.seed, peer_settings=overrides or None)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]

@@ -283,6 +283,16 @@ def test_grid_worst_case_is_the_median_over_seeds_then_the_worst_attack():
     assert out["clean_accuracy"] == 0.8 and out["seeds"] == 3
 
 
+def test_grid_runs_each_phase_for_its_own_rounds_unless_told():
+    rob = _robustness()
+    cells = rob.grid_cells([0.3], [0.1], [2], ["early", "late"], peers=20)
+    jobs = rob.grid_jobs(cells, [0], ["g"], ["none", "a"], rounds=None, local_steps=5, overrides=None)
+    assert sorted({(t["cell"], kw["rounds"], t["rounds"]) for _, _, kw, t in jobs}) == [
+        ("byz30-alpha0.1-partners2-early", 40, 40), ("byz30-alpha0.1-partners2-late", 100, 100)]
+    smoke = rob.grid_jobs(cells, [0], ["g"], ["none"], rounds=3, local_steps=5, overrides=None)
+    assert {kw["rounds"] for _, _, kw, _ in smoke} == {3}
+
+
 @pytest.mark.slow
 def test_tiny_grid_reports_worst_case_drop():
     """The grid end to end: 6 honest + 2 framers, 3 rounds, one cell, one seed."""
