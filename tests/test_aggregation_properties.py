@@ -568,3 +568,58 @@ def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
     scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
     assert all(min(scores.checks[p]["reported"], scores.checks[p]["observed"]) >= 0.5 for p in clones)
     assert rule.sybil.consistency_suspended
+
+
+def test_radius_cap_also_bounds_by_our_own_recent_movement():
+    off = RadiusCap(factor=2.0)  # the default: no movement cap
+    off.observe([10.0], 0.5)
+    assert off.movement() == math.inf and off(1e9) == 20.0
+    cap = RadiusCap(factor=2.0, window=5, movement_factor=3.0)
+    cap.observe([10.0, 10.0])
+    assert cap(1e9) == 20.0  # no movement known yet: the distance cap alone
+    for moved in (None, 0.0, math.inf, math.nan):  # says nothing: not kept
+        cap.observe([], moved)
+    assert cap.movement() == math.inf and cap(1e9) == 20.0
+    cap.observe([10.0], 1.0)
+    cap.observe([10.0], 3.0)
+    cap.observe([10.0], 2.0)
+    assert cap.movement() == 2.0 and cap(1e9) == 3.0 * 2.0  # the smaller of the two caps
+    assert cap(5.0) == 5.0
+    with pytest.raises(ValueError, match="movement factor"):
+        RadiusCap(movement_factor=0.0)
+
+
+def test_partners_that_widen_the_spread_do_not_widen_a_movement_capped_radius():
+    """Our model moves ~1 a round (local training) while the partners' distances double every
+    round, as when attackers push honest models apart: the distance median follows them, the
+    movement-capped radius does not (it stays within movement_factor x our own movement); the
+    default rule's radius does."""
+    rng = np.random.default_rng(5)
+    d, k = 40, 3
+    ids = _ids(k)
+    ctx = RoundContext(self_id="me", partner_ids=ids,
+                       histories={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
+    radii = {}
+    for name in ("sybilwall+scc+movecap", "sybilwall+scc"):
+        rule = AGGREGATORS[name]()
+        rng = np.random.default_rng(5)
+
+        def unit(rng=rng):
+            u = rng.normal(size=d)
+            return torch.from_numpy((u / np.linalg.norm(u)).astype(np.float32))
+
+        model = torch.zeros(d)
+        spread = 1.0
+        for _ in range(12):
+            own = model + unit()  # a round of local training moves us by exactly 1
+            result = rule(own, [own + unit() * spread * float(rng.uniform(0.9, 1.1)) for _ in ids], ctx)
+            model = result.model
+            spread *= 2
+        radii[name] = result.radius
+        if name == "sybilwall+scc+movecap":
+            cap = rule.cap
+            assert cap.median() > 10 * cap.movement_factor  # the partners' spread grew far past our movement
+            assert cap.movement() == pytest.approx(1.0, rel=0.3)  # mixing moves us a little too
+            assert result.radius <= cap.movement_factor * cap.movement()
+            assert float((result.model - own).norm()) <= sum(result.weights) * result.radius * (1 + 1e-5)
+    assert radii["sybilwall+scc"] > 10 * radii["sybilwall+scc+movecap"]

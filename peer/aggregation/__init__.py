@@ -37,6 +37,8 @@ DESCRIPTIONS: dict[str, str] = {
     "cs+rg": "self-centred clipping with the CS+-RG radius",
     "sybilwall": "SybilWall similarity weights, weighted gossip",
     "sybilwall+scc": "SybilWall weights, then self-centred clipping (default)",
+    "sybilwall+scc+movecap": "sybilwall+scc with the radius also capped at 3 x our own movement between rounds "
+                             "(lock-step rounds only: see docs/robustness.md)",
     "sybilwall+cs+rg": "SybilWall weights, then CS+-RG clipping",
 }
 

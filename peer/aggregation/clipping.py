@@ -132,28 +132,56 @@ def self_centred_clip(own: torch.Tensor, others: Sequence[torch.Tensor], weights
 
 
 class RadiusCap:
-    """Remembers recent partner distances; caps a radius at `factor` x their median.
+    """Caps a radius at `factor` x the median of recent partner distances and, once known,
+    `movement_factor` x the median of this peer's own recent movement between rounds.
 
     The adaptive radius comes from this round's partners only: if most partners of a round are
     Byzantine and far away, it is huge. The median over the last `window` partner distances
     (weighted or not) stays an honest distance as long as fewer than half of the pulls were
     Byzantine, and it cannot ratchet itself up the way a median of past radii would.
+
+    Partner distances are still the swarm's spread, which attackers can widen: a partner that
+    stays just inside every screen pushes honest models apart, the median distance grows, and so
+    does what the next push may be (a threshold-hugger took the honest spread from 1.5 to 6.5 in
+    ten rounds; docs/robustness.md). How far our own model moved between rounds (local training,
+    measured from the previous mix's output) is set by our own data and optimiser, so the second
+    cap bounds a partner's push by our own progress whatever the spread does. In clean runs the
+    honest partner distance is about 2.2 x that movement (MNIST-1D, alpha 0.1, 5 local steps), so
+    `movement_factor` 3 clips honest partners rarely there. It is off (None) unless asked for: the
+    scale holds only when every round follows a similar number of local steps. A daemon's rounds
+    are timed, and rounds with no step in between measure float rounding (1e-9), which made the
+    radius ~0 and stopped consensus (tests/test_memory_swarm.py).
     """
 
-    def __init__(self, factor: float = 2.0, window: int = 64):
+    def __init__(self, factor: float = 2.0, window: int = 64, movement_factor: float | None = None):
         if not check_radius(factor) > 0:
             raise ValueError(f"the radius cap's factor must be > 0, got {factor!r}")
-        self.factor = factor
+        if movement_factor is not None and not check_radius(movement_factor) > 0:
+            raise ValueError(f"the radius cap's movement factor must be > 0, got {movement_factor!r}")
+        self.factor, self.movement_factor = factor, movement_factor
         self.recent: deque[float] = deque(maxlen=window)
+        self.movements: deque[float] = deque(maxlen=window)
 
-    def observe(self, dists: Sequence[float]) -> None:
+    def observe(self, dists: Sequence[float], movement: float | None = None) -> None:
+        """This round's partner distances and, when known, how far our model moved since the last
+        mix's output (a non-finite or zero movement says nothing and is not kept)."""
         self.recent.extend(d for d in dists if math.isfinite(d))
+        if self.movement_factor is not None and movement is not None and math.isfinite(movement) and movement > 0:
+            self.movements.append(movement)
 
     def median(self) -> float:
-        if not self.recent:
-            return math.inf
-        s = sorted(self.recent)
-        return s[(len(s) - 1) // 2]
+        return _lower_median(self.recent)
+
+    def movement(self) -> float:
+        return _lower_median(self.movements)
 
     def __call__(self, tau: float) -> float:
-        return min(tau, self.factor * self.median())
+        by_movement = math.inf if self.movement_factor is None else self.movement_factor * self.movement()
+        return min(tau, self.factor * self.median(), by_movement)
+
+
+def _lower_median(values: Sequence[float]) -> float:
+    if not values:
+        return math.inf
+    s = sorted(values)
+    return s[(len(s) - 1) // 2]

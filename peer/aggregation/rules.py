@@ -26,6 +26,7 @@ import torch
 from peer.aggregation import baselines
 from peer.aggregation.clipping import SLICE, CenteredClipping, RadiusCap, adaptive_radius, clip_factors, mix
 from peer.aggregation.loss import LossScreen
+from peer.aggregation.norms import distance
 from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction
 from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
@@ -247,13 +248,16 @@ class WeightedGossip:
     # unless the checks vouch for it (see __call__)
     OUTLIER_FACTOR = 4.0
 
-    def __init__(self, name: str, weighting: str = "uniform", radius: str = "none"):
+    def __init__(self, name: str, weighting: str = "uniform", radius: str = "none", movement_cap: float | None = None):
         self.name, self.weighting, self.radius = name, weighting, radius
         self.sybil = SybilWallWeights() if weighting == "sybilwall" else None
         self.loss_screen = LossScreen() if weighting == "sybilwall" else None
         self.uses_sketches, self.uses_loss_deltas = self.sybil is not None, self.loss_screen is not None
-        self.cap = RadiusCap()
+        self.cap = RadiusCap(movement_factor=movement_cap)
         self.scratch = _Scratch()
+        # our model as the last call returned it (with a movement cap only): how far the next
+        # call's `own` has moved from it is our own progress between rounds, which caps the radius
+        self.previous: torch.Tensor | None = None
 
     def __call__(self, own, others, ctx=None, out=None):
         _check_out(out, own, others)
@@ -282,7 +286,9 @@ class WeightedGossip:
         dists, sk, mixed_out = _deviations(own, others, guess, sketcher, flat_out, self.scratch)
         dropped: list[int] = []
         if self.radius != "none":
-            self.cap.observe(dists)
+            known = self.previous is not None and self.previous.shape == own.shape
+            moved = distance(own, self.previous) if known else None
+            self.cap.observe(dists, moved)
             # relative to the recent median *and* this round's: when the whole swarm drifts apart
             # (early training, a burst of local steps) nobody may become an outlier, or a peer
             # would stop mixing and drift further still
@@ -325,6 +331,10 @@ class WeightedGossip:
             mixed_out = mix(own, others, factors, mixed_out, self.scratch.get)  # overwrites the first pass's result
         if sk is not None:
             self.sybil.observe(ctx, list(sk), torch.tensor(factors, dtype=sk.dtype) @ sk)
+        if self.radius != "none" and self.cap.movement_factor is not None:
+            if self.previous is None or self.previous.shape != mixed_out.shape:
+                self.previous = torch.empty_like(mixed_out)
+            self.previous.copy_(mixed_out)
         return Mix(mixed_out.view(shape) if out is None else out, weights=w, refused=refused, distrusted=distrusted,
                    radius=tau, checks=scores.checks if scores is not None else {})
 
@@ -460,6 +470,8 @@ AGGREGATORS: dict[str, Callable[[], Aggregator]] = {
     "cs+rg": lambda: WeightedGossip("cs+rg", radius="csrg"),
     "sybilwall": lambda: WeightedGossip("sybilwall", weighting="sybilwall"),
     "sybilwall+scc": lambda: WeightedGossip("sybilwall+scc", weighting="sybilwall", radius="adaptive"),
+    "sybilwall+scc+movecap": lambda: WeightedGossip("sybilwall+scc+movecap", weighting="sybilwall", radius="adaptive",
+                                                    movement_cap=3.0),
     "sybilwall+cs+rg": lambda: WeightedGossip("sybilwall+cs+rg", weighting="sybilwall", radius="csrg"),
 }
 
