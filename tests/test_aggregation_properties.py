@@ -623,3 +623,21 @@ def test_partners_that_widen_the_spread_do_not_widen_a_movement_capped_radius():
             assert result.radius <= cap.movement_factor * cap.movement()
             assert float((result.model - own).norm()) <= sum(result.weights) * result.radius * (1 + 1e-5)
     assert radii["sybilwall+scc"] > 10 * radii["sybilwall+scc+movecap"]
+
+
+def test_a_round_with_no_local_step_is_not_a_movement():
+    """Timed rounds may follow no training step: our model is then the last mix's output up to
+    rounding (how the daemon carries steps taken during aggregation over). That is not a movement
+    of ~0, which would cap the radius at ~0 and stop consensus."""
+    rule = AGGREGATORS["sybilwall+scc+movecap"]()
+    ids = _ids(2)
+    gen = torch.Generator().manual_seed(3)
+    ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: torch.randn(SKETCH_DIM, generator=gen) for p in ids})
+    model = torch.randn(100, generator=gen)
+    for _ in range(4):  # the last output plus rounding only
+        own = model + 1e-9 * torch.randn(100, generator=gen)
+        model = rule(own, [own + torch.randn(100, generator=gen) for _ in ids], ctx).model
+    assert rule.cap.movement() == math.inf
+    own = model + 0.5 * torch.randn(100, generator=gen) / 10  # a real step: ~0.5 of movement
+    rule(own, [own + torch.randn(100, generator=gen) for _ in ids], ctx)
+    assert 0.2 < rule.cap.movement() < 1.0

@@ -26,7 +26,7 @@ import torch
 from peer.aggregation import baselines
 from peer.aggregation.clipping import SLICE, CenteredClipping, RadiusCap, adaptive_radius, clip_factors, mix
 from peer.aggregation.loss import LossScreen
-from peer.aggregation.norms import distance
+from peer.aggregation.norms import distance, norm
 from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction
 from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
 
@@ -232,6 +232,10 @@ class SybilWallWeights:
             self.observed.pop(next(iter(self.observed)))
 
 
+# a movement between rounds at most this fraction of the model's norm is float rounding, not a step
+MOVEMENT_NOISE = 1e-6
+
+
 class WeightedGossip:
     """own + sum_j W_j clip(x_j - own, tau) with W_j = w_j / (1 + sum w): the gossip family.
 
@@ -288,6 +292,10 @@ class WeightedGossip:
         if self.radius != "none":
             known = self.previous is not None and self.previous.shape == own.shape
             moved = distance(own, self.previous) if known else None
+            if moved is not None and moved <= MOVEMENT_NOISE * norm(own):
+                # no local step since the last round: what is left is rounding in how the daemon
+                # carries the steps taken during aggregation over (1e-9), which says nothing
+                moved = None
             self.cap.observe(dists, moved)
             # relative to the recent median *and* this round's: when the whole swarm drifts apart
             # (early training, a burst of local steps) nobody may become an outlier, or a peer
