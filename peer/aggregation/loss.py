@@ -45,7 +45,6 @@ class LossScreen:
 
     def __init__(self, window: int = 64):
         self.recent: deque[float] = deque(maxlen=window)
-        self.last_factors: list[float] = []
         # the last call's scale without this round's deltas (the window before it, at least the
         # floor; no closest-partner term), or 0 with fewer than 4 remembered deltas before it
         self.plain_scale = 0.0
@@ -77,7 +76,6 @@ class LossScreen:
                 out.append(1.0)  # nothing to compare with yet
             else:
                 out.append(min(1.0, max(0.0, (ZERO_FROM - d / scale) / (ZERO_FROM - FULL_UP_TO))))
-        self.last_factors = out
         return out
 
     def _median(self) -> float:
