@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from peer.aggregation import AGGREGATORS, DEFAULT_AGGREGATOR, DESCRIPTIONS
 from peer.config import PeerConfig
+from peer.experiment import robustness
 from peer.experiment.attacks import ATTACKS, HostilePolicy, alie_z
 from peer.tasks import load_task
 from peer.trainer import Trainer
@@ -20,13 +20,6 @@ from protocols.discovery import SKETCH_BYTES, PeerRecord, SwarmView
 from protocols.transport.base import StoredRecord
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _robustness():
-    spec = importlib.util.spec_from_file_location("robustness", ROOT / "scripts" / "robustness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_history_counts_local_updates_only():
@@ -215,10 +208,9 @@ def test_poisoning_pulls_everyone_and_serves_alie():
 @pytest.mark.parametrize("attack", ["targeted", "signflip100"])
 def test_attacks_cross_the_protocol_and_the_default_resists(attack):
     """A small lock-step swarm of real daemons: the attack hurts plain gossip, the default holds."""
-    rob = _robustness()
     kw = dict(honest=8, byzantine=3, rounds=25, local_steps=5, partners=4)
-    mean = asyncio.run(rob.run_swarm("mean", attack, **kw))
-    default = asyncio.run(rob.run_swarm(DEFAULT_AGGREGATOR, attack, **kw))
+    mean = asyncio.run(robustness.run_swarm("mean", attack, **kw))
+    default = asyncio.run(robustness.run_swarm(DEFAULT_AGGREGATOR, attack, **kw))
     if attack == "targeted":
         assert mean["attack_success_rate"] > 2 * default["attack_success_rate"] + 0.05, (mean, default)
     else:
@@ -264,8 +256,7 @@ def test_record_with_non_finite_history_is_refused_when_parsed():
 
 
 def test_grid_worst_case_is_the_median_over_seeds_then_the_worst_attack():
-    rob = _robustness()
-    cells = rob.grid_cells([0.3], [0.1], [2], ["early"], peers=20)
+    cells = robustness.grid_cells([0.3], [0.1], [2], ["early"], peers=20)
     assert [(c["key"], c["honest"], c["byzantine"], c["rounds"]) for c in cells] == [("byz30-alpha0.1-partners2-early", 14, 6, 40)]
     key = cells[0]["key"]
 
@@ -277,19 +268,18 @@ def test_grid_worst_case_is_the_median_over_seeds_then_the_worst_attack():
                run("a", 0, 0.70, [0.6, 0.8]), run("a", 1, 0.65, [0.6, 0.7]), run("a", 2, 0.40, [0.3, 0.5]),
                # b: drops 0.20, 0.20, 0.00 -> median 0.20 (worse than a's median, though a's worst seed is worse)
                run("b", 0, 0.60, [0.6, 0.6]), run("b", 1, 0.50, [0.5, 0.5]), run("b", 2, 0.90, [0.9, 0.9])]
-    out = rob.summarise_grid(results, ["g"], ["none", "a", "b"], cells)["g"][key]
+    out = robustness.summarise_grid(results, ["g"], ["none", "a", "b"], cells)["g"][key]
     assert out["drop"] == {"a": 0.1, "b": 0.2} and out["worst_attack"] == "b" and out["worst_case_drop"] == 0.2
     assert out["worst_peer_drop"] == {"a": 0.2, "b": 0.2} and out["worst_case_peer_drop"] == 0.2
     assert out["clean_accuracy"] == 0.8 and out["seeds"] == 3
 
 
 def test_grid_runs_each_phase_for_its_own_rounds_unless_told():
-    rob = _robustness()
-    cells = rob.grid_cells([0.3], [0.1], [2], ["early", "late"], peers=20)
-    jobs = rob.grid_jobs(cells, [0], ["g"], ["none", "a"], rounds=None, local_steps=5, overrides=None)
+    cells = robustness.grid_cells([0.3], [0.1], [2], ["early", "late"], peers=20)
+    jobs = robustness.grid_jobs(cells, [0], ["g"], ["none", "a"], rounds=None, local_steps=5, overrides=None)
     assert sorted({(t["cell"], kw["rounds"], t["rounds"]) for _, _, kw, t in jobs}) == [
         ("byz30-alpha0.1-partners2-early", 40, 40), ("byz30-alpha0.1-partners2-late", 100, 100)]
-    smoke = rob.grid_jobs(cells, [0], ["g"], ["none"], rounds=3, local_steps=5, overrides=None)
+    smoke = robustness.grid_jobs(cells, [0], ["g"], ["none"], rounds=3, local_steps=5, overrides=None)
     assert {kw["rounds"] for _, _, kw, _ in smoke} == {3}
 
 
