@@ -44,7 +44,7 @@ from peer.outer import OuterLoop, OuterSettings
 from peer.tasks import load_task
 from peer.trainer import Trainer
 from protocols.compression import CompressionSpec, compress, decompress
-from protocols.discovery import HISTORY_DIM
+from protocols.discovery import SKETCH_DIM
 
 # (rule, compression, stale, partners, sync_every) of each named step of the ablation; `None`
 # means "the task's default" for compression and sync_every
@@ -87,7 +87,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
         peers.append(Peer(f"p{i}", tr, outer, make_aggregator(rule), probe,
                           served_anchor=compress(outer.anchor, anchor_spec)))
     d = peers[0].trainer.flat.numel()
-    sketcher = Sketcher(d, HISTORY_DIM)
+    sketcher = Sketcher(d, SKETCH_DIM)
     served = [0] * n  # bytes each peer served
     staleness: dict[int, int] = {}
     t0 = time.perf_counter()
