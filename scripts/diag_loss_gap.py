@@ -197,7 +197,10 @@ def energy_split(task_name: str, n: int, every: int, texts: list[str]) -> dict:
         for i in torch.nonzero(kept).flatten().tolist():
             key = names[i].split(".")[0] if not names[i].startswith("blocks") else "blocks"
             where[key] = where.get(key, 0) + 1
-        out[text] = {"energy_kept": round(float(energy[kept].sum() / energy.sum()), 3),
+        sent = decompress(payload.header, payload.parts, delta.numel())
+        out[text] = {"bytes": payload.nbytes, "energy_kept": round(float(energy[kept].sum() / energy.sum()), 3),
+                     # what the receivers' vector leaves of the pseudo-gradient (values quantised too)
+                     "error": round(float((delta - sent).pow(2).sum() / energy.sum()), 3),
                      "kept_in": {k: round(v / int(kept.sum()), 3) for k, v in where.items()}}
     return out
 
