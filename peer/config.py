@@ -91,7 +91,7 @@ class PeerConfig:
     # how anchors travel (consensus rounds and joiners' sync): a dense method (fp32, fp16, bf16, int8)
     outer_anchor_compression: str = "int8"
     # what outer rounds send (protocols/compression.py): fp32, fp16, bf16, int8, topk[:FRACTION[:CHUNK]],
-    # topk-int8[:FRACTION[:CHUNK]]; empty: the task's default (`Task.compression`)
+    # topk-int8[:FRACTION[:CHUNK]], topk-2bit[:FRACTION[:CHUNK]]; empty: the task's default (`Task.compression`)
     compression: str = ""
     # caps the daemon itself enforces on its gossip traffic, in Mbit/s (0: none); pull deadlines
     # follow the payload size and the measured link rate (protocols/ratelimit.py)

@@ -24,6 +24,7 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
     "int8": np.dtype("<i1"),
+    "uint8": np.dtype("u1"),
     "uint16": np.dtype("<u2"),
     "uint32": np.dtype("<u4"),
 }

@@ -44,7 +44,7 @@ from peer.outer import OuterLoop, OuterSettings
 from peer.tasks import load_task
 from peer.trainer import Trainer
 from protocols.compression import CompressionSpec, compress, decompress
-from protocols.discovery import HISTORY_DIM
+from protocols.discovery import SKETCH_DIM
 
 # (rule, compression, stale, partners, sync_every) of each named step of the ablation; `None`
 # means "the task's default" for compression and sync_every
@@ -87,7 +87,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
         peers.append(Peer(f"p{i}", tr, outer, make_aggregator(rule), probe,
                           served_anchor=compress(outer.anchor, anchor_spec)))
     d = peers[0].trainer.flat.numel()
-    sketcher = Sketcher(d, HISTORY_DIM)
+    sketcher = Sketcher(d, SKETCH_DIM)
     served = [0] * n  # bytes each peer served
     staleness: dict[int, int] = {}
     t0 = time.perf_counter()
@@ -197,7 +197,10 @@ def energy_split(task_name: str, n: int, every: int, texts: list[str]) -> dict:
         for i in torch.nonzero(kept).flatten().tolist():
             key = names[i].split(".")[0] if not names[i].startswith("blocks") else "blocks"
             where[key] = where.get(key, 0) + 1
-        out[text] = {"energy_kept": round(float(energy[kept].sum() / energy.sum()), 3),
+        sent = decompress(payload.header, payload.parts, delta.numel())
+        out[text] = {"bytes": payload.nbytes, "energy_kept": round(float(energy[kept].sum() / energy.sum()), 3),
+                     # what the receivers' vector leaves of the pseudo-gradient (values quantised too)
+                     "error": round(float((delta - sent).pow(2).sum() / energy.sum()), 3),
                      "kept_in": {k: round(v / int(kept.sum()), 3) for k, v in where.items()}}
     return out
 

@@ -1,10 +1,12 @@
 """Compressed pseudo-gradients: round trips per method, headers refused before allocation, payload
-contents refused, error feedback conserves what was trained, spec parsing."""
+contents refused, error feedback conserves what was trained, spec parsing; topk-2bit's index
+stream and two-level values."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 
 import msgpack
 import numpy as np
@@ -19,7 +21,8 @@ from protocols.codec import (
 )
 from protocols.compression import (
     INDEX_CHUNK, MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback,
-    _encode_indices, compress, decompress, expected_parts, ratio, topk_indices,
+    _encode_gaps, _encode_indices, compress, decompress, expected_parts, gap_indices, max_gap_stream, ratio,
+    topk_indices,
 )
 from tests.fuzz_targets import BytesStream
 
@@ -108,11 +111,36 @@ def assert_int8(x: np.ndarray, y: np.ndarray, q: np.ndarray, scales: np.ndarray,
         assert np.all(np.abs(ys - xs) <= 0.5 * s + 1e-5 * s + 1e-6 * float(amax) + 1e-35)
 
 
+def payload_indices(header: dict, parts: list[np.ndarray], numel: int) -> np.ndarray:
+    if header["method"] == "topk-2bit":
+        return gap_indices(parts[0], header["k"], numel)
+    return topk_indices(parts, numel)
+
+
+def assert_two_levels(x: np.ndarray, y: np.ndarray, levels: np.ndarray, block: int) -> None:
+    """Per block of kept values: two levels lo <= hi within the block's range of magnitudes; each
+    value decodes to ± the nearer level with its own sign (zeros may take either), and the squared
+    error is no larger than with one level, the block's mean magnitude (two-means only improves on
+    it), up to float32 rounding of the levels."""
+    x64, mags = x.astype(np.float64), np.abs(x.astype(np.float64))
+    for b, start in enumerate(range(0, x.size, block)):
+        m, xs, ys = mags[start:start + block], x64[start:start + block], y[start:start + block]
+        lo, hi = float(levels[2 * b]), float(levels[2 * b + 1])
+        slack = 1e-6 * m.max()
+        assert m.min() - slack <= lo <= hi <= m.max() + slack
+        assert np.all(np.isin(np.abs(ys), [lo, hi]))
+        assert np.all(np.sign(ys)[xs != 0] * np.sign(xs[xs != 0]) >= 0)
+        nearer = np.where(np.abs(m - lo) <= np.abs(m - hi), lo, hi)
+        assert np.all(np.abs(np.abs(ys) - m) <= np.abs(nearer - m) + slack)
+        one = np.sum((m - m.mean()) ** 2)
+        assert np.sum((ys - xs) ** 2) <= one * (1 + 1e-5) + block * slack ** 2
+
+
 def check_top_k(x: np.ndarray, y: np.ndarray, payload, spec: CompressionSpec) -> np.ndarray:
     """Exactly k indices, strictly increasing; zeros elsewhere. Without chunks they hold the k
     largest magnitudes; with chunks, each whole chunk keeps at least its share
     floor(k · chunk / numel), as its own largest magnitudes."""
-    indices = topk_indices(payload.parts, x.size)
+    indices = payload_indices(payload.header, payload.parts, x.size)
     k = spec.k(x.size)
     assert payload.header["k"] == k == indices.size
     assert np.all(np.diff(indices) > 0) and indices[-1] < x.size
@@ -151,14 +179,31 @@ def test_round_trip(x, spec):
         indices = check_top_k(x, y, payload, spec)
         if method == "topk":
             assert_16bit(x[indices], y[indices], FP16_MAX, 10, 2.0 ** -24)
+        elif method == "topk-2bit":
+            assert_two_levels(x[indices], y[indices], payload.parts[2], spec.block)
         else:
             assert_int8(x[indices], y[indices], payload.parts[2], payload.parts[3], spec.block)
+
+
+@FAST
+@given(vectors(), fractions, blocks, chunks)
+def test_two_bit_round_trip(x, fraction, block, chunk):
+    """topk-2bit on its own (test_round_trip draws it among all methods): the k coordinates top-k
+    keeps, each as ± the nearer of its block's two levels."""
+    spec = CompressionSpec("topk-2bit", fraction, block, chunk)
+    payload, y = round_trip(x, spec)
+    indices = check_top_k(x, y, payload, spec)
+    assert_two_levels(x[indices], y[indices], payload.parts[2], block)
 
 
 def test_payload_sizes():
     n = 200_000  # 4 index chunks
     x = torch.randn(n)
     sizes = {m: compress(x, CompressionSpec(m, 0.01, 1000)).nbytes for m in METHODS}
+    # 2,000 codes of 2 bits, two levels per block, and the gaps within 1.5 bits of their entropy
+    # (8.08 bits at f = 1 %; varints split gaps of 128 and more in two bytes, which costs a bit)
+    index_bytes = sizes.pop("topk-2bit") - (500 + 2 * 2 * 4)
+    assert 2000 * 8.08 / 8 < index_bytes < 2000 * 9.6 / 8
     assert sizes == {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n + 4 * 200,
                      "topk": 4 * 4 + 2000 * (2 + 2), "topk-int8": 4 * 4 + 2000 * (2 + 1) + 2 * 4}
 
@@ -241,10 +286,12 @@ def no_allocation():
 
 def valid_header(draw, method: str, numel: int) -> dict:
     header = {"method": method, "numel": numel}
-    if method in ("int8", "topk-int8"):
+    if method in ("int8", "topk-int8", "topk-2bit"):
         header["block"] = draw(st.integers(1, MAX_BLOCK))
     if method in TOPK_METHODS:
         header["k"] = draw(st.integers(1, math.ceil(MAX_TOPK_FRACTION * numel)))
+    if method == "topk-2bit":
+        header["index_bytes"] = draw(st.integers(1, max_gap_stream(header["k"], numel)))
     return header
 
 
@@ -263,6 +310,8 @@ def bad_headers(draw):
         fields.append("block")
     if "k" in header:
         fields.append("k")
+    if "index_bytes" in header:
+        fields.append("index_bytes")
     field = draw(st.sampled_from(fields))
     reason = "bad_compression"
     if field == "not_a_map":
@@ -281,6 +330,12 @@ def bad_headers(draw):
         header["block"] = draw(st.one_of(st.integers(max_value=0), st.integers(min_value=MAX_BLOCK + 1), junk,
                                          st.just(float(header["block"])), st.just(str(header["block"])),
                                          st.just(True)))
+    elif field == "index_bytes":
+        if draw(st.booleans()):
+            header["index_bytes"] = draw(st.integers(max_gap_stream(header["k"], numel) + 1, 2**64))
+            return header, numel, "too_large"
+        header["index_bytes"] = draw(st.one_of(st.integers(max_value=0), junk, st.just(True),
+                                               st.just(float(header["index_bytes"]))))
     else:
         cap = math.ceil(MAX_TOPK_FRACTION * numel)
         choices = [st.integers(max_value=0), st.integers(min_value=numel + 1), junk,
@@ -313,7 +368,7 @@ def test_valid_headers_accepted_without_allocating(numel, method, data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["method", "numel", "block", "k", "x"]),
+@given(st.dictionaries(st.sampled_from(["method", "numel", "block", "k", "index_bytes", "x"]),
                        st.one_of(junk, st.integers(-3, 3000), st.sampled_from(METHODS)), max_size=5))
 def test_random_headers_only_raise_protocol_errors(header):
     with no_allocation():
@@ -391,7 +446,7 @@ def corrupted(method: str, how: str, n: int = 3000):
 
 
 CORRUPTIONS = (
-    [(m, h) for m in TOPK_METHODS for h in
+    [(m, h) for m in ("topk", "topk-int8") for h in  # topk-2bit's index stream: test_gap_stream_refused
      ["index_swapped", "index_duplicate", "index_numel", "index_max", "index_first_after_last",
       "count_short", "count_long"]]
     + [(m, h) for m in ("int8", "topk-int8") for h in
@@ -435,12 +490,17 @@ def test_random_part_bytes_refused_or_finite(method, numel, data):
     header = valid_header(data.draw, method, numel)
     header["block"] = data.draw(st.integers(1, 64)) if "block" in header else None
     header = {key: value for key, value in header.items() if value is not None}
+    valid_indices = method in TOPK_METHODS and data.draw(st.booleans())  # so the values get checked too
+    if valid_indices:
+        indices = np.sort(np.random.default_rng(numel).choice(numel, header["k"], replace=False))
+        index_parts = [_encode_gaps(indices)] if method == "topk-2bit" else list(_encode_indices(indices, numel))
+        if method == "topk-2bit":
+            header["index_bytes"] = index_parts[0].size
     specs = expected_parts(header, numel, DEFAULT_LIMITS)
     parts = [np.frombuffer(data.draw(st.binary(min_size=s.nbytes, max_size=s.nbytes)), dtype=DTYPES[s.dtype])
              .reshape(s.shape).copy() for s in specs]
-    if method in TOPK_METHODS and data.draw(st.booleans()):  # valid indices, so the values get checked too
-        indices = np.sort(np.random.default_rng(numel).choice(numel, header["k"], replace=False))
-        parts[0], parts[1] = _encode_indices(indices, numel)
+    if valid_indices:
+        parts[: len(index_parts)] = index_parts
     try:
         y = decompress(header, parts, numel)
     except ProtocolError as e:
@@ -469,6 +529,16 @@ def test_decompress_refuses_mismatched_parts_and_out():
 @FAST
 @given(specs, st.integers(1, 500), st.integers(0, 2**32 - 1), st.integers(-20, 20))
 def test_error_feedback_conserves_every_delta(spec, n, seed, exponent):
+    check_error_feedback_conserves(spec, n, seed, exponent)
+
+
+@FAST
+@given(fractions, blocks, chunks, st.integers(1, 500), st.integers(0, 2**32 - 1), st.integers(-20, 20))
+def test_two_bit_error_feedback_conserves_every_delta(fraction, block, chunk, n, seed, exponent):
+    check_error_feedback_conserves(CompressionSpec("topk-2bit", fraction, block, chunk), n, seed, exponent)
+
+
+def check_error_feedback_conserves(spec: CompressionSpec, n: int, seed: int, exponent: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     ef = ErrorFeedback(n)
     total_delta = np.zeros(n)
@@ -561,6 +631,7 @@ def test_error_feedback_refuses_bad_delta_and_keeps_its_residual():
     (" topk:0.25 ", CompressionSpec("topk", 0.25)), ("topk:1e-3", CompressionSpec("topk", 0.001)),
     ("topk-int8:0.0156:4096", CompressionSpec("topk-int8", 0.0156, chunk=4096)),
     ("topk:0.01:0", CompressionSpec("topk", 0.01)),
+    ("topk-2bit:0.047:4096", CompressionSpec("topk-2bit", 0.047, chunk=4096)),
 ])
 def test_spec_parse(text, spec):
     assert CompressionSpec.parse(text) == spec
@@ -637,3 +708,116 @@ def test_chunked_error_feedback_conserves_and_sends_every_part_from_the_first_ro
                 small[chunk] = int((sent[n // 10:] != 0).sum())
         torch.testing.assert_close(sent_sum + ef.residual.double(), 3 * delta.double(), rtol=1e-4, atol=1e-4)
     assert small[0] == 0 and small[500] >= 25 * (n - n // 10) // 500
+
+
+# --- topk-2bit: index stream and two-level values ----------------------------------------------
+
+
+@FAST
+@given(st.one_of(st.integers(1, 5 * INDEX_CHUNK), st.integers(1, 10**11)), st.data())
+def test_gap_stream_round_trip(numel, data):
+    """Any strictly increasing indices below numel (gaps of every varint length, up to 5 bytes)
+    come back exactly, and the stream stays within the bound a receiver checks."""
+    k = data.draw(st.integers(1, min(numel, 300)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    indices = np.unique(rng.integers(0, numel, size=k, dtype=np.int64))
+    if data.draw(st.booleans()):
+        indices = np.unique(np.concatenate([indices, [0, numel - 1]]))  # the extremes
+    stream = _encode_gaps(indices)
+    assert stream.dtype == np.uint8 and 1 <= stream.size <= max_gap_stream(indices.size, numel)
+    assert np.array_equal(gap_indices(stream, indices.size, numel), indices)
+
+
+def varints(values) -> bytes:
+    out = bytearray()
+    for v in values:
+        while True:
+            out.append((v & 0x7F) | (0x80 if v >= 0x80 else 0))
+            v >>= 7
+            if not v:
+                break
+    return bytes(out)
+
+
+def deflated(raw: bytes) -> np.ndarray:
+    return np.frombuffer(zlib.compress(raw), dtype=np.uint8).copy()
+
+
+@pytest.mark.parametrize("stream, k, numel", [
+    (np.frombuffer(b"not zlib at all", dtype=np.uint8), 3, 100),
+    (deflated(varints([1, 2, 3]))[:-3], 3, 100),                                         # truncated
+    (np.concatenate([deflated(varints([1, 2, 3])), [0]]).astype(np.uint8), 3, 100),      # trailing byte
+    (deflated(varints([1, 2, 3, 4])), 3, 100),                                           # k + 1 gaps
+    (deflated(varints([1, 2])), 3, 100),                                                 # k - 1 gaps
+    (deflated(varints([1, 2]) + b"\x80"), 3, 100),                                       # unfinished varint
+    (deflated(varints([10, 50, 40])), 3, 100),                                           # last index 102
+    (deflated(varints([0, 100])), 2, 100),                                               # a gap >= numel
+    (deflated(b"\x81\x80\x00"), 1, 100),                                                # 3-byte varint, numel needs 1
+    (deflated(b""), 1, 100),
+    (deflated(bytes(10**7)), 10, 100),                                                   # inflates to 10 MB
+])
+def test_gap_stream_refused(stream, k, numel):
+    with pytest.raises(ProtocolError) as e:
+        gap_indices(stream, k, numel)
+    assert e.value.reason == "bad_payload"
+
+
+def test_gap_stream_bomb_is_not_inflated(monkeypatch):
+    """A stream that inflates far past what k gaps can take is stopped at that bound plus one."""
+    asked = []
+    real = zlib.decompressobj
+
+    class Recording:
+        def __init__(self):
+            self.inner = real()
+
+        def decompress(self, data, max_length=0):
+            asked.append(max_length)
+            out = self.inner.decompress(data, max_length)
+            asked.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(zlib, "decompressobj", Recording)
+    with pytest.raises(ProtocolError):
+        gap_indices(deflated(bytes(10**7)), 10, 100)
+    assert asked == [11, 11]
+
+
+def two_bit_corrupted(how: str, n: int = 3000):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    payload = compress(x, CompressionSpec("topk-2bit", 0.01, 8))  # k = 30: 8 codes bytes, 4 blocks
+    header, parts = dict(payload.header), [p.copy() for p in payload.parts]
+    if how.startswith("level"):
+        parts[2][-1] = {"level_nan": np.nan, "level_inf": np.inf, "level_negative": -1.0}[how]
+    elif how == "padding":
+        parts[1][-1] |= 0xC0  # k = 30: the last byte's last code is padding
+    elif how == "gaps_swapped_stream":
+        parts[0] = parts[0][::-1].copy()
+    return header, parts, n
+
+
+@pytest.mark.parametrize("how", ["level_nan", "level_inf", "level_negative", "padding", "gaps_swapped_stream"])
+def test_two_bit_contents_refused(how):
+    header, parts, n = two_bit_corrupted(how)
+    with pytest.raises(ProtocolError) as e:
+        decompress(header, parts, n, out=torch.empty(n))
+    assert e.value.reason == "bad_payload"
+
+
+def test_two_bit_fits_three_times_the_coordinates_of_top_k_int8():
+    """The point of topk-2bit: at the bytes of topk-int8 1.56 % it sends about three times the
+    coordinates, and keeps more of the vector."""
+    n = 200_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    base = compress(x, CompressionSpec("topk-int8", 0.0156))
+    dense = compress(x, CompressionSpec("topk-2bit", 0.045))
+    assert dense.nbytes <= base.nbytes
+    assert dense.header["k"] >= 2.8 * base.header["k"]
+    error = {}
+    for name, p in (("int8", base), ("2bit", dense)):
+        y = decompress(p.header, p.parts, n)
+        error[name] = float((x - y).norm() ** 2 / x.norm() ** 2)
+    assert error["2bit"] < error["int8"] - 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import wait_until
@@ -13,12 +14,13 @@ def relative_spread(daemons) -> float:
     return float(max((m - mean).norm() for m in models) / mean.norm())
 
 
-async def test_outer_steps_with_compression_converge(memory_swarm):
-    """4 peers, 10 inner steps per outer round, top-k 10 % with int8 values, an anchor-mixing
-    round every 2: every peer learns and the peers' models stay together. Steps are slowed so
-    that rounds come every 10 steps rather than whenever the previous round ends."""
+@pytest.mark.parametrize("compression", ["topk-int8:0.1", "topk-2bit:0.1"])
+async def test_outer_steps_with_compression_converge(memory_swarm, compression):
+    """4 peers, 10 inner steps per outer round, top-k 10 % with int8 (or 2-bit) values, an
+    anchor-mixing round every 2: every peer learns and the peers' models stay together. Steps are
+    slowed so that rounds come every 10 steps rather than whenever the previous round ends."""
     daemons = [await memory_swarm.add(f"p{i}", shard=f"{i}/4", max_steps=400, outer_every_steps=10,
-                                      compression="topk-int8:0.1", outer_lr=0.7, outer_momentum=0.5,
+                                      compression=compression, outer_lr=0.7, outer_momentum=0.5,
                                       outer_sync_every=2, step_delay_s=0.01) for i in range(4)]
     await wait_until(lambda: all(d.trainer.done for d in daemons), 120, "every peer to finish its inner steps")
     accs = [d.trainer.evaluate()["accuracy"] for d in daemons]
@@ -31,7 +33,7 @@ async def test_outer_steps_with_compression_converge(memory_swarm):
     for d in daemons:
         st = d.status()
         assert st["outer"]["outer_step"] >= 10
-        assert st["outer"]["compression"] == "topk-int8:0.1"
+        assert st["outer"]["compression"] == compression
         assert st["outer"]["payload_bytes"] < 4 * numel / 5  # what a pseudo-gradient round pulls
         assert st["last_round"]["outer_step"] is not None and st["last_round"]["seconds"] is not None
         assert d.counters["rounds_ok"] > 0 and not d.stats.rejected and not d.stats.pull_failed
@@ -73,7 +75,9 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
 
     from protocols import gossip
     from protocols.codec import TensorSpec, read_header, write_header, write_payload
-    from protocols.compression import INDEX_CHUNK
+    import zlib
+
+    from protocols.compression import INDEX_CHUNK, max_gap_stream
     from protocols.discovery import PeerRecord, run_key
 
     honest = await memory_swarm.add("honest", shard="0/2", outer_every_steps=5, compression="topk:0.1", partners=4,
@@ -101,26 +105,39 @@ async def test_hostile_pseudo_gradients_are_refused_before_allocating(memory_swa
             counts = np.zeros(-(-numel // INDEX_CHUNK), dtype="<u4")
             counts[0] = 4
             await write_payload(stream, [counts, np.array([1, 1, 2, 3], dtype="<u2"), np.ones(4, dtype="<f2")])
+        elif kind == "huge_index_stream":  # more bytes than 10 gaps can take
+            comp = {"method": "topk-2bit", "numel": numel, "k": 10, "block": 64,
+                    "index_bytes": max_gap_stream(10, numel) + 1}
+            await write_header(stream, gossip.delta_header(1, 1, comp, two_bit_specs(comp)))
+        elif kind == "index_bomb":  # a zlib stream short enough for 10 gaps that inflates to 5 kB
+            bomb = np.frombuffer(zlib.compress(bytes(5000), 9), dtype=np.uint8)
+            assert bomb.size <= max_gap_stream(10, numel)
+            comp = {"method": "topk-2bit", "numel": numel, "k": 10, "block": 64, "index_bytes": bomb.size}
+            await write_header(stream, gossip.delta_header(1, 1, comp, two_bit_specs(comp)))
+            await write_payload(stream, [bomb, np.zeros(3, dtype=np.uint8), np.ones(2, dtype="<f4")])
 
-    for kind in ("huge_k", "lying_parts", "duplicate_indices"):
+    def two_bit_specs(comp):
+        return [TensorSpec("gaps", "uint8", (comp["index_bytes"],)), TensorSpec("codes", "uint8", (3,)),
+                TensorSpec("levels", "float32", (2,))]
+
+    kinds = ("huge_k", "lying_parts", "duplicate_indices", "huge_index_stream", "index_bomb")
+    for kind in kinds:
         t = memory_swarm.net.transport(f"bad-{kind}")
         await t.start()
         await t.set_handler(gossip.PROTOCOL, lambda s, kind=kind: serve(kind, s))
         rec = PeerRecord(t.peer_id, (f"/memory/{t.peer_id}",), honest.task.name, 1, 1.0, 1, t.now())
         await t.publish(run_key("test"), rec.to_wire(), t.now() + 60)
-    await wait_until(lambda: len(served) == 3, 30, "every hostile partner to be asked")
+    await wait_until(lambda: len(served) == len(kinds), 30, "every hostile partner to be asked")
     assert set(served.values()) == {"get_delta"}
-    await wait_until(lambda: sum(honest.stats.rejected.values()) >= 3, 30, "the three bad replies to be counted")
-    assert honest.stats.rejected.get("too_large", 0) >= 1 and honest.stats.rejected.get("wrong_shape", 0) >= 1
-    assert honest.stats.rejected.get("bad_payload", 0) >= 1
+    await wait_until(lambda: sum(honest.stats.rejected.values()) >= len(kinds), 30, "the bad replies to be counted")
+    assert honest.stats.rejected.get("too_large", 0) >= 2 and honest.stats.rejected.get("wrong_shape", 0) >= 1
+    assert honest.stats.rejected.get("bad_payload", 0) >= 2
     ok = honest.counters["rounds_ok"]
     await wait_until(lambda: honest.counters["rounds_ok"] > ok, 30, "mixing with the honest partner to go on")
     assert bool(torch.isfinite(honest.trainer.snapshot()).all()) and other.phase == "training"
 
 
 import asyncio  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("sync_every", [0, 1], ids=["pseudo-gradient round", "consensus round"])
