@@ -159,6 +159,16 @@ def test_join_line_keeps_a_relayed_address_whole_and_last():
     assert usable == [f"/ip4/10.0.0.5/tcp/4002/p2p/{PID}", CIRCUIT] and not loopback_only
 
 
+def test_status_line_names_the_relays_we_are_reachable_through_and_the_one_we_serve():
+    from cli.render import relay_line
+
+    assert relay_line(None) is None and relay_line({"relayed_addrs": [], "service": None}) is None
+    assert relay_line({"relayed_addrs": [f"/ip4/127.0.0.1/tcp/4002/p2p/{PID}", CIRCUIT, CIRCUIT.replace("11.231.1.1", "10.0.0.1")],
+                       "service": None}) == f"reachable through {RELAY[:12]}…"
+    served = {"reservations": 2, "circuits": 1, "circuits_opened": 5, "reservations_refused": 1, "circuits_no_reservation": 2}
+    assert relay_line({"relayed_addrs": [], "service": served}) == "serving 2 reservations, 1 circuits open, 5 served, 3 refused"
+
+
 # --- real daemons in network namespaces -----------------------------------------------------------
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
