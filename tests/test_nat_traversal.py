@@ -1,16 +1,17 @@
 """NAT traversal (protocols/transport/nat.py): the p2pd options each setting becomes, the checks and
 the reachability fix, then real `peer join` daemons in network namespaces this test creates.
 
-How "behind NAT" is emulated: this machine has no iptables or nft, so there is no kernel NAT to put
-a peer behind. A dial-out-only peer here is one that nobody can dial: inside its own namespace it
-listens on 127.0.0.1 only, while it can open connections through its veth to the public
-namespace. The public namespace does not forward (ip_forward=0), so the two dial-out-only
-namespaces cannot reach each other at all. That is what a NAT does to connections from outside;
-not emulated: address and port rewriting, and hole punching through a real NAT (DCUtR does not
-run here: a dial-out-only peer has no public address to try; p2pd logs "waiting until we have at
-least one public address").
+Two ways of being behind NAT, each in namespaces the tests create:
 
-The addresses are public-looking (11.231.x.x) because go-libp2p's AutoNAT dials back public
+- dial-out only (`DialOutTopology`): a peer listens on 127.0.0.1 inside its own namespace and can
+  open connections through its veth to the public namespace, which does not forward, so two such
+  peers cannot reach each other at all. No address rewriting.
+- kernel NAT (`NatTopology`): each peer sits on a LAN behind a router namespace that masquerades it
+  (nf_tables, set up by tests/netns_nat.py through pyroute2: this machine has no iptables or nft
+  binary). The kernel rewrites the peer's connections to the router's public address and lets in
+  only their replies.
+
+The public addresses are public-looking (11.231.x.x) because go-libp2p's AutoNAT dials back public
 addresses only: with private ones a peer's reachability stays unknown and it never reserves a
 relay slot. The namespaces have no route off this machine.
 """
