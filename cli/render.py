@@ -34,6 +34,24 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TB"
 
 
+def relay_line(relay: dict[str, Any] | None) -> str | None:
+    """status["relay"] in one line: the relays this peer is reachable through and the relay it
+    serves for others; None when there is neither (a directly reachable peer, no --relay-service)."""
+    from protocols.transport.nat import relay_of
+
+    relay = relay or {}
+    parts = []
+    through = sorted({relay_of(a) for a in relay.get("relayed_addrs") or []} - {None})
+    if through:
+        parts.append("reachable through " + ", ".join(f"{r[:12]}…" for r in through))
+    served = relay.get("service")
+    if served is not None:
+        refused = sum(served.get(k, 0) for k in ("reservations_refused", "circuits_refused", "circuits_no_reservation"))
+        parts.append(f"serving {served['reservations']} reservations, {served['circuits']} circuits open, "
+                     f"{served.get('circuits_opened', 0)} served, {refused} refused")
+    return "; ".join(parts) or None
+
+
 def render_status(s: dict[str, Any]) -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -41,6 +59,9 @@ def render_status(s: dict[str, Any]) -> Group:
     head.add_row("peer", s["peer_id"])
     for a in s["addrs"]:
         head.add_row("address", a)
+    relay = relay_line(s.get("relay"))
+    if relay:
+        head.add_row("relay", relay)
     head.add_row("run / task", f"{s['run_id']} / {s['task']} (shard {s['shard']}, aggregator {s['aggregator']})")
     head.add_row("phase", f"{s['phase']}, up {s['uptime_s']:.0f}s")
     head.add_row("training", f"step {s['step']}  loss {_fmt(s['loss'])}  accuracy {_fmt(s['accuracy'], pct=True)}  {s['samples_per_s']:.0f} samples/s")

@@ -376,6 +376,8 @@ class PeerDaemon:
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
         try:
+            # re-read: p2pd adds a relayed address once a relay grants a reservation (auto-relay)
+            self.addrs = await self.transport.addrs() or self.addrs
             now = self.transport.now()
             await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
             live = self.core.records(await self.transport.lookup(key), self.transport.now())
@@ -757,6 +759,8 @@ class PeerDaemon:
             **core,
             "dht_rejects": dict(getattr(getattr(self.transport, "run_records", None), "rejected", None) or {}),
             "dht_rpcs": self.transport.dht_rpcs(),  # DHT RPCs other peers sent us (protocols/dht_guard.py)
+            "relay": {"relayed_addrs": [a for a in self.addrs if "/p2p-circuit" in a],  # reachable through a relay
+                      "service": self.transport.relay_service(time.time())},  # the relay we serve, if any
             "metrics_port": self.metrics_port,
             "outer": self._outer_status(),
             "traffic": self._traffic_status(),

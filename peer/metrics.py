@@ -97,6 +97,20 @@ class StatusCollector:
                 if (v := _number(count)) is not None:
                     dht.add_metric([*values, str(rpc), str(outcome)], v)
         yield dht
+        relay = st.get("relay") or {}
+        yield from gauge("peer_relayed_addresses", "Addresses of this peer through a relay (/p2p-circuit).",
+                         len(relay.get("relayed_addrs") or []))
+        served = relay.get("service")
+        if served:  # --relay-service: the relay this peer runs for others (protocols/relay.py)
+            yield from gauge("peer_relay_reservations", "Reservations other peers hold on this relay now.", served.get("reservations"))
+            yield from gauge("peer_relay_circuits", "Relayed connections open through this peer now.", served.get("circuits"))
+            events = CounterMetricFamily("peer_relay_events", "What this relay did with requests, by event "
+                                         "(reservations_granted, circuits_opened, refusals and failures by reason).",
+                                         labels=[*names, "event"])
+            for event, count in sorted(served.items()):
+                if event not in ("reservations", "circuits") and (v := _number(count)) is not None:
+                    events.add_metric([*values, str(event)], v)
+            yield events
 
 
 class Exporter:

@@ -17,8 +17,12 @@ process now sees each stream from its first byte, so:
 - the whole request must arrive within `read_deadline_s` and be at most `max_request_bytes`;
 - handling and writing the reply must end within `reply_deadline_s`;
 - every failure is answered with a fixed word (`busy`, `malformed request`, `request failed`),
-  never an exception's text;
+  never an exception's text; a handler's own `Refusal` is answered `refused: <its text>`;
 - each RPC counts requests, served, refused, timed_out, malformed, failed and disconnected.
+
+The same bounds and counters cover every unary handler registered through `add_protobuf_handler`
+on a guarded P2P, ours included: dial-back (`protocols/dialback.py`) shares the per-peer and total
+stream caps with the DHT RPCs, so a peer cannot hold more streams by spreading them across both.
 
 What must stay true: every admitted stream releases its slot exactly once, whatever happens to
 it (`RpcPolicy.release` in a `finally`); a peer-controlled value never becomes a counter name (the
@@ -125,7 +129,13 @@ class RpcPolicy:
 
 
 class Malformed(Exception):
-    """The request is not one this RPC can take; the reason is for our log and counters only."""
+    """The request is not one this RPC can take; the reason is for our log and counters only.
+    A request type's `FromString` may raise it too (a non-protobuf payload, e.g. dial-back's)."""
+
+
+class Refusal(Exception):
+    """The handler declines a well-formed request for a reason of its own: the caller is told
+    `refused: <message>`. The message must be text we wrote, never a peer-controlled value."""
 
 
 def short_rpc_name(handle_name: str) -> str:
@@ -219,6 +229,8 @@ async def serve_stream(policy: RpcPolicy, handle_name: str, handler: Callable[[A
                         answered, reply = "failed", _reply(call_id, error=TOO_LARGE)
                 except (TimeoutError, asyncio.CancelledError):
                     raise
+                except Refusal as e:
+                    answered, reply = "refused", _reply(call_id, error=f"refused: {e}")
                 except Exception as e:  # hivemind's handler on odd input: counted, never echoed
                     log.debug("DHT %s from %s failed: %r", rpc, peer[:12], e)
                     answered, reply = "failed", _reply(call_id, error=FAILED)

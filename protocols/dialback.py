@@ -16,8 +16,10 @@ What must stay true, so that the service cannot be turned against third parties:
 
 hivemind's P2P exposes no AutoNAT result (go-libp2p keeps its reachability inside p2pd; the
 control protocol has no request for it), so this is how a peer learns whether it is reachable.
-The service is a p2pd unary handler: a daemon calls it through its p2pd, `peer doctor` through
-py-libp2p (`protocols/transport/light.py: LightClient.call_unary`).
+The service speaks p2pd's unary wire format: a daemon calls it through its p2pd, `peer doctor`
+through py-libp2p (`protocols/transport/light.py: LightClient.call_unary`). On the daemon's
+guarded P2P (`protocols/dht_guard.py`) it is served like the DHT RPCs, under the same per-peer and
+total stream caps and deadlines, and counted in `peer status`'s `dht_rpcs` under `PROTOCOL`.
 """
 
 from __future__ import annotations
@@ -163,21 +165,49 @@ async def dial(host: str, port: int, timeout: float = DIAL_TIMEOUT_S) -> str:
     return "ok" if greeting == GREETING else "connected, but not to a libp2p node"
 
 
+class _Request:
+    """A question as hivemind's unary handlers take one (`FromString`); a payload that is not one
+    is `Malformed`, so the guard counts it and answers `malformed request`."""
+
+    def __init__(self, addrs: list[str]):
+        self.addrs = addrs
+
+    @classmethod
+    def FromString(cls, data: bytes) -> _Request:
+        from protocols.dht_guard import Malformed
+
+        try:
+            return cls(decode_request(data))
+        except DialBackError:
+            raise Malformed("dial-back request") from None
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    data: bytes
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
 async def serve(p2p, limiter: Limiter | None = None, clock=time.monotonic) -> None:
-    """Answer dial-back questions on hivemind's `p2p` (a p2pd unary handler)."""
+    """Answer dial-back questions on hivemind's `p2p`: through `add_protobuf_handler`, so a guarded
+    P2P (protocols/dht_guard.py) serves them under its stream bounds."""
+    from protocols.dht_guard import Refusal
+
     limiter = limiter or Limiter()
 
-    async def handle(data: bytes, caller) -> bytes:
-        requested = decode_request(data)
+    async def handle(request: _Request, context) -> _Encoded:
+        caller = context.remote_id
         if not limiter.allow(caller.to_base58(), clock()):
-            raise DialBackError(f"asked again within {MIN_INTERVAL_S:g} s")
+            raise Refusal(f"asked again within {MIN_INTERVAL_S:g} s")
         observed = [e[0] for info in await p2p._client.list_peers() if info.peer_id == caller
                     for e in (tcp_endpoint(str(a)) for a in info.addrs) if e is not None]
-        targets = plan(requested, observed)
+        targets = plan(request.addrs, observed)
         results = await asyncio.gather(*(dial(h, p) for h, p in targets))
-        return encode_reply(Reply({maddr(h, p): r for (h, p), r in zip(targets, results)}, list(dict.fromkeys(observed))))
+        return _Encoded(encode_reply(Reply({maddr(h, p): r for (h, p), r in zip(targets, results)}, list(dict.fromkeys(observed)))))
 
-    await p2p._client.add_unary_handler(PROTOCOL, handle)
+    await p2p.add_protobuf_handler(PROTOCOL, handle, _Request)
 
 
 async def ask(p2p, peer_id: str, addrs: list[str], timeout: float = 2 * DIAL_TIMEOUT_S + 2) -> Reply:
@@ -191,9 +221,11 @@ async def ask(p2p, peer_id: str, addrs: list[str], timeout: float = 2 * DIAL_TIM
         raise DialBackError(f"no dial-back answer within {timeout:g} s") from None
     except Exception as e:
         text = str(e)
-        inner = re.search(r"DialBackError\(['\"](.*)['\"]\)", text)  # the answering peer's own words
+        # the answering peer's own words: `refused: ...` from a guarded peer, an exception's repr
+        # from an unguarded one
+        inner = re.search(r"^refused: (.*)$|(?:DialBackError|Refusal)\(['\"](.*)['\"]\)", text, re.MULTILINE)
         if inner:
-            raise DialBackError(f"the peer refused: {inner.group(1)}") from None
+            raise DialBackError(f"the peer refused: {inner.group(1) or inner.group(2)}") from None
         if "protocol" in text.lower() and ("not supported" in text.lower() or "negotiate" in text.lower()):
             raise DialBackError("the peer does not offer dial-back (an older version)") from None
         raise DialBackError(f"dial-back failed: {text.splitlines()[-1][:200] if text else type(e).__name__}") from None

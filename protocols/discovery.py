@@ -139,11 +139,13 @@ def public_host(addr: str) -> str | None:
 
     Loopback, private and link-local addresses are None: every peer lists some (p2pd reports all
     interfaces), so grouping by them would put every newcomer in one group that fakes can fill.
+    A relayed address (`.../p2p/<relay>/p2p-circuit/...`) is None too: its host is the relay's,
+    which every peer behind NAT that reserved there shares.
     """
     import ipaddress
 
     parts = addr.split("/")
-    if len(parts) < 3:
+    if len(parts) < 3 or "p2p-circuit" in parts:
         return None
     if parts[1] in ("dns", "dns4", "dns6"):
         return parts[2].lower()

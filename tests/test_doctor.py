@@ -241,12 +241,18 @@ def test_dialback_limiter_one_question_per_interval():
 
 def test_dialback_over_real_p2pd(tmp_path):
     """A real peer dials the asker's real address (ok) and a closed port (refused), answers one
-    question per interval, and the start verdict of the other side says reachable."""
+    question per interval, and the start verdict of the other side says reachable. The service
+    sits under the DHT RPCs' stream bounds (protocols/dht_guard.py): with one stream per peer, a
+    DHT stream the asker holds open makes its question `busy`; garbage is counted malformed."""
+    from hivemind.p2p import PeerID
+
     from peer.reachability import check_at_start
+    from protocols.dht_guard import RpcLimits
     from protocols.transport.hivemind import HivemindTransport
+    from tests.conftest import wait_until
 
     async def main():
-        a = HivemindTransport(str(tmp_path / "a.key"), ["/ip4/127.0.0.1/tcp/0"])
+        a = HivemindTransport(str(tmp_path / "a.key"), ["/ip4/127.0.0.1/tcp/0"], rpc_limits=RpcLimits(max_streams_per_peer=1))
         await a.start()
         b = None
         try:
@@ -256,13 +262,24 @@ def test_dialback_over_real_p2pd(tmp_path):
                 s.bind(("127.0.0.1", 0))
                 closed = s.getsockname()[1]
             own = (await b.addrs())[0].split("/p2p/")[0]
+            _, _, held = await b.p2p.call_binary_stream_handler(PeerID.from_base58(a.peer_id), "DHTProtocol.rpc_ping")
+            await wait_until(lambda: a.rpc_policy.active == 1, 5, "the held DHT stream to be admitted")
+            with pytest.raises(dialback.DialBackError, match="busy"):
+                await dialback.ask(b.p2p, a.peer_id, [own])
+            held.close()
+            await wait_until(lambda: a.rpc_policy.active == 0, 10, "the held stream's slot to be released")
+            with pytest.raises(Exception, match="^malformed request$"):  # not msgpack: no question at all
+                await b.p2p._client.call_unary_handler(PeerID.from_base58(a.peer_id), dialback.PROTOCOL, b"\xc1")
             reply = await dialback.ask(b.p2p, a.peer_id, [own, f"/ip4/127.0.0.1/tcp/{closed}", "/ip4/198.51.100.7/tcp/53"])
             assert reply.observed == ["127.0.0.1"]
             assert reply.dialled[own] == "ok"
             assert reply.dialled[f"/ip4/127.0.0.1/tcp/{closed}"].startswith("connection refused")
             assert not any("198.51.100.7" in t for t in reply.dialled)  # never a host the asker only names
-            with pytest.raises(dialback.DialBackError, match="asked again"):
+            with pytest.raises(dialback.DialBackError, match="the peer refused: asked again within 10 s"):
                 await dialback.ask(b.p2p, a.peer_id, [own])
+            counted = a.dht_rpcs()["rpcs"][dialback.PROTOCOL]
+            assert {k: counted[k] for k in ("requests", "served", "refused", "malformed")} == \
+                {"requests": 4, "served": 1, "refused": 2, "malformed": 1}
             v = await check_at_start(a.p2p, await a.addrs(), [])
             assert (v.level, v.reachable) == ("ok", True) and b.peer_id[:12] in v.what
         finally:

@@ -39,7 +39,9 @@ def test_exporter_serves_the_last_status_in_the_text_format():
                          "rounds_no_partner": 2, "bytes_sent": 10, "bytes_received": 20,
                          "rejected": {"nan": 3}, "pull_failed": {}, "live_peers": [{}, {}],
                          "traffic": {"upload_mbps": 1.5, "utilisation": 0.9},
-                         "dht_rpcs": {"rpcs": {"rpc_find": {"requests": 9, "refused": 2, "malformed": 1}}}})
+                         "dht_rpcs": {"rpcs": {"rpc_find": {"requests": 9, "refused": 2, "malformed": 1}}},
+                         "relay": {"relayed_addrs": [], "service": {"reservations": 2, "circuits": 1, "circuits_opened": 5,
+                                                                    "circuits_no_reservation": 1}}})
         got = scrape(port)
         assert value(got, "peer_step", run_id="r", task="t") == 12
         assert value(got, "peer_samples_total") == 1200
@@ -52,6 +54,10 @@ def test_exporter_serves_the_last_status_in_the_text_format():
         assert value(got, "peer_dht_rpc_total", rpc="rpc_find", outcome="refused") == 2
         assert value(got, "peer_dht_rpc_total", rpc="rpc_find", outcome="malformed") == 1
         assert "peer_test_loss" not in got  # no evaluation yet: absent, not 0
+        assert value(got, "peer_relayed_addresses") == 0 and value(got, "peer_relay_reservations") == 2
+        assert value(got, "peer_relay_circuits") == 1
+        assert value(got, "peer_relay_events_total", event="circuits_opened") == 5
+        assert value(got, "peer_relay_events_total", event="circuits_no_reservation") == 1
     finally:
         exporter.stop()
 

@@ -1,16 +1,17 @@
 """NAT traversal (protocols/transport/nat.py): the p2pd options each setting becomes, the checks and
 the reachability fix, then real `peer join` daemons in network namespaces this test creates.
 
-How "behind NAT" is emulated: this machine has no iptables or nft, so there is no kernel NAT to put
-a peer behind. A dial-out-only peer here is one that nobody can dial: inside its own namespace it
-listens on 127.0.0.1 only, while it can open connections through its veth to the public
-namespace. The public namespace does not forward (ip_forward=0), so the two dial-out-only
-namespaces cannot reach each other at all. That is what a NAT does to connections from outside;
-not emulated: address and port rewriting, and hole punching through a real NAT (DCUtR does not
-run here: a dial-out-only peer has no public address to try; p2pd logs "waiting until we have at
-least one public address").
+Two ways of being behind NAT, each in namespaces the tests create:
 
-The addresses are public-looking (11.231.x.x) because go-libp2p's AutoNAT dials back public
+- dial-out only (`DialOutTopology`): a peer listens on 127.0.0.1 inside its own namespace and can
+  open connections through its veth to the public namespace, which does not forward, so two such
+  peers cannot reach each other at all. No address rewriting.
+- kernel NAT (`NatTopology`): each peer sits on a LAN behind a router namespace that masquerades it
+  (nf_tables, set up by tests/netns_nat.py through pyroute2: this machine has no iptables or nft
+  binary). The kernel rewrites the peer's connections to the router's public address and lets in
+  only their replies.
+
+The public addresses are public-looking (11.231.x.x) because go-libp2p's AutoNAT dials back public
 addresses only: with private ones a peer's reachability stays unknown and it never reserves a
 relay slot. The namespaces have no route off this machine.
 """
@@ -159,6 +160,16 @@ def test_join_line_keeps_a_relayed_address_whole_and_last():
     assert usable == [f"/ip4/10.0.0.5/tcp/4002/p2p/{PID}", CIRCUIT] and not loopback_only
 
 
+def test_status_line_names_the_relays_we_are_reachable_through_and_the_one_we_serve():
+    from cli.render import relay_line
+
+    assert relay_line(None) is None and relay_line({"relayed_addrs": [], "service": None}) is None
+    assert relay_line({"relayed_addrs": [f"/ip4/127.0.0.1/tcp/4002/p2p/{PID}", CIRCUIT, CIRCUIT.replace("11.231.1.1", "10.0.0.1")],
+                       "service": None}) == f"reachable through {RELAY[:12]}…"
+    served = {"reservations": 2, "circuits": 1, "circuits_opened": 5, "reservations_refused": 1, "circuits_no_reservation": 2}
+    assert relay_line({"relayed_addrs": [], "service": served}) == "serving 2 reservations, 1 circuits open, 5 served, 3 refused"
+
+
 # --- real daemons in network namespaces -----------------------------------------------------------
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -176,10 +187,9 @@ def _netns_missing() -> str | None:
     return None
 
 
-class DialOutTopology:
-    """A public namespace `pub` and dial-out-only namespaces `out1`, `out2`, each on its own veth
-    link to `pub` (11.231.i.1 on pub's side, 11.231.i.2 on theirs, a default route via pub).
-    `down()` removes everything, whatever state a failure left."""
+class Namespaces:
+    """Network namespaces named `rly<tag><name>`, and veth links between them; `down()` removes
+    everything, whatever state a failure left."""
 
     def __init__(self, tag: str):
         self.tag = tag
@@ -196,21 +206,25 @@ class DialOutTopology:
         if r.returncode:
             raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
-    def up(self) -> None:
-        for name in ("pub", "out1", "out2"):
+    def add(self, *names: str) -> None:
+        for name in names:
             self._ip("netns", "add", self.ns(name))
             self.namespaces.append(self.ns(name))
             self._ip("-n", self.ns(name), "link", "set", "lo", "up")
-        for i in (1, 2):
-            a, b = f"rly{self.tag}p{i}"[:15], f"rly{self.tag}o{i}"[:15]
-            self._ip("link", "add", a, "netns", self.ns("pub"), "type", "veth", "peer", "name", b, "netns", self.ns(f"out{i}"))
-            self._ip("-n", self.ns("pub"), "addr", "add", f"11.231.{i}.1/24", "dev", a)
-            self._ip("-n", self.ns("pub"), "link", "set", a, "up")
-            self._ip("-n", self.ns(f"out{i}"), "addr", "add", f"11.231.{i}.2/24", "dev", b)
-            self._ip("-n", self.ns(f"out{i}"), "link", "set", b, "up")
-            self._ip("-n", self.ns(f"out{i}"), "route", "add", "default", "via", f"11.231.{i}.1")
-        # the public namespace is no router: out1 and out2 cannot reach each other
-        subprocess.run([*self.prefix("pub"), "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
+
+    def link(self, a: str, a_addr: str, b: str, b_addr: str) -> None:
+        """A veth between namespaces a and b, with address/prefix `a_addr` on a's end, `b_addr` on b's."""
+        ends = [(a, a_addr, f"rly{self.tag}{a}{b}"[:15]), (b, b_addr, f"rly{self.tag}{b}{a}"[:15])]
+        self._ip("link", "add", ends[0][2], "netns", self.ns(a), "type", "veth", "peer", "name", ends[1][2], "netns", self.ns(b))
+        for name, addr, dev in ends:
+            self._ip("-n", self.ns(name), "addr", "add", addr, "dev", dev)
+            self._ip("-n", self.ns(name), "link", "set", dev, "up")
+
+    def route(self, name: str, via: str) -> None:
+        self._ip("-n", self.ns(name), "route", "add", "default", "via", via)
+
+    def forward(self, name: str, on: bool) -> None:
+        subprocess.run([*self.prefix(name), "sysctl", "-qw", f"net.ipv4.ip_forward={int(on)}"], check=True)
 
     def down(self) -> None:
         for ns in self.namespaces:  # deleting a namespace deletes the veths in it
@@ -218,19 +232,92 @@ class DialOutTopology:
         self.namespaces = []
 
 
-@pytest.fixture
-def topology():
+class DialOutTopology(Namespaces):
+    """A public namespace `pub` and dial-out-only namespaces `out1`, `out2`, each on its own veth
+    link to `pub` (11.231.i.1 on pub's side, 11.231.i.2 on theirs, a default route via pub)."""
+
+    def up(self) -> None:
+        self.add("pub", "out1", "out2")
+        for i in (1, 2):
+            self.link("pub", f"11.231.{i}.1/24", f"out{i}", f"11.231.{i}.2/24")
+            self.route(f"out{i}", f"11.231.{i}.1")
+        self.forward("pub", False)  # the public namespace is no router: out1 and out2 cannot reach each other
+
+
+class NatTopology(Namespaces):
+    """Two home networks, each behind its own masquerading NAT router, and the internet between:
+
+        lan1 192.168.1.2 -- 192.168.1.1 nat1 11.231.1.2 -- 11.231.1.1 pub 11.231.2.1 -- 11.231.2.2 nat2 192.168.2.1 -- 192.168.2.2 lan2
+
+    `pub` routes between its two links as the internet routes between public addresses, and holds
+    the public peer. Nothing routes 192.168.x.x, and each NAT router masquerades its LAN
+    (tests/netns_nat.py, nf_tables): a LAN peer's connections leave as from its router's public
+    address, and from outside only the replies to connections it opened reach it."""
+
+    def up(self) -> None:
+        self.add("pub", "nat1", "nat2", "lan1", "lan2")
+        for i in (1, 2):
+            self.link("pub", f"11.231.{i}.1/24", f"nat{i}", f"11.231.{i}.2/24")
+            self.link(f"nat{i}", f"192.168.{i}.1/24", f"lan{i}", f"192.168.{i}.2/24")
+            self.route(f"nat{i}", f"11.231.{i}.1")
+            self.route(f"lan{i}", f"192.168.{i}.1")
+            self.forward(f"nat{i}", True)
+            r = subprocess.run([*self.prefix(f"nat{i}"), sys.executable, "-m", "tests.netns_nat", f"192.168.{i}.0/24"],
+                               capture_output=True, text=True, cwd=REPO)
+            if r.returncode:
+                raise NatUnavailable(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+        self.forward("pub", True)
+
+    def conntrack(self, name: str) -> str:
+        """The connections the kernel tracks (and rewrites) in namespace `name`."""
+        return subprocess.run([*self.prefix(name), "cat", "/proc/net/nf_conntrack"], capture_output=True, text=True).stdout
+
+
+class NatUnavailable(RuntimeError):
+    """This machine's kernel or Python cannot masquerade in a namespace (the test skips)."""
+
+
+_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def _try_connect(topology: Namespaces, name: str, host: str, port: int) -> str:
+    """'connected', or the error's class name, for a TCP connection from namespace `name`."""
+    return subprocess.run([*topology.prefix(name), sys.executable, "-c", _CONNECT, host, str(port)],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def _namespaces(cls):
     missing = _netns_missing()
     if missing:
         pytest.skip(missing)
-    t = DialOutTopology(f"{os.getpid() % 100000}")
+    t = cls(f"{os.getpid() % 100000}")
     try:
-        t.up()
+        try:
+            t.up()
+        except NatUnavailable as e:
+            pytest.skip(f"no masquerading NAT in a namespace here: {e}")
         yield t
     finally:
         t.down()
         left = subprocess.run([IP, "netns", "list"], capture_output=True, text=True).stdout
         assert f"rly{t.tag}" not in left
+
+
+@pytest.fixture
+def topology():
+    yield from _namespaces(DialOutTopology)
+
+
+@pytest.fixture
+def nat_topology():
+    yield from _namespaces(NatTopology)
 
 
 # light on the CPU (the machine is shared): training paced at 20 steps/s
@@ -313,6 +400,63 @@ def test_two_dial_out_only_peers_train_together_through_a_relay_peer(tmp_path, t
             p.wait_ready(90)
         out1, out2 = outs
         _wait_partners(peers, {"out1": {out2.peer_id}, "out2": {out1.peer_id}}, 150)
+    finally:
+        stop_all(list(peers.values()), timeout=30)
+
+
+def _nat_port(conntrack: str, src: str, dst: str, dport: int) -> tuple[str, str] | None:
+    """For a tracked TCP connection from src to dst:dport, (the source it left with, as the far end
+    saw it: host:port), or None. A conntrack line names the original direction, then the reply's."""
+    for line in conntrack.splitlines():
+        f = line.split()
+        if "tcp" not in f:
+            continue
+        kv = [x.split("=", 1) for x in f if "=" in x]
+        orig, reply = dict(kv[:4]), dict(kv[4:8])
+        if (orig.get("src"), orig.get("dst"), orig.get("dport")) == (src, dst, str(dport)):
+            return reply["dst"], reply["dport"]
+    return None
+
+
+@pytest.mark.slow
+def test_two_peers_behind_separate_nats_train_together_through_a_public_relay_peer(tmp_path, nat_topology):
+    """(c) lan1 and lan2 sit behind their own masquerading NAT routers (kernel NAT, nf_tables) and
+    listen on 0.0.0.0 as a volunteer's machine would; pub is public and runs --relay-service. Both
+    LAN peers join pub with --relay. Neither can open a connection to the other (checked with plain
+    sockets: the private address is routed nowhere, the router's public address maps nothing in),
+    yet each mixes the other's model into its own: through pub, which counts the circuits."""
+    t = nat_topology
+    (tmp_path / "peer.toml").write_text(FAST)
+    common = ["--run-id", "natC", "--task", "tests.nat_task:wide_digits", "--config", str(tmp_path / "peer.toml")]
+    pub = LocalPeer(tmp_path / "pub", [*common, "--shard", "0/3", "--relay-service"], listen="/ip4/0.0.0.0/tcp/0",
+                    prefix=t.prefix("pub"))
+    peers = {"pub": pub.start()}
+    try:
+        pub.wait_ready(90)
+        via = _addr_on(pub, "11.231.1.1")
+        lans = []
+        for i in (1, 2):
+            p = LocalPeer(tmp_path / f"lan{i}", [*common, "--shard", f"{i}/3", "--initial-peer", via, "--relay", via],
+                          listen="/ip4/0.0.0.0/tcp/0", prefix=t.prefix(f"lan{i}"))
+            peers[f"lan{i}"] = p.start()
+            lans.append(p)
+        for p in lans:
+            p.wait_ready(90)
+        lan1, lan2 = lans
+        port2 = int(_addr_on(lan2, "192.168.2.2").split("/")[4])
+        # no direct way between them: lan2's private address is routed nowhere, its router maps nothing in
+        assert _try_connect(t, "lan1", "192.168.2.2", port2) != "connected"
+        assert _try_connect(t, "lan1", "11.231.2.2", port2) == "ConnectionRefusedError"
+        _wait_partners(peers, {"lan1": {lan2.peer_id}, "lan2": {lan1.peer_id}}, 150)
+        served = pub.status()["relay"]["service"]
+        assert served["reservations"] == 2 and served["circuits_opened"] >= 1, served
+        for p in lans:  # each says it is reachable through pub only
+            relayed = p.status()["relay"]["relayed_addrs"]
+            assert relayed and {relay_of(a) for a in relayed} == {pub.peer_id}, relayed
+        relay_port = int(via.split("/")[4])
+        for i in (1, 2):  # the kernel rewrote each LAN peer's connection to pub: pub saw the router's address
+            seen = _nat_port(t.conntrack(f"nat{i}"), f"192.168.{i}.2", "11.231.1.1", relay_port)
+            assert seen is not None and seen[0] == f"11.231.{i}.2", t.conntrack(f"nat{i}")
     finally:
         stop_all(list(peers.values()), timeout=30)
 

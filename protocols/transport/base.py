@@ -66,6 +66,11 @@ class Transport(abc.ABC):
         the transport serves none."""
         return {}
 
+    def relay_service(self, now: float) -> dict[str, Any] | None:
+        """The relay we serve for others (`--relay-service`, protocols/relay.py): reservations held
+        at `now` (unix s), circuits open, and its counters; None where we serve none."""
+        return None
+
 
 class CountingStream:
     """Wraps a stream: adds the bytes it moves to a stats dict (bytes_sent / bytes_received), and

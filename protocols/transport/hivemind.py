@@ -394,6 +394,9 @@ class HivemindTransport(Transport):
     def dht_rpcs(self) -> dict[str, Any]:
         return self.rpc_policy.summary()
 
+    def relay_service(self, now: float) -> dict[str, Any] | None:
+        return self.relay.summary(now) if self.relay is not None else None
+
     async def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         async def adapter(info, reader, writer) -> None:
             stream = _P2PStream(info.peer_id.to_base58(), reader, writer)
