@@ -259,6 +259,7 @@ class Simulation:
             else:
                 p.checkpoint = None
             p.core = PeerCore(p.peer_id, self.config, p.learner.task.name, p.behaviour.aggregator or self.aggregator)
+            p.core.view.check = self.store.check  # one parse per published record for the whole swarm
             speed = math.exp(self.rng.gauss(0.0, self.sim.step_s_spread)) if self.sim.step_s_spread else 1.0
             g = self.sc.settings_for(p.slot)
             p.step_s = self.sim.step_s * speed + g.step_delay_s
