@@ -356,7 +356,7 @@ class Simulation:
             self.arm_timer(p)
             return
         own = p.learner.snapshot()
-        if not sync:
+        if not sync and not p.behaviour.honest:  # an honest peer's round_start reads nothing
             p.behaviour.round_start(own, p.learner.history())
         rnd = p.round = Round(p.round_seq, own, list(partners), sync=sync, pending=len(partners))
         for q in partners:
