@@ -154,8 +154,9 @@ class PeerCore:
 
     def choose_partners(self, now: float, avoid: frozenset[str] = frozenset()) -> tuple[dict[str, PeerInfo], list[str]]:
         """The live, unbanned peers not in `avoid` (id -> view entry) and this round's partners among them."""
-        live = {i.record.peer_id: i for i in self.view.live(now)
-                if not self.reputation.banned(i.record.peer_id, now) and i.record.peer_id not in avoid}
+        live = self.view.live_by_id(now)  # a round at 1,000 peers: O(banned + avoided) here, not O(view)
+        for p in (*self.reputation.banned_peers(now), *avoid):
+            live.pop(p, None)
         return live, self.picker.pick(list(live), now)
 
     # --- pulls ---------------------------------------------------------------------------------

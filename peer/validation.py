@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,8 +17,11 @@ def reject_reason(own: torch.Tensor, other: torch.Tensor, max_norm_ratio: float 
         return "wrong_shape"
     if other.dtype != own.dtype:
         return "wrong_dtype"
-    if not bool(torch.isfinite(other).all()):
+    norm = float(other.norm())
+    # a finite norm means every value is finite (an inf or nan makes the norm inf or nan): the
+    # value-by-value check is needed only when it is not
+    if not math.isfinite(norm) and not bool(torch.isfinite(other).all()):
         return "non_finite"
-    if float(other.norm()) > max_norm_ratio * max(float(own.norm()), 1.0):
+    if norm > max_norm_ratio * max(float(own.norm()), 1.0):
         return "norm_too_large"
     return None

@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -156,6 +156,12 @@ def public_host(addr: str) -> str | None:
     return None if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified) else str(ip)
 
 
+@functools.lru_cache(maxsize=8192)  # a record's addrs are read on every heartbeat of every view
+def public_hosts(addrs: tuple[str, ...]) -> frozenset[str]:
+    """The public hosts among a record's addrs (`public_host` of each, None dropped)."""
+    return frozenset(h for h in map(public_host, addrs) if h is not None)
+
+
 @dataclass
 class PeerInfo:
     record: PeerRecord
@@ -192,25 +198,42 @@ class SwarmView:
     rejected: dict[str, int] = field(default_factory=dict)
     other_tasks: dict[str, str] = field(default_factory=dict)  # owner -> the task its record names
     order_key: bytes = field(default_factory=lambda: os.urandom(16), repr=False)  # newcomers' admission order
+    # how a stored record is parsed and checked: `check_record`, or anything that returns what it
+    # returns for the same (owner, value) (the simulator shares one parse per published record)
+    check: Callable[[str | None, Any], tuple[PeerRecord | None, str | None]] = field(default=check_record, repr=False)
+    # `live` as of `_live_span[0]`, valid until the first of its entries expires (`_live_span[1]`)
+    # or the view changes: rounds read it far more often than lookups change it
+    _live: list[PeerInfo] | None = field(default=None, init=False, repr=False, compare=False)
+    _live_span: tuple[float, float] = field(default=(math.inf, -math.inf), init=False, repr=False, compare=False)
+    _live_by_id: dict[str, PeerInfo] | None = field(default=None, init=False, repr=False, compare=False)
 
     def update(self, stored: Iterable[StoredRecord], now: float, banned: frozenset[str] = frozenset()) -> list[tuple[str | None, str]]:
         refused: list[tuple[str | None, str]] = []
         self.prune(now)
-        stored = sorted(stored, key=self._admission_order)  # known peers first, then newcomers in our own order
+        self._live = None
+        peers = self.peers
+        # known peers first (in the lookup's order), then newcomers in our own order
+        stored = list(stored)
+        known = [r for r in stored if r.owner in peers]
+        if len(known) < len(stored):
+            newcomers = [r for r in stored if r.owner not in peers]
+            newcomers.sort(key=self._newcomer_order)
+            stored = known + newcomers
         if len(stored) > self.max_per_update:
             self.rejected["lookup_truncated"] = self.rejected.get("lookup_truncated", 0) + len(stored) - self.max_per_update
             stored = stored[: self.max_per_update]
         unproven_by_host: dict[str, int] = {}
-        for info in self.peers.values():
+        for info in peers.values():
             if not info.proven:
-                for h in {public_host(a) for a in info.record.addrs} - {None}:
+                for h in public_hosts(info.record.addrs):
                     unproven_by_host[h] = unproven_by_host.get(h, 0) + 1
+        check, allowed, task = self.check, self.allowed, self.task
         for item in stored:
-            if self.allowed is not None and item.owner not in self.allowed:
+            if allowed is not None and item.owner not in allowed:
                 reason, rec = "not_admitted", None
             else:
-                rec, reason = check_record(item.owner, item.value)
-            if reason is None and rec.task != self.task:
+                rec, reason = check(item.owner, item.value)
+            if reason is None and rec.task != task:
                 reason = "record_wrong_task"
                 if item.owner in self.other_tasks or len(self.other_tasks) < 64:  # bounded: names only
                     self.other_tasks[item.owner] = rec.task[:80]
@@ -220,28 +243,26 @@ class SwarmView:
                 continue
             if rec.peer_id == self.self_id or rec.peer_id in banned:
                 continue
-            old = self.peers.get(rec.peer_id)
+            old = peers.get(rec.peer_id)
             if old is not None and old.record.time > rec.time:
                 continue  # an older (replayed) record never replaces a newer one
-            hosts = {public_host(a) for a in rec.addrs} - {None}
             if old is None:
-                if len(self.peers) >= self.max_peers or any(unproven_by_host.get(h, 0) >= self.max_new_per_host for h in hosts):
+                hosts = public_hosts(rec.addrs)
+                if len(peers) >= self.max_peers or any(unproven_by_host.get(h, 0) >= self.max_new_per_host for h in hosts):
                     self._reject("view_full")
                     continue
                 for h in hosts:
                     unproven_by_host[h] = unproven_by_host.get(h, 0) + 1
-            changed = old is None or old.record != rec
+            changed = old is None or (old.record is not rec and old.record != rec)
             expiration = min(item.expiration, now + MAX_RECORD_TTL_S)  # a long-lived claim is cut short
-            self.peers[rec.peer_id] = PeerInfo(rec, expiration, now if changed else old.last_seen,
-                                               proven=old is not None and old.proven)
+            peers[rec.peer_id] = PeerInfo(rec, expiration, now if changed else old.last_seen,
+                                          proven=old is not None and old.proven)
         self.prune(now)
         return refused
 
-    def _admission_order(self, r: StoredRecord) -> tuple[bool, bytes]:
-        if r.owner in self.peers:
-            return (False, b"")
+    def _newcomer_order(self, r: StoredRecord) -> bytes:
         owner = r.owner if isinstance(r.owner, str) else repr(r.owner)
-        return (True, hashlib.blake2b(owner.encode(), key=self.order_key, digest_size=8).digest())
+        return hashlib.blake2b(owner.encode(), key=self.order_key, digest_size=8).digest()
 
     def mark_proven(self, peer_id: str) -> None:
         info = self.peers.get(peer_id)
@@ -249,14 +270,34 @@ class SwarmView:
             info.proven = True
 
     def drop(self, peer_id: str) -> None:
-        self.peers.pop(peer_id, None)
+        if self.peers.pop(peer_id, None) is not None:
+            self._live = None
 
     def prune(self, now: float) -> None:
-        for pid in [p for p, info in self.peers.items() if info.expiration <= now]:
+        dead = [p for p, info in self.peers.items() if info.expiration <= now]
+        for pid in dead:
             del self.peers[pid]
+        if dead:
+            self._live = None
 
     def live(self, now: float) -> list[PeerInfo]:
-        return [i for i in self.peers.values() if i.expiration > now and i.record.state == "up"]
+        """The peers that are up and unexpired at `now` (a new list each call)."""
+        return list(self._live_at(now))
+
+    def _live_at(self, now: float) -> list[PeerInfo]:
+        start, until = self._live_span
+        if self._live is None or not start <= now < until:
+            self._live = [i for i in self.peers.values() if i.expiration > now and i.record.state == "up"]
+            self._live_span = (now, min((i.expiration for i in self._live), default=math.inf))
+            self._live_by_id = None
+        return self._live
+
+    def live_by_id(self, now: float) -> dict[str, PeerInfo]:
+        """`live`, as peer id -> entry in peer id order (a new dict each call)."""
+        self._live_at(now)
+        if self._live_by_id is None:
+            self._live_by_id = {i.record.peer_id: i for i in sorted(self._live, key=lambda i: i.record.peer_id)}
+        return dict(self._live_by_id)
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

@@ -23,6 +23,7 @@ import torch
 from peer.tasks import Task
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which the task's optimizer uses
+_max, _sum = np.maximum.reduce, np.add.reduce
 
 
 class LinearLearner:
@@ -63,15 +64,18 @@ class LinearLearner:
             idx = self.rng.integers(0, n, min(self.task.batch_size, n))
         x, y = self.x[idx], self.y[idx]
         w, b = self._split(self._w)
+        # the ufuncs' reduce, not the ndarray methods' Python wrappers: the same values, and at
+        # 4 examples a peer (1,000 peers on MNIST-1D) the step is all per-call overhead
         logits = x @ w.T + b
-        logits -= logits.max(1, keepdims=True)
-        e = np.exp(logits)
-        p = e / e.sum(1, keepdims=True)
+        logits -= _max(logits, 1, keepdims=True)
+        p = np.exp(logits)
+        p /= _sum(p, 1, keepdims=True)
         rows = np.arange(len(y))
-        self.last_loss = float(-np.log(p[rows, y] + 1e-30).mean())
-        p[rows, y] -= 1.0
+        picked = p[rows, y]
+        self.last_loss = float(-np.log(picked + 1e-30).mean())
+        p[rows, y] = picked - 1.0
         p /= len(y)
-        grad = np.concatenate(((p.T @ x).ravel(), p.sum(0)))
+        grad = np.concatenate(((p.T @ x).ravel(), _sum(p, 0)))
         scale = self.task.lr_schedule(self.step) * min(1.0, (self.local_steps + 1) / max(self.warmup_steps, 1))
         self.adam_steps += 1
         t = self.adam_steps
