@@ -27,6 +27,24 @@ def test_live_peers_expire_without_heartbeats():
     assert view.live(now=11) == []
 
 
+def test_the_cached_live_view_follows_every_change():
+    """`live` is cached between changes: each way the view changes must show in the next call."""
+    view = SwarmView("me", "t")
+    view.update([stored(rec("a", 0), 6), stored(rec("b", 0), 9)], now=0)
+    ids = lambda now: sorted(view.live_by_id(now))  # noqa: E731
+    assert ids(1) == ["a", "b"] and ids(2) == ["a", "b"]  # read twice: the cache
+    assert ids(6) == ["b"]  # a's record expired between two reads with no update in between
+    view.update([stored(rec("c", 6), 20)], now=6)
+    assert ids(6.5) == ["b", "c"]  # a newcomer
+    view.drop("b")
+    assert ids(6.5) == ["c"]  # dropped (banned) peer
+    view.update([stored(rec("c", 7, state="left"), 20)], now=7)
+    assert ids(7) == [] and view.live(7) == []  # left
+    copy = view.live_by_id(7)
+    copy["x"] = None  # a caller's copy cannot change the view
+    assert ids(7) == []
+
+
 def test_left_record_removes_peer_at_once():
     view = SwarmView("me", "t")
     view.update([stored(rec("a", 0), 6)], now=0)
