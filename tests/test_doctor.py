@@ -264,7 +264,10 @@ def test_dialback_over_real_p2pd(tmp_path):
             own = (await b.addrs())[0].split("/p2p/")[0]
             _, _, held = await b.p2p.call_binary_stream_handler(PeerID.from_base58(a.peer_id), "DHTProtocol.rpc_ping")
             await wait_until(lambda: a.rpc_policy.active == 1, 5, "the held DHT stream to be admitted")
-            with pytest.raises(dialback.DialBackError, match="busy"):
+            # refused before anything is read: the word `busy` is written and the stream closed at
+            # once, so p2pd may reset it before the word is forwarded (seen under load); the
+            # refusal itself is asserted by the counters below
+            with pytest.raises(dialback.DialBackError, match="busy|stream reset"):
                 await dialback.ask(b.p2p, a.peer_id, [own])
             held.close()
             await wait_until(lambda: a.rpc_policy.active == 0, 10, "the held stream's slot to be released")
