@@ -76,6 +76,7 @@ def join(
     outer_every_steps: Optional[int] = typer.Option(None, "--outer-every-steps", envvar="PEER_OUTER_EVERY_STEPS", metavar="H", show_default="the task's", rich_help_panel=TRAIN, help="Inner steps per outer round (compressed pseudo-gradients, Nesterov outer step); 0: whole models every few steps."),
     outer_lr: Optional[float] = typer.Option(None, "--outer-lr", envvar="PEER_OUTER_LR", metavar="LR", show_default="the task's", rich_help_panel=TRAIN, help="Outer learning rate."),
     outer_momentum: Optional[float] = typer.Option(None, "--outer-momentum", envvar="PEER_OUTER_MOMENTUM", metavar="M", show_default="the task's", rich_help_panel=TRAIN, help="Outer Nesterov momentum."),
+    outer_wait_for_round: Optional[bool] = typer.Option(None, "--outer-wait-for-round/--no-outer-wait-for-round", metavar="", envvar="PEER_OUTER_WAIT_FOR_ROUND", show_default="off", rich_help_panel=TRAIN, help="Pause training while an outer round is still unfinished H inner steps after it was due, so every H steps make one outer step however slow the link."),
     compression: Optional[str] = typer.Option(None, "--compression", envvar="PEER_COMPRESSION", metavar="SPEC", show_default="the task's", rich_help_panel=TRAIN, help="What outer rounds send: fp32, fp16, bf16, int8, topk[:FRACTION[:CHUNK]], topk-int8[:FRACTION[:CHUNK]] (CHUNK: k chosen per chunk of that many coordinates)."),
     # robustness
     aggregator: Optional[str] = typer.Option(None, "--aggregator", envvar="PEER_AGGREGATOR", metavar="NAME", show_default=DEFAULT_AGGREGATOR, rich_help_panel=ROBUST, help=f"Aggregation rule, one of: {aggregation_help()}."),
@@ -105,6 +106,7 @@ def join(
                 "byzantine_fraction": byzantine_fraction, "experiment_attack": experiment_attack,
                 "allow_peers": str(allow_peers) if allow_peers else None,
                 "outer_every_steps": outer_every_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
+                "outer_wait_for_round": outer_wait_for_round,
                 "compression": compression, "max_upload_mbps": max_upload_mbps, "max_download_mbps": max_download_mbps,
                 "metrics_port": metrics_port, "metrics_host": metrics_host, "relays": relay, "auto_relay": auto_relay,
                 "hole_punching": hole_punching, "relay_service": relay_service,

@@ -46,3 +46,28 @@ class StepCadence:
             return f"every {self.every_steps} steps"
         phase = "now" if self.active(step) else "done"
         return f"every {self.every_steps} steps until step {self.until_step} ({phase}), then time only"
+
+
+@dataclass
+class RoundBacklog:
+    """How many step-driven rounds may be unfinished while training goes on.
+
+    With outer steps a round is due every H inner steps and runs beside training; a round that
+    takes longer than H steps makes the next one cover more steps, and a link slower than the
+    inner loop then takes fewer, larger outer steps than H asks for. With a backlog bound the
+    trainer waits instead: after `due` rounds were asked for, it takes another step only while at
+    most `max_unfinished` of them are unfinished, so every H inner steps make exactly one round,
+    however slow the link (DiLoCo's synchronous form with one round overlapping training:
+    `max_unfinished = 1`).
+    """
+
+    max_unfinished: int = 1
+    due: int = 0
+    finished: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_unfinished < 1:
+            raise ValueError(f"round backlog: max_unfinished must be >= 1, got {self.max_unfinished}")
+
+    def may_step(self) -> bool:
+        return self.due - self.finished <= self.max_unfinished

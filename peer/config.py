@@ -88,6 +88,11 @@ class PeerConfig:
     outer_momentum: float | None = None
     # outer rounds between two that mix partners' anchors (0: never); None: the task's
     outer_sync_every: int | None = None
+    # with outer steps, whether training waits once an outer round is still unfinished H inner
+    # steps after it was due (peer/cadence.py, RoundBacklog): every H inner steps then make one
+    # outer step however slow the link, at the cost of idle training time; False: training goes
+    # on and the next round's pseudo-gradient covers the extra steps
+    outer_wait_for_round: bool = False
     # how anchors travel (consensus rounds and joiners' sync): a dense method (fp32, fp16, bf16, int8)
     outer_anchor_compression: str = "int8"
     # what outer rounds send (protocols/compression.py): fp32, fp16, bf16, int8, topk[:FRACTION[:CHUNK]],

@@ -222,9 +222,11 @@ class PeerCore:
                 probe = None
         return self.aggregator(own, models, ctx, out=out), probe
 
-    def mixed(self, result: Mix, ctx: RoundContext, now: float) -> None:
+    def mixed(self, result: Mix, ctx: RoundContext, now: float) -> dict[str, Any]:
         """What a finished mix teaches: refusals counted by why, distrusted partners backed off and
-        penalised, the others' back-off cleared, and the round remembered for `peer status`."""
+        penalised, the others' back-off cleared. Returns the round's report for `peer status`,
+        which the caller stores in `last_round` once the whole round is over (status never shows
+        a round half done)."""
         ids = list(ctx.partner_ids)
         distrusted = set(result.distrusted)
         for why in result.refused.values():
@@ -239,11 +241,12 @@ class PeerCore:
             else:
                 self.picker.succeeded(p)
         self.stats.counters["rounds_ok"] += 1
-        self.last_round = {"partners": ids, "weights": [round(w, 3) for w in result.weights], "tau": result.radius,
-                           "sybil_checks": {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}}
+        report = {"partners": ids, "weights": [round(w, 3) for w in result.weights], "tau": result.radius,
+                  "sybil_checks": {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}}
         if ctx.loss_deltas is not None:
-            self.last_round["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
-            self.last_round["own_loss"] = _finite(ctx.own_loss)
+            report["loss_deltas"] = [_finite(d) for d in ctx.loss_deltas]
+            report["own_loss"] = _finite(ctx.own_loss)
+        return report
 
     # --- serving -------------------------------------------------------------------------------
     def admit(self, remote: str, now: float) -> str | None:

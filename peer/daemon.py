@@ -31,7 +31,7 @@ from peer.aggregation import check_byzantine_fraction, coordinate_median
 from peer.aggregation.rules import Mix
 from peer.behaviour import Behaviour
 from peer.aggregation.sybil import Sketcher
-from peer.cadence import StepCadence
+from peer.cadence import RoundBacklog, StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
 from peer.core import QUIET_REPLIES, PeerCore, adopted_step, progress
@@ -326,6 +326,8 @@ class PeerDaemon:
 
             self.trainer.step_cadence = cadence
             self.trainer.on_steps = steps_taken
+            if self.outer is not None and self.config.outer_wait_for_round:
+                self.trainer.round_backlog = RoundBacklog(max_unfinished=1)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
@@ -342,9 +344,13 @@ class PeerDaemon:
                     await self.gossip_round()
                 except Exception:  # a bug in one round is logged, the daemon keeps going
                     log.exception("gossip_round failed")
+                finally:
+                    self.trainer.round_finished()
         finally:
             stop.cancel()
             self.trainer.on_steps = None
+            self.trainer.round_backlog = None
+            self.trainer.round_finished()  # wakes a trainer waiting on a backlog that no longer exists
 
     async def _watch_trainer(self) -> None:
         while not self._stop.is_set():
@@ -456,8 +462,9 @@ class PeerDaemon:
             return False
         ids, steps, models = [p for p, _, _ in got], [s for _, s, _ in got], [m for _, _, m in got]
         self.behaviour.observe(ids, models)
-        result = await self._mix(own, ids, models, now)
+        result, report = await self._mix(own, ids, models, now)
         self.trainer.apply_delta(result.model.sub_(own))
+        self.core.last_round = report
         self._adopt_swarm_step(steps, result.weights)
         return True
 
@@ -470,16 +477,15 @@ class PeerDaemon:
                 log.info("the swarm is ahead: step %d adopted from partners (ours was %d)", target, before)
             self.counters["steps_adopted"] += target - before
 
-    async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> Mix:
+    async def _mix(self, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], now: float) -> tuple[Mix, dict[str, Any]]:
         """Run the loss probe and the rule on our model and the partners' off the event loop, then
-        let the core learn from the result. Its model is a buffer reused every round (the caller
-        copies what it needs out of it before the next)."""
+        let the core learn from the result; returns it and the round's report (`core.mixed`). Its
+        model is a buffer reused every round (the caller copies what it needs out of it before the next)."""
         ctx = self.core.round_context(ids, now)
         if self._mix_buffer is None or self._mix_buffer.shape != own.shape:
             self._mix_buffer = torch.empty_like(own)
         result, self.loss_probe = await asyncio.to_thread(self.core.aggregate, own, models, ctx, self.loss_probe, self._mix_buffer)
-        self.core.mixed(result, ctx, now)
-        return result
+        return result, self.core.mixed(result, ctx, now)
 
     # --- outer rounds (peer/outer.py) -------------------------------------------------------
     async def outer_round(self) -> bool | None:
@@ -574,29 +580,28 @@ class PeerDaemon:
         transferred = time.monotonic()
         if ids:
             self.behaviour.observe(ids, models)
+        report: dict[str, Any] = {"partners": [], "weights": [], "tau": None}
         if sync:
             if ids:
-                result = await self._mix(outer.anchor, ids, models, now)
+                result, report = await self._mix(outer.anchor, ids, models, now)
                 weights = result.weights
                 outer.adopt(result.model)
             rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.change, rnd, own_model))
         else:
             mixed = own_model
             if ids:
-                result = await self._mix(own_model, ids, models, now)
+                result, report = await self._mix(own_model, ids, models, now)
                 weights, mixed = result.weights, result.model
             rnd.finishing = asyncio.ensure_future(asyncio.to_thread(outer.finish, rnd, mixed))
-        if not ids:
-            self.core.last_round = {"partners": [], "weights": [], "tau": None}
         change = await asyncio.shield(rnd.finishing)
         self.trainer.apply_delta(change)
         rnd.applied = True
         self.served_anchor = (self.trainer.step, await asyncio.to_thread(compress, outer.anchor, self.anchor_compression))
         done = time.monotonic()
-        self.core.last_round.update(outer_step=rnd.outer_step, kind="anchors" if sync else "pseudo-gradients",
-                               staleness=staleness, seconds={
+        self.core.last_round = {**report, "outer_step": rnd.outer_step, "kind": "anchors" if sync else "pseudo-gradients",
+                                "staleness": staleness, "seconds": {
             "compute": round(computed - started, 3), "transfer": round(transferred - computed, 3),
-            "aggregate": round(done - transferred, 3)})
+            "aggregate": round(done - transferred, 3)}}
         if ids:  # last: a step adopted here may end training (max_steps), and the round is complete
             self._adopt_swarm_step(steps, weights)
         return bool(ids) if partners else None
@@ -780,6 +785,8 @@ class PeerDaemon:
         return {"every_steps": self.outer_settings.every_steps, "lr": self.outer_settings.lr,
                 "momentum": self.outer_settings.momentum, "outer_step": self.outer.outer_step,
                 "compression": self.compression.describe(),
+                "wait_for_round": self.config.outer_wait_for_round,
+                "round_wait_s": round(self.trainer.round_wait_seconds, 1),
                 "payload_bytes": published.payload.nbytes if published else None,
                 "compression_ratio": round(4 * numel / max(published.payload.nbytes, 1), 1) if published else None}
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from peer.cadence import StepCadence
+from peer.cadence import RoundBacklog, StepCadence
 from peer.tasks import Task
 
 log = logging.getLogger("peer.trainer")
@@ -110,6 +110,12 @@ class Trainer:
         # due (peer/cadence.py; the daemon starts one); must be thread-safe and quick
         self.step_cadence: StepCadence | None = None
         self.on_steps: Callable[[], None] | None = None
+        # with a backlog bound (peer/cadence.py) the loop waits before a step while too many of
+        # the rounds it asked for are unfinished; `round_finished` is the daemon's answer
+        self.round_backlog: RoundBacklog | None = None
+        self._backlog_changed = threading.Condition()
+        self.round_wait_seconds = 0.0  # time the loop spent waiting for rounds
+        self.waiting_for_round = False
         self._eval_model: torch.nn.Module | None = None  # a copy evaluated outside the lock (1x the model)
         self._eval_flat: torch.Tensor | None = None
         self.eval_seconds = 0.0  # the last evaluation's duration
@@ -251,6 +257,25 @@ class Trainer:
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self._thread.start()
 
+    def round_finished(self) -> None:
+        """A round the trainer asked for has ended (with a change applied or not); thread-safe."""
+        with self._backlog_changed:
+            if self.round_backlog is not None:
+                self.round_backlog.finished += 1
+            self._backlog_changed.notify_all()
+
+    def _wait_for_rounds(self) -> None:
+        with self._backlog_changed:
+            backlog = self.round_backlog
+            if backlog is None or backlog.may_step():
+                return
+            started = time.monotonic()
+            self.waiting_for_round = True
+            while not backlog.may_step() and not self._stop.is_set():
+                self._backlog_changed.wait(0.2)  # stop() sets an Event, not this condition
+            self.waiting_for_round = False
+            self.round_wait_seconds += time.monotonic() - started
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -297,9 +322,15 @@ class Trainer:
                     self.evaluate()
                 self._stop.wait(0.2)
                 continue
+            self._wait_for_rounds()
+            if self._stop.is_set():
+                break
             self.train_step()
             notify, cadence = self.on_steps, self.step_cadence  # read once: the event loop may clear them
             if notify is not None and cadence is not None and cadence.due(self.step, self.local_steps):
+                with self._backlog_changed:
+                    if self.round_backlog is not None:
+                        self.round_backlog.due += 1
                 notify()
             window_samples += min(self.task.batch_size, len(self.task.y_train))
             window_steps += 1

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from peer.cadence import StepCadence
+from peer.cadence import RoundBacklog, StepCadence
+from peer.tasks import load_task
+from peer.trainer import Trainer
+from tests.conftest import wait_until
 
 
 def rounds_started(cadence: StepCadence, first_step: int, steps: int) -> list[int]:
@@ -51,3 +54,35 @@ def test_describe_says_which_phase_the_peer_is_in():
 def test_negative_settings_are_refused(every, until):
     with pytest.raises(ValueError, match="gossip cadence"):
         StepCadence(every, until)
+
+
+def test_a_backlog_of_one_lets_training_run_one_round_ahead():
+    b = RoundBacklog(max_unfinished=1)
+    assert b.may_step()
+    b.due = 1  # round 1 runs beside training
+    assert b.may_step()
+    b.due = 2  # H more steps and round 1 still unfinished: wait
+    assert not b.may_step()
+    b.finished = 1
+    assert b.may_step()
+    with pytest.raises(ValueError, match="max_unfinished"):
+        RoundBacklog(max_unfinished=0)
+
+
+async def test_the_trainer_waits_for_rounds_and_a_stop_wakes_it():
+    """Rounds due every 5 steps, none finished: the trainer takes 10 steps (round 1 running, round
+    2 due) and waits; each finished round lets it take 5 more; stop() ends the wait."""
+    trainer = Trainer(load_task("digits-mlp"), seed=0)
+    trainer.step_cadence = StepCadence(every_steps=5, until_step=0)
+    trainer.on_steps = lambda: None
+    trainer.round_backlog = RoundBacklog(max_unfinished=1)
+    trainer.start()
+    try:
+        await wait_until(lambda: trainer.waiting_for_round, 30, "the trainer to wait for round 1")
+        assert trainer.step == 10 and trainer.round_backlog.due == 2
+        trainer.round_finished()
+        await wait_until(lambda: trainer.step == 15 and trainer.waiting_for_round, 30, "5 more steps")
+        assert trainer.step == 15 and trainer.round_wait_seconds > 0
+    finally:
+        trainer.stop()  # returns only once the thread ended: the stop woke the wait
+    assert not trainer.waiting_for_round and trainer.step == 15

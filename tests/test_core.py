@@ -74,7 +74,7 @@ def test_mixed_counts_refusals_and_penalises_only_the_distrusted(tmp_path):
     now = 1000.0
     ctx = c.round_context(["a", "b", "c"], now)
     result = Mix(torch.zeros(4), weights=[0.5, 0.0, 0.0], refused={"b": "loss", "c": "outlier"}, distrusted=["c"], radius=2.0)
-    c.mixed(result, ctx, now)
+    c.last_round = c.mixed(result, ctx, now)  # the caller stores it once the round is over
     assert c.stats.refused == {"loss": 1, "outlier": 1} and c.distrusted == {"c": 1}
     assert c.picker.backing_off(now) == ["c"] and c.reputation.score("b", now) == 1.0 > c.reputation.score("c", now)
     status = c.status(now)

@@ -433,7 +433,7 @@ class Simulation:
             t1 = time.perf_counter()
             mix, p.probe = p.core.aggregate(rnd.own, models, ctx, p.probe)
             t2 = time.perf_counter()
-            p.core.mixed(mix, ctx, now)
+            p.core.last_round = p.core.mixed(mix, ctx, now)
             self.timing["context"] += t1 - t0
             self.timing["mix"] += t2 - t1
             self.calls["mix"] += 1
