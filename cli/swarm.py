@@ -17,8 +17,8 @@ from typing import Any, Optional
 import typer
 
 EXIT_UNREACHABLE = 2
-FIX = ("give a full multiaddr of a running peer of the run, as its `peer join` prints it "
-       "(/ip4/ADDRESS/tcp/PORT/p2p/PEER_ID), reachable from this machine")
+FIX = ("give the address of a running peer of the run, reachable from this machine, as its `peer join` "
+       "prints it (/ip4/ADDRESS/tcp/PORT/p2p/PEER_ID; without /p2p/ the peer answering there is trusted)")
 
 
 class Unreachable(Exception):
@@ -98,19 +98,40 @@ def render(summary: dict[str, Any]):
     return Group(Text(head, style="bold"), Text(note, style="dim"), table)
 
 
-def parse_initial_peers(maddrs: list[str]) -> dict[str, list[str]]:
-    """peer id -> transport addresses; Unreachable with the reason for a bad one."""
+def parse_initial_peers(maddrs: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(peer id -> transport addresses, TCP addresses given without /p2p/<id>, whose id the
+    Noise handshake tells: `learn_ids`); Unreachable with the reason for a bad one."""
     from protocols.transport.light import split_maddr
+    from protocols.transport.peer_id_lookup import lookup_target
 
     if not maddrs:
         raise Unreachable(f"no --initial-peer given; {FIX}")
     out: dict[str, list[str]] = {}
+    bare: list[str] = []
     for m in maddrs:
         try:
             pid, addrs = split_maddr(m)
         except ValueError as e:
+            if "no /p2p/" in str(e) and lookup_target(m) is not None:
+                bare.append(m.rstrip("/"))
+                continue
             raise Unreachable(f"--initial-peer {m}: {e}; {FIX}") from None
         out.setdefault(pid, []).extend(a for a in addrs if a not in out.get(pid, []))
+    return out, bare
+
+
+async def learn_ids(initial: dict[str, list[str]], bare: list[str]) -> dict[str, list[str]]:
+    """`initial` with each bare address under the id proven by whoever answers there (trust in the
+    address, as `peer join --initial-peer HOST:PORT`; protocols/transport/peer_id_lookup.py)."""
+    from protocols.transport.peer_id_lookup import LookupFailed, handshake_peer_id
+
+    out = {pid: list(addrs) for pid, addrs in initial.items()}
+    for addr in bare:
+        try:
+            pid = await handshake_peer_id(addr)
+        except LookupFailed as e:
+            raise Unreachable(f"--initial-peer {addr}: {e}; {FIX}") from None
+        out.setdefault(pid, []).append(addr)
     return out
 
 
@@ -133,7 +154,7 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
     import time
 
     try:
-        initial = parse_initial_peers(initial_peers)
+        known, bare = parse_initial_peers(initial_peers)
     except Unreachable as e:
         return _fail(e)
     # py-libp2p logs every failed dial and background protocol hiccup; the outcome is reported here
@@ -183,7 +204,10 @@ def run(initial_peers: list[str], run_id: str, as_json: bool, watch: bool, inter
                     if refresh:
                         await trio.sleep(interval)
                     try:
-                        summary = summarise(await _observe(client, run_id, initial, checker), time.time())
+                        if bare:  # addresses without /p2p/<id>: asked once who answers there
+                            known.update(await learn_ids(known, bare))
+                            bare.clear()
+                        summary = summarise(await _observe(client, run_id, known, checker), time.time())
                     except Unreachable as e:
                         if not refresh:
                             return str(e)
@@ -232,7 +256,7 @@ def _fail(e: Exception) -> int:
 
 
 def command(
-    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", help="Multiaddr of a peer of the run, with /p2p/<id>. Repeatable."),
+    initial_peer: Optional[list[str]] = typer.Option(None, "--initial-peer", envvar="PEER_INITIAL_PEER", metavar="MADDR", help="Multiaddr of a peer of the run, /ip4/ADDRESS/tcp/PORT/p2p/ID (without /p2p/: whoever answers there). Repeatable."),
     run_id: str = typer.Option("default", "--run-id", envvar="PEER_RUN_ID", metavar="ID", help="Name of the run to show."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout (JSON lines with --watch)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh until interrupted."),

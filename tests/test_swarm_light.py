@@ -188,7 +188,8 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, says", [
     ([], "no --initial-peer given"),
     (["--initial-peer", "garbage"], "not a multiaddr"),
-    (["--initial-peer", "/ip4/127.0.0.1/tcp/1"], "no /p2p/<peer id> part"),
+    (["--initial-peer", "/ip4/127.0.0.1/udp/1"], "no /p2p/<peer id> part"),
+    (["--initial-peer", "/ip4/127.0.0.1/tcp/1"], "connection refused"),  # no /p2p/: asks who answers there
     (["--initial-peer", "/ip4/127.0.0.1/tcp/1/p2p/QmaVPaGxabWTEHgmj4E1GepTQCc5Y9rSSi3mGfrK7EqgQc"], "no initial peer answered"),
 ])
 def test_unreachable_swarm_is_one_line_and_exit_2(args, says):
@@ -274,6 +275,9 @@ def test_swarm_lists_three_real_daemons_with_verified_records_and_starts_no_p2pd
         acc = totals["accuracy"]
         assert acc["worst"] <= acc["median"] <= acc["best"]
         assert summary["dht"]["answered"] >= 1 and summary["rejected"] == {}
+        # an address without /p2p/<id>: the peer answering there tells its id in the Noise handshake
+        bare, _, _ = swarm_json(peers[0].addrs[0].split("/p2p/")[0])
+        assert ids <= {p["peer_id"] for p in bare["live_peers"]}
         human = cli("swarm", "--initial-peer", peers[0].addrs[0], "--run-id", RUN)
         assert human.returncode == 0, human.stderr
         assert all(i[:12] in human.stdout for i in ids) and "live peers" in human.stdout
