@@ -52,6 +52,7 @@ from protocols.codec import DEFAULT_LIMITS, ProtocolError, TensorSpec, read_head
 from protocols.discovery import SKETCH_DIM, MAX_RECORD_TTL_S, PeerRecord, run_key, swarm_totals
 from protocols.loglimit import LogLimiter
 from protocols.transport.base import Transport, TransportError
+from protocols.transport.nat import relay_news
 
 log = logging.getLogger("peer.daemon")
 
@@ -383,7 +384,10 @@ class PeerDaemon:
         key = run_key(self.config.run_id)
         try:
             # re-read: p2pd adds a relayed address once a relay grants a reservation (auto-relay)
-            self.addrs = await self.transport.addrs() or self.addrs
+            before, self.addrs = self.addrs, await self.transport.addrs() or self.addrs
+            news = relay_news(before, self.addrs, self.peer_id)
+            if news is not None:  # at most one a minute: a reservation that flickers is not a flood
+                self.peer_log.info(("relayed addresses",), "%s", news)
             now = self.transport.now()
             await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
             live = self.core.records(await self.transport.lookup(key), self.transport.now())

@@ -35,7 +35,7 @@ from peer.reachability import DialBack, verdict
 from protocols.dialback import tcp_endpoint
 from protocols.relay import RelayLimits, RelayPolicy
 from protocols.transport.hivemind import p2p_with_flags
-from protocols.transport.nat import NatSettings, p2pd_options, relay_of
+from protocols.transport.nat import NatSettings, p2pd_options, relay_news, relay_of
 
 REPO = Path(__file__).resolve().parents[1]
 PID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -153,6 +153,16 @@ def test_a_relayed_address_is_reachable_through_its_relay_and_never_taken_for_ou
     v = verdict([f"/ip4/127.0.0.1/tcp/4002/p2p/{PID}", CIRCUIT], [], DialBack(error="no other peer of the run is connected yet"))
     assert v.level == "ok" and v.reachable and f"through relay {RELAY[:12]}…" in v.what
     assert "11.231.1.1" not in v.fix  # the relay's host is not ours to announce
+
+
+def test_a_new_or_lost_relayed_address_is_one_line_saying_what_to_paste():
+    direct = f"/ip4/10.0.0.5/tcp/4002/p2p/{PID}"
+    assert relay_news([direct], [direct], PID) is None
+    gained = relay_news([direct], [direct, CIRCUIT.rsplit("/p2p/", 1)[0]], PID)  # p2pd lists it without our id
+    assert gained is not None and gained.endswith(f"--initial-peer {CIRCUIT}") and "\n" not in gained
+    assert relay_news([direct, CIRCUIT], [direct, CIRCUIT], PID) is None
+    lost = relay_news([direct, CIRCUIT], [direct], PID)
+    assert lost is not None and "no relay carries this peer" in lost
 
 
 def test_join_line_keeps_a_relayed_address_whole_and_last():
@@ -459,6 +469,9 @@ def test_two_peers_behind_separate_nats_train_together_through_a_public_relay_pe
                     break
                 time.sleep(0.5)
             assert relayed and {relay_of(a) for a in relayed} == {pub.peer_id}, relayed
+            # and its log said so, with what to paste (the join line at start predates the reservation)
+            log = (p.data_dir / "stderr.log").read_text(errors="replace")
+            assert "reachable through a relay" in log and f"/p2p-circuit/p2p/{p.peer_id}" in log, p.log_tail()
         relay_port = int(via.split("/")[4])
         for i in (1, 2):  # the kernel rewrote each LAN peer's connection to pub: pub saw the router's address
             seen = _nat_port(t.conntrack(f"nat{i}"), f"192.168.{i}.2", "11.231.1.1", relay_port)

@@ -73,3 +73,18 @@ def relay_of(addr: str) -> str | None:
     if not sep or "/p2p/" not in head:
         return None
     return head.rsplit("/p2p/", 1)[1]
+
+
+def relay_news(before: list[str], after: list[str], peer_id: str) -> str | None:
+    """One log line when our relayed addresses change between two reads of p2pd's addresses (a
+    reservation granted, renewed on another relay, or lost), else None. The join line printed at
+    start predates any reservation, so a peer behind NAT says here what others can paste."""
+    old = {a for a in before if is_relayed(a)}
+    new = {a for a in after if is_relayed(a)}
+    if new == old:
+        return None
+    if not new:
+        return "no relay carries this peer any more: peers that cannot reach it directly lose it until a relay takes it again"
+    full = sorted(a if a.endswith(f"/p2p/{peer_id}") else f"{a}/p2p/{peer_id}" for a in new)
+    return "reachable through a relay; a peer that cannot reach this machine directly can join with " + " ".join(
+        f"--initial-peer {a}" for a in full)
