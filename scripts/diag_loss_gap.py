@@ -6,7 +6,7 @@ One process simulates N peers on an LM task with the shards, batch sizes and inn
 daemon does: `peer.outer.OuterLoop` (anchor, Nesterov outer step, error feedback kept in the live
 model), `protocols.compression` (what partners decode is exactly what was sent), the rule from
 `peer.aggregation.make_aggregator` run on candidate models `anchor − Δ_j` centred on our own
-(as `PeerDaemon._outer_round` does), the loss probe on the peer's own data, SybilWall's reported
+(as `OuterRounds._outer_round` in peer/outer_rounds.py does), the loss probe on the peer's own data, SybilWall's reported
 history sketches, and consensus rounds that mix int8 anchors. Rounds are simultaneous (lock-step),
 so asynchrony enters only through the modelled staleness:
 
