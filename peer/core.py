@@ -147,7 +147,7 @@ class PeerCore:
                                self.config.run_id, " and ".join(other), self.task_name, other[0])
         return live
 
-    def reported_histories(self, now: float) -> dict[str, torch.Tensor]:
+    def reported_sketches(self, now: float) -> dict[str, torch.Tensor]:
         """History sketches of every live peer whose record carries one (checked when parsed)."""
         return {i.record.peer_id: torch.frombuffer(bytearray(i.record.history), dtype=torch.float16).float()
                 for i in self.view.live(now) if i.record.history}
@@ -203,8 +203,8 @@ class PeerCore:
     # --- mixing --------------------------------------------------------------------------------
     def round_context(self, ids: list[str], now: float) -> RoundContext:
         """What the rule may know this round; the swarm's sketches are decoded only for a rule that reads them."""
-        histories = self.reported_histories(now) if self.aggregator.uses_sketches else {}
-        return RoundContext(self_id=self.peer_id, partner_ids=ids, histories=histories,
+        sketches = self.reported_sketches(now) if self.aggregator.uses_sketches else {}
+        return RoundContext(self_id=self.peer_id, partner_ids=ids, sketches=sketches,
                             byzantine_fraction=self.config.byzantine_fraction)
 
     def aggregate(self, own: torch.Tensor, models: list[torch.Tensor], ctx: RoundContext, probe=None,

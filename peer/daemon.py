@@ -365,7 +365,7 @@ class PeerDaemon(OuterRounds):
     def _history_sketch(self) -> torch.Tensor:
         # a hostile behaviour sees the live peers' reported sketches (framing copies one); an
         # honest peer skips the lookup
-        others = None if self.behaviour.honest else self.core.reported_histories(self.transport.now())
+        others = None if self.behaviour.honest else self.core.reported_sketches(self.transport.now())
         return self.behaviour.report_history(self.sketcher(self.trainer.history()), others)
 
     async def _heartbeat_once(self) -> None:

@@ -138,8 +138,8 @@ def make_inputs(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, list[torch
         x.mul_(0.01).add_(own)
         others.append(x)
     partner_ids = [f"partner{j:03d}" for j in range(n)]
-    histories = {p: torch.randn(SKETCH_DIM, generator=g) for p in partner_ids}
-    ctx = RoundContext(self_id="self", partner_ids=partner_ids, histories=histories)
+    sketches = {p: torch.randn(SKETCH_DIM, generator=g) for p in partner_ids}
+    ctx = RoundContext(self_id="self", partner_ids=partner_ids, sketches=sketches)
     return own, others, ctx
 
 

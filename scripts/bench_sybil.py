@@ -33,10 +33,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for n in args.views:
         rule = SybilWallWeights()
-        histories = {f"p{i}": torch.randn(512, generator=g) for i in range(n)}
+        sketches = {f"p{i}": torch.randn(512, generator=g) for i in range(n)}
         for i in range(min(n, rule.max_tracked)):
             rule.observed[f"p{i}"] = torch.randn(512, generator=g)
-        ctx = RoundContext(self_id="p0", partner_ids=["p1", "p2", "p3", "p4"], histories=histories)
+        ctx = RoundContext(self_id="p0", partner_ids=["p1", "p2", "p3", "p4"], sketches=sketches)
         rule.weights(ctx)
         times = []
         for _ in range(args.repeats):

@@ -96,7 +96,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
             p.trainer.train_step()
         if step % every and step != steps:
             continue
-        histories = {p.id: sketcher(p.trainer.history()).half().float() for p in peers}
+        sketches = {p.id: sketcher(p.trainer.history()).half().float() for p in peers}
         rounds = []
         for p in peers:  # every peer publishes first: the rounds are simultaneous
             p.outer.compression = dense_spec if p.outer.outer_step < dense_rounds else spec
@@ -122,7 +122,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
                     ids.append(peers[j].id)
                     served[j] += a.nbytes
                 p.outer.step(own_model)  # keeps the outer momentum's bookkeeping as in an anchor round
-                mixed = run_rule(p, live, ids, models, histories) if ids else live
+                mixed = run_rule(p, live, ids, models, sketches) if ids else live
                 p.outer.adopt(mixed)
                 change = mixed - live
             elif sync:
@@ -133,7 +133,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
                     ids.append(peers[j].id)
                     served[j] += a.nbytes
                 if ids:
-                    mixed = run_rule(p, p.outer.anchor, ids, models, histories)
+                    mixed = run_rule(p, p.outer.anchor, ids, models, sketches)
                     p.outer.adopt(mixed)
                 change = p.outer.change(rnd, own_model)
             else:
@@ -148,7 +148,7 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
                     staleness[rnd.outer_step - theirs] = staleness.get(rnd.outer_step - theirs, 0) + 1
                     models.append(p.outer.as_model(decompress(payload.header, payload.parts, d)))
                     ids.append(q.id)
-                mixed = run_rule(p, own_model, ids, models, histories) if ids else own_model
+                mixed = run_rule(p, own_model, ids, models, sketches) if ids else own_model
                 change = p.outer.finish(rnd, mixed)
             p.trainer.apply_delta(change)
         for p in peers:
@@ -162,9 +162,9 @@ def simulate(task_name: str, n: int, steps: int, every: int, lr: float, momentum
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def run_rule(p: Peer, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], histories) -> torch.Tensor:
+def run_rule(p: Peer, own: torch.Tensor, ids: list[str], models: list[torch.Tensor], sketches) -> torch.Tensor:
     """The daemon's `_mix`: the loss probe on our own data, then the rule (PeerCore.aggregate)."""
-    ctx = RoundContext(self_id=p.id, partner_ids=ids, histories=histories)
+    ctx = RoundContext(self_id=p.id, partner_ids=ids, sketches=sketches)
     if p.probe is not None:
         ctx.own_loss, ctx.loss_deltas = p.probe.measure(own, models)
         ctx.untrained_loss = p.probe.untrained_loss

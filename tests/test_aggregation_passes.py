@@ -78,7 +78,7 @@ def test_rule_result_is_own_plus_clipped_weighted_steps(name, n):
     rule = AGGREGATORS[name]()
     ids = [f"p{j}" for j in range(n)]
     g = torch.Generator().manual_seed(n)
-    ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: torch.randn(SKETCH_DIM, generator=g) for p in ids})
+    ctx = RoundContext(self_id="me", partner_ids=ids, sketches={p: torch.randn(SKETCH_DIM, generator=g) for p in ids})
     clipped_rounds = 0
     for rnd in range(8):
         d = 3001 if rnd % 2 else rules.SLICE + 3

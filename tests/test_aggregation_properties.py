@@ -120,9 +120,9 @@ def test_sybilwall_weights_follow_ids_not_positions(data):
         own = torch.from_numpy(rng.normal(size=d).astype(np.float32))
         others = [torch.from_numpy(rng.normal(size=d).astype(np.float32)) for _ in range(k)]
         perm = data.draw(st.permutations(range(k)))
-        wa = a(own, others, RoundContext(self_id="me", partner_ids=ids, histories=reported)).weights
+        wa = a(own, others, RoundContext(self_id="me", partner_ids=ids, sketches=reported)).weights
         wb = b(own, [others[j] for j in perm],
-               RoundContext(self_id="me", partner_ids=[ids[j] for j in perm], histories=reported)).weights
+               RoundContext(self_id="me", partner_ids=[ids[j] for j in perm], sketches=reported)).weights
         torch.testing.assert_close(torch.tensor(wb, dtype=torch.float64),
                                    torch.tensor([wa[j] for j in perm], dtype=torch.float64),
                                    rtol=1e-5, atol=1e-6)
@@ -186,7 +186,7 @@ def test_clipped_gossip_moves_own_by_at_most_sum_w_tau(name, x):
     ids = _ids(len(others))
     hist = {p: torch.randn(SKETCH_DIM, generator=torch.Generator().manual_seed(j)) for j, p in enumerate(ids)}
     for _ in range(6):  # past RadiusCap's warmup too
-        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist))
+        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, sketches=hist))
         out = result.model
         if math.isfinite(result.radius):
             bound = sum(result.weights) * result.radius
@@ -204,7 +204,7 @@ def test_a_round_where_every_partner_is_far_moves_own_little(name, distance):
     own = torch.zeros(d)
     ids = _ids(k)
     ctx = RoundContext(self_id="me", partner_ids=ids,
-                       histories={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
+                       sketches={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
     rule = AGGREGATORS[name]()
 
     def unit():
@@ -440,7 +440,7 @@ def test_default_rule_stops_mixing_a_sign_flipper_that_reports_its_real_training
         for p in ids:
             history[p] += way[p]
         served = [own + (-1 if p == "flip" else 1) * 0.1 * way[p] + 0.02 * torch.randn(d, generator=g) for p in ids]
-        ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: rule.sybil.sketch(history[p]) for p in ids})
+        ctx = RoundContext(self_id="me", partner_ids=ids, sketches={p: rule.sybil.sketch(history[p]) for p in ids})
         result = rule(own, served, ctx)
     assert result.weights[-1] == 0.0 and "flip" in result.distrusted
     assert all(w > 0 for w in result.weights[:-1])
@@ -513,7 +513,7 @@ def test_every_rule_returns_a_finite_vector(name):
                 others[4] = own.clone()  # a partner at distance 0
             ids = _ids(k)
             hist = {p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids[: k - 1]}
-            for ctx in (None, RoundContext(self_id="me", partner_ids=ids, histories=hist)):
+            for ctx in (None, RoundContext(self_id="me", partner_ids=ids, sketches=hist)):
                 out = rule(own, others, ctx).model
                 assert out.shape == (d,) and out.dtype == torch.float32, (name, k, ctx)
                 assert torch.isfinite(out).all(), (name, k, ctx, rnd)
@@ -531,7 +531,7 @@ def test_a_peer_off_the_swarm_still_mixes_with_partners_whose_deviations_point_b
     partners = {p: centre + 0.05 * torch.randn(d, generator=g) for p in ("a", "b")}
     rule = make_aggregator("sybilwall+scc")
     histories = {p: rule.sybil.sketch(v + 0.1 * torch.randn(d, generator=g)) for p in partners}
-    ctx = RoundContext(self_id="me", partner_ids=list(partners), histories=histories)
+    ctx = RoundContext(self_id="me", partner_ids=list(partners), sketches=histories)
     for _ in range(3):  # the first round is probation
         result = rule(own, list(partners.values()), ctx)
     assert all(w > 0 for w in result.weights), result.refused
@@ -556,7 +556,7 @@ def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
                            **{p: -offset + 0.1 * torch.randn(d, generator=g) for p in clones}}
     for p in clones:  # the clones' reports point where they serve against: they fail consistency
         reported[p] = offset + 0.05 * clones[p]
-    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), sketches=reported))
     assert not rule.sybil.consistency_suspended
     assert all(scores.checks[p]["reported"] < 0.5 for p in clones)
     # the same failing group with reports of their own (as honest peers have) keeps its vote:
@@ -565,7 +565,7 @@ def test_rule_takes_no_vote_from_partners_the_other_checks_distrust():
         reported[p] = 0.025 * offset + torch.randn(d, generator=g)
     for p in ("h0", "h1"):
         del rule.sybil.observed[p]
-    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), histories=reported))
+    scores = rule.sybil.weights(RoundContext(self_id="me", partner_ids=list(reported), sketches=reported))
     assert all(min(scores.checks[p]["reported"], scores.checks[p]["observed"]) >= 0.5 for p in clones)
     assert rule.sybil.consistency_suspended
 
@@ -598,7 +598,7 @@ def test_partners_that_widen_the_spread_do_not_widen_a_movement_capped_radius():
     d, k = 40, 3
     ids = _ids(k)
     ctx = RoundContext(self_id="me", partner_ids=ids,
-                       histories={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
+                       sketches={p: torch.from_numpy(rng.normal(size=SKETCH_DIM).astype(np.float32)) for p in ids})
     radii = {}
     for name in ("sybilwall+scc+movecap", "sybilwall+scc"):
         rule = AGGREGATORS[name]()
@@ -632,7 +632,7 @@ def test_a_round_with_no_local_step_is_not_a_movement():
     rule = AGGREGATORS["sybilwall+scc+movecap"]()
     ids = _ids(2)
     gen = torch.Generator().manual_seed(3)
-    ctx = RoundContext(self_id="me", partner_ids=ids, histories={p: torch.randn(SKETCH_DIM, generator=gen) for p in ids})
+    ctx = RoundContext(self_id="me", partner_ids=ids, sketches={p: torch.randn(SKETCH_DIM, generator=gen) for p in ids})
     model = torch.randn(100, generator=gen)
     for _ in range(4):  # the last output plus rounding only
         own = model + 1e-9 * torch.randn(100, generator=gen)

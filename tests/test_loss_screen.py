@@ -118,12 +118,12 @@ def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengt
     own = torch.zeros(64)
     others = [torch.full((64,), 0.1 * (j + 1)) for j in range(4)]
     hist = {f"p{j}": torch.randn(512, generator=torch.Generator().manual_seed(j)) for j in range(4)}
-    ctx = RoundContext(self_id="me", partner_ids=[f"p{j}" for j in range(4)], histories=hist,
+    ctx = RoundContext(self_id="me", partner_ids=[f"p{j}" for j in range(4)], sketches=hist,
                        loss_deltas=[1.0, 1.0, 1.0, 9.0])
     r = rule(own, others, ctx)
     assert r.weights[3] == 0.0 and r.refused == {"p3": "loss"} and "p3" not in r.distrusted
     with pytest.raises(ValueError, match="loss deltas"):
-        rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, histories=hist, loss_deltas=[1.0]))
+        rule(own, others, RoundContext(self_id="me", partner_ids=ctx.partner_ids, sketches=hist, loss_deltas=[1.0]))
 
 
 def test_screen_never_cuts_the_closest_partner():
@@ -172,16 +172,16 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
     rule = make_aggregator("sybilwall+scc")
     for _ in range(10):  # a window where partners do about as well as we do
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    r = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
+    r = rule(own, others, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=[0.1, 0.1, 5.0], own_loss=0.1))
     assert r.weights[2] == 0.0 and r.refused == {"p2": "loss"} and r.distrusted == []
     far = [others[0], others[1], torch.full((64,), 1e3)]  # a distance outlier is still distrusted
     rule = make_aggregator("sybilwall+scc")  # (no window of deltas yet: the screen judged nobody)
-    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
     assert r.refused == {"p2": "outlier"} and r.distrusted == ["p2"]
     rule = make_aggregator("sybilwall+scc")  # far, but the screen judged it as good as the others: clipped, mixed
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
     if r.checks["p2"] and min(r.checks["p2"].values()) >= 1.0:
         assert r.refused == {} and r.weights[2] > 0 and r.distrusted == []
         dists = [float((x - own).norm()) for x in far]  # clipped to the radius
@@ -202,19 +202,19 @@ def test_default_rule_mixes_no_screened_partner_but_backs_none_off():
                 return s
             return dataclasses.replace(s, weights=[*s.weights[:2], 0.9])
         rule.sybil.weights = forced
-        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
+        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=[0.1, 0.1, 0.1], own_loss=0.1))
         assert r.refused.get("p2") == "outlier", setup
     # ...nor when its delta is usual only thanks to the closest-partner term, or unmeasured
     for deltas in ([3.0, 3.0, 3.0], [0.1, 0.1, None]):
         rule = make_aggregator("sybilwall+scc")
         for _ in range(10):
             rule.loss_screen.factors([0.1, 0.1, 0.1])
-        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=deltas, own_loss=0.1))
+        r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=deltas, own_loss=0.1))
         assert r.refused.get("p2") == "outlier", deltas
     rule = make_aggregator("sybilwall+scc")  # far away *and* bad on our data: still an outlier, backed off
     for _ in range(10):
         rule.loss_screen.factors([0.1, 0.1, 0.1])
-    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, histories=hist, loss_deltas=[0.1, 0.1, 50.0], own_loss=0.1))
+    r = rule(own, far, RoundContext(self_id="me", partner_ids=ids, sketches=hist, loss_deltas=[0.1, 0.1, 50.0], own_loss=0.1))
     assert r.refused == {"p2": "outlier"} and r.distrusted == ["p2"]
 
 

@@ -145,7 +145,7 @@ def test_rule_into_a_reused_buffer_equals_a_fresh_result_round_after_round(name)
         own = torch.randn(300, generator=g)
         others = [own + 0.1 * torch.randn(300, generator=g) for _ in ids]
         others[-1] = own + 50.0 * torch.randn(300, generator=g)  # an outlier: the clipped second pass too
-        ctx = RoundContext(partner_ids=ids, histories={p: torch.randn(512, generator=g) for p in ids})
+        ctx = RoundContext(partner_ids=ids, sketches={p: torch.randn(512, generator=g) for p in ids})
         want = fresh(own.clone(), [x.clone() for x in others], ctx).model
         got = reused(own, others, ctx, out=buf).model
         assert got is buf

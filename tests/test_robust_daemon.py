@@ -242,7 +242,7 @@ def test_swarm_wide_drift_does_not_isolate_a_peer():
     hist = {p: rule.sybil.sketch(way[p]) for p in ids}
     for scale in [0.01] * 20 + [1.0] * 3:
         others = [own + scale * (way[p] + 0.5 * torch.randn(1000, generator=gen)) for p in ids]
-        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, histories=dict(hist)))
+        result = rule(own, others, RoundContext(self_id="me", partner_ids=ids, sketches=dict(hist)))
     assert all(w > 0 for w in result.weights), result.weights
     assert result.distrusted == []
     assert float((result.model - own).norm()) > 0.1

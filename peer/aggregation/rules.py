@@ -39,12 +39,12 @@ VOTER_AT = 0.5
 
 @dataclass
 class RoundContext:
-    """What a rule may know besides the vectors: who the partners are and the swarm's histories."""
+    """What a rule may know besides the vectors: who the partners are and the swarm's reported history sketches."""
 
     self_id: str = "self"
     partner_ids: Sequence[str] = ()
     # reported history sketches (peer id -> sybil.SKETCH_DIM vector), learned through the DHT
-    histories: dict[str, torch.Tensor] = field(default_factory=dict)
+    sketches: dict[str, torch.Tensor] = field(default_factory=dict)
     # fraction of a round's partners assumed Byzantine (sets f and the clipping budget)
     byzantine_fraction: float = 0.25
     # per partner: its model's loss minus ours on a batch of our own data (peer/loss_probe.py),
@@ -78,7 +78,7 @@ class Mix:
 
 class Aggregator(Protocol):
     name: str
-    uses_sketches: bool  # reads `RoundContext.histories` (the daemon decodes them only then)
+    uses_sketches: bool  # reads `RoundContext.sketches` (the daemon decodes them only then)
     uses_loss_deltas: bool  # reads `RoundContext.loss_deltas` (the daemon probes partners' losses only then)
 
     def __call__(self, own: torch.Tensor, others: Sequence[torch.Tensor], ctx: RoundContext | None = None,
@@ -190,7 +190,7 @@ class SybilWallWeights:
         our mixed model, while attackers who push the same way (sign flip, ALIE, IPM, dissensus,
         label flip, Sybils) line up. A peer must look independent in both.
         """
-        reported = {p: h for p, h in ctx.histories.items() if p != ctx.self_id and float(h.norm()) > 0}
+        reported = {p: h for p, h in ctx.sketches.items() if p != ctx.self_id and float(h.norm()) > 0}
         known = set(reported) | set(self.observed)
         score = {p: 1.0 for p in known}
         parts: dict[str, dict[str, float]] = {p: {} for p in known}  # each check's factor, for `peer status`

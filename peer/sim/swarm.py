@@ -155,7 +155,7 @@ class Simulation:
         if outer:
             raise ScenarioError(f"task {sc.task} gossips with outer steps (outer_every_steps {outer}), which the simulator "
                                 "does not model; set outer-every-steps = 0 in [peer] or pick another task")
-        self.uses_histories = PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator.uses_sketches
+        self.uses_sketches = PeerCore("probe", self.config, probe_task.name, self.aggregator).aggregator.uses_sketches
         self.payload_bytes = 0
         self._init_flat: torch.Tensor | None = None
         # --rounds R: run until the honest peers have completed R rounds on average, within twice
@@ -450,17 +450,17 @@ class Simulation:
         """`PeerCore.round_context`, with each record's history sketch decoded once for the whole
         swarm (`RecordStore.sketch`) instead of once per reader per round, and none decoded for
         a rule that reads none."""
-        histories = {}
-        if self.uses_histories:
-            histories = {i.record.peer_id: self.store.sketch(i.record.peer_id, i.record.history)
+        sketches = {}
+        if self.uses_sketches:
+            sketches = {i.record.peer_id: self.store.sketch(i.record.peer_id, i.record.history)
                          for i in p.core.view.live(now) if i.record.history}
-        return RoundContext(self_id=p.peer_id, partner_ids=ids, histories=histories,
+        return RoundContext(self_id=p.peer_id, partner_ids=ids, sketches=sketches,
                             byzantine_fraction=self.config.byzantine_fraction)
 
     # --- discovery -------------------------------------------------------------------------
     def record(self, p: SimPeer, state: str = "up") -> PeerRecord:
         history = b""
-        if self.uses_histories:
+        if self.uses_sketches:
             if not hasattr(self, "_sketcher"):
                 self._sketcher = Sketcher(p.learner.flat.numel(), SKETCH_DIM)
             sketch = p.behaviour.report_history(self._sketcher(p.learner.history()))
