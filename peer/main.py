@@ -182,9 +182,14 @@ def run_daemon(cfg: PeerConfig, threads: int = 1) -> int:
             if daemon.addrs:
                 print(f"peer {daemon.peer_id} listening on:", *daemon.addrs, sep="\n  ", flush=True)
                 print(join_line(cfg, daemon.addrs, daemon.peer_id), flush=True)
-                from peer.reachability import check_at_start  # dial-back through a peer of the run
+                from peer.reachability import NOBODY_YET, check_at_start, recheck_once_connected
 
-                print((await check_at_start(transport.p2p, daemon.addrs, cfg.announce)).line(), flush=True)
+                first = await check_at_start(transport.p2p, daemon.addrs, cfg.announce)  # dial-back through a peer
+                print(first.line(), flush=True)
+                if NOBODY_YET in first.what:  # the first peer of a run: ask the first peer that connects
+                    again = await recheck_once_connected(transport.p2p, lambda: daemon.addrs, cfg.announce)
+                    if again is not None:
+                        print(again.line().replace("reachability:", "reachability (asked once a peer connected):", 1), flush=True)
 
         announcer = asyncio.create_task(announce())
         try:

@@ -99,7 +99,7 @@ async def check_at_start(p2p, addrs: list[str], announce: list[str], max_peers: 
     except Exception as e:
         return verdict(addrs, announce, DialBack(error=f"p2pd did not list its peers: {e}"))
     if not peers:
-        return verdict(addrs, announce, DialBack(error="no other peer of the run is connected yet"))
+        return verdict(addrs, announce, DialBack(error=NOBODY_YET))
     errors = []
     for peer in peers[:max_peers]:
         try:
@@ -109,3 +109,25 @@ async def check_at_start(p2p, addrs: list[str], announce: list[str], max_peers: 
             continue
         return verdict(addrs, announce, DialBack(peer, reply.dialled, reply.observed))
     return verdict(addrs, announce, DialBack(error="; ".join(dict.fromkeys(errors))))
+
+
+NOBODY_YET = "no other peer of the run is connected yet"
+
+
+async def recheck_once_connected(p2p, addrs, announce: list[str], wait_s: float = 900.0, poll_s: float = 2.0) -> Verdict | None:
+    """For a peer whose start-up verdict was `NOBODY_YET` (the first peer of a run): wait until a
+    peer connects, up to `wait_s`, and ask again; None when nobody came. `addrs` is called for the
+    daemon's addresses at that moment (a relayed one may have appeared since)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while loop.time() < deadline:
+        await asyncio.sleep(poll_s)
+        try:
+            connected = await p2p._client.list_peers()
+        except Exception:
+            continue
+        if connected:
+            return await check_at_start(p2p, addrs(), announce)
+    return None

@@ -347,6 +347,12 @@ def test_doctor_json_against_a_real_run(tmp_path):
         assert checks["identity"]["peer_id"] == b.peer_id
         # the verdict `peer join` printed at start: b asked a, the first peer had nobody to ask
         assert f"reachability: reachable on this machine: peer {peers[0].peer_id[:12]}" in (b.data_dir / "stdout.log").read_text()
-        assert "reachability: not tested (no other peer" in (peers[0].data_dir / "stdout.log").read_text()
+        first = peers[0].data_dir / "stdout.log"
+        assert "reachability: not tested (no other peer" in first.read_text()
+        # and asked again once b connected (polled every 2 s)
+        deadline = time.monotonic() + 60
+        while "reachability (asked once a peer connected): reachable on this machine" not in first.read_text():
+            assert time.monotonic() < deadline, first.read_text()
+            time.sleep(0.5)
     finally:
         stop_all(peers)
