@@ -30,4 +30,6 @@
     sim/            a simulator of many peers on a virtual clock (PeerCore, no sockets)
     experiment/     scenario runner parts: schedules, network conditions, collection, and
                     (EXPERIMENTS ONLY) the attacks, as hostile behaviours
+    bench/          what the benchmark and fuzz scripts and their tests share (the instrumented
+                    task real peers load, evaluation logs, fuzz targets); the daemon never imports it
 """

@@ -13,8 +13,10 @@ Each benchmark runs in a fresh child process of this script (so one's memory and
 disturb the next) and prints a table, or with `--json` one JSON object whose figures include the
 ratio the issue names: transfer_ratio, aggregate_ratio, samples_ratio_vs_central,
 time_ratio_vs_hivemind, overhead_ratio. Run it under `flock /tmp/peer-heavy.lock` on a shared box.
-The helpers live beside it: bench_transfer.py, bench_aggregate.py, bench_convergence.py (with
-bench_probe.py and bench_hivemind_peer.py), bench_overhead.py.
+The helpers live beside it (Python puts a script's own folder first on sys.path, so they import
+from any working directory): bench_transfer.py, bench_aggregate.py, bench_convergence.py (with
+bench_hivemind_peer.py, and `peer.bench` for the instrumented task and its evaluation logs),
+bench_overhead.py, bench_comms.py.
 """
 
 from __future__ import annotations
@@ -27,9 +29,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
 
 BENCHES = ("transfer", "aggregate", "convergence", "overhead", "comms")
 

@@ -1,16 +1,17 @@
 """Convergence benchmark: our swarm vs central training vs hivemind.Optimizer, on MNIST-1D.
 
 - ours: N real `peer join` processes (real p2pd on 127.0.0.1, default gossip and aggregation),
-  shard i/N each, the built-in model/optimizer/batch, instrumented by `bench_probe` (start gate,
-  evaluation log). All peers start training at one instant, once every peer sees the others.
+  shard i/N each, the built-in model/optimizer/batch, instrumented by `peer.bench.probe` (start
+  gate, evaluation log). All peers start training at one instant, once every peer sees the others.
 - central: one process, the same model and optimizer on the union of the shards with the total
   batch of the swarm (N x 100), in this process; evaluated after every step.
 - hivemind: N `bench_hivemind_peer.py` processes (hivemind's collaborative Optimizer with the
   given knobs), released at one instant the same way.
 
-Each system's evaluations become one timeline: at time t (seconds since the release), the swarm's
-accuracy is the *lowest* of the peers' latest evaluations (every peer must reach the threshold)
-and its samples are the sum of what each peer had trained on at its latest evaluation.
+Each system's evaluations become one timeline (`peer.bench.eval_log`): at time t (seconds since
+the release), the swarm's accuracy is the *lowest* of the peers' latest evaluations (every peer
+must reach the threshold) and its samples are the sum of what each peer had trained on at its
+latest evaluation.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from peer.bench.eval_log import read_logs, summarize, timeline
+
 SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
 
 # hivemind configurations tried (documented knobs of hivemind.Optimizer); the benchmark reports each
 HIVEMIND_CONFIGS: dict[str, dict] = {
@@ -42,50 +44,6 @@ HIVEMIND_CONFIGS: dict[str, dict] = {
 }
 
 
-def timeline(logs: list[list[dict]], t0: float) -> list[dict]:
-    """Merge per-peer evaluation logs into [{t, samples, min_accuracy, mean_accuracy}] after every event."""
-    events = sorted((e["t"] - t0, i, e) for i, log in enumerate(logs) for e in log)
-    latest: dict[int, dict] = {}
-    out = []
-    for t, i, e in events:
-        latest[i] = e
-        accs = [latest[j]["accuracy"] if j in latest else 0.0 for j in range(len(logs))]
-        out.append({"t": t, "samples": sum(x["samples"] for x in latest.values()),
-                    "min_accuracy": min(accs), "mean_accuracy": sum(accs) / len(accs)})
-    return out
-
-
-def summarize(tl: list[dict], threshold: float, at: list[float]) -> dict:
-    """Time and samples when the lowest peer first reaches `threshold`; accuracies at the times `at`."""
-    hit = next((p for p in tl if p["min_accuracy"] >= threshold), None)
-    mean_hit = next((p for p in tl if p["mean_accuracy"] >= threshold), None)
-    acc_at = {}
-    for t in at:
-        before = [p for p in tl if p["t"] <= t]
-        acc_at[f"{t:g}"] = before[-1]["min_accuracy"] if before else None
-    return {
-        "reached": hit is not None,
-        "time_s": None if hit is None else round(hit["t"], 2),
-        "samples": None if hit is None else hit["samples"],
-        # the same for the peers' mean accuracy (a looser reading of "the swarm reached it")
-        "mean_time_s": None if mean_hit is None else round(mean_hit["t"], 2),
-        "mean_samples": None if mean_hit is None else mean_hit["samples"],
-        "best_min_accuracy": max((p["min_accuracy"] for p in tl), default=None),
-        "final_min_accuracy": tl[-1]["min_accuracy"] if tl else None,
-        "final_t": round(tl[-1]["t"], 2) if tl else None,
-        "accuracy_at": acc_at,
-    }
-
-
-def _read_logs(paths: list[Path]) -> list[list[dict]]:
-    logs = []
-    for p in paths:
-        text = p.read_text() if p.exists() else ""
-        # a peer may be writing its last line right now: only whole lines count
-        logs.append([json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines() if x.strip()])
-    return logs
-
-
 def _watch(paths: list[Path], t0: float, threshold: float, min_s: float, max_s: float, alive) -> None:
     """Poll the evaluation logs until every peer reached the threshold (and min_s passed) or max_s."""
     while True:
@@ -93,7 +51,7 @@ def _watch(paths: list[Path], t0: float, threshold: float, min_s: float, max_s: 
         if elapsed >= max_s:
             return
         if elapsed >= min_s:
-            tl = timeline(_read_logs(paths), t0)
+            tl = timeline(read_logs(paths), t0)
             if tl and tl[-1]["min_accuracy"] >= threshold:
                 return
         alive()
@@ -141,8 +99,7 @@ def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: f
     config = root / "peer.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {"eval-every-s": 0.1, **(settings or {})}.items()))
     gate = root / "gate"
-    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PEER_BENCH_GATE": str(gate)}
+    env = {"PEER_BENCH_GATE": str(gate)}
     logs = [root / f"eval.{i}.jsonl" for i in range(peers)]
     common = ["--run-id", "bench-convergence", "--task", probe_task, "--config", str(config)]
     started: list[LocalPeer] = []
@@ -175,7 +132,7 @@ def run_ours(root: Path, peers: int, probe_task: str, threshold: float, min_s: f
                 diagnostics.append(_peer_diagnostics(p.status() or {}, elapsed))
     finally:
         stop_all(started)
-    return timeline(_read_logs(logs), t0)
+    return timeline(read_logs(logs), t0)
 
 
 def _peer_diagnostics(s: dict, elapsed: float) -> dict:
@@ -225,7 +182,7 @@ def run_hivemind(root: Path, peers: int, knobs: dict, threshold: float, min_s: f
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    return timeline(_read_logs(logs), t0)
+    return timeline(read_logs(logs), t0)
 
 
 # --- all three -----------------------------------------------------------------------------
@@ -237,7 +194,7 @@ def run(peers: int = 4, threshold: float = 0.88, min_s: float = 45.0, max_s: flo
 
     `ours_settings`: `peer join` settings changed from the defaults for our peers (none: the
     default `peer join` configuration, which is what the figures in docs/benchmarks.md use)."""
-    task, probe = ("digits-mlp", "bench_probe:digits") if tiny else ("mnist1d-cnn", "bench_probe:mnist1d")
+    task, probe = ("digits-mlp", "peer.bench.probe:digits") if tiny else ("mnist1d-cnn", "peer.bench.probe:mnist1d")
     batch = 64 if tiny else 100
     hivemind_configs = list(HIVEMIND_CONFIGS) if hivemind_configs is None else hivemind_configs
     out: dict = {"peers": peers, "threshold": threshold, "task": task, "local_batch": batch,

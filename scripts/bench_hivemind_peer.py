@@ -6,7 +6,8 @@ Same model, data shard, local batch and optimizer as a `peer join` peer of the b
 hivemind's collaborative Optimizer with the knobs given as JSON. Peer 0 writes its DHT address
 to `<dir>/maddrs`; the others bootstrap from it. Each peer writes `<dir>/ready.<i>` once its
 Optimizer exists, waits for the gate file, then trains and logs every evaluation
-(`{"t", "samples", "accuracy", "epoch"}`) to `<dir>/eval.<i>.jsonl` until the stop file appears.
+(`{"t", "samples", "accuracy", "epoch"}`, `peer.bench.eval_log`) to `<dir>/eval.<i>.jsonl` until
+the stop file appears.
 
     bench_hivemind_peer.py DIR INDEX COUNT '{"target_batch_size": 400, ...}'
 """
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from peer.bench import eval_log
 
 
 def wait_file(path: Path, deadline: float) -> None:
@@ -74,8 +76,7 @@ def main() -> int:
             now = time.monotonic()
             if now - last_eval >= 0.1:
                 acc = task.evaluate(model)["accuracy"]
-                log.write(json.dumps({"t": time.time(), "samples": trained, "accuracy": acc,
-                                      "epoch": opt.local_epoch}) + "\n")
+                log.write(eval_log.entry(trained, acc, epoch=opt.local_epoch))
                 log.flush()
                 last_eval = now
     finally:

@@ -3,7 +3,7 @@
 
     scripts/fuzz.py [--cases 100000] [--seed 0] [--json]
 
-Targets (tests/fuzz_targets.py, the same ones the hypothesis tests drive briefly):
+Targets (peer/bench/fuzz_targets.py, the same ones the hypothesis tests drive briefly):
   header   the msgpack header decoder
   reply    what a pulling peer does with a reply (header, tensor specs, payload)
   request  what the model server does with a request, up to answering
@@ -27,15 +27,12 @@ import sys
 import time
 import traceback
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import msgpack
 
-import msgpack  # noqa: E402
-
-from protocols.codec import ProtocolError  # noqa: E402
-from protocols.reputation import Reputation  # noqa: E402
-from tests import fuzz_targets as ft  # noqa: E402
+from peer.bench import fuzz_targets as ft
+from protocols.codec import ProtocolError
+from protocols.reputation import Reputation
 
 
 def _reply_reason(sent: bytes) -> str:

@@ -126,20 +126,16 @@ async def test_read_payload_fills_straight_from_read_into_and_refuses_a_short_st
 
 def test_bench_counts_training_samples_only_not_the_loss_screens_probe(tmp_path, monkeypatch):
     """The convergence benchmark's samples are what peers trained on. The loss screen's probe calls
-    the task's loss too (256 examples per model per round); counting those inflated the samples to
-    88 % by up to 3x at a round every 3 steps."""
+    the task's loss too (256 examples per model per round); counting those would inflate the
+    samples to 88 % by up to 3x at a round every 3 steps."""
+    from peer.bench import probe
     from peer.loss_probe import LossProbe
     from peer.trainer import Trainer
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_probe
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     (tmp_path / "gate").write_text("")
     monkeypatch.setenv("PEER_BENCH_GATE", str(tmp_path / "gate"))
     monkeypatch.setenv("PEER_BENCH_LOG", str(tmp_path / "eval.jsonl"))
-    task = bench_probe.mnist1d(shard=0, num_shards=4, split="iid", seed=0)
+    task = probe.mnist1d(shard=0, num_shards=4, split="iid", seed=0)
     trainer = Trainer(task, seed=0)
     for _ in range(3):
         trainer.train_step()
@@ -150,12 +146,30 @@ def test_bench_counts_training_samples_only_not_the_loss_screens_probe(tmp_path,
 
 
 def test_convergence_bench_reads_only_whole_lines_of_a_log_being_written(tmp_path):
-    """A peer appends its evaluation log while the bench polls it; a half-written last line once
-    crashed a whole run with a JSONDecodeError."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_convergence
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    """A peer appends its evaluation log while the bench polls it: a half-written last line is not
+    read yet (parsing it would end the whole run with a JSONDecodeError)."""
+    from peer.bench.eval_log import read_logs
+
     (tmp_path / "a").write_text('{"t": 1, "samples": 2, "accuracy": 0.5}\n{"t": 2, "sam')
-    assert bench_convergence._read_logs([tmp_path / "a", tmp_path / "missing"]) == [[{"t": 1, "samples": 2, "accuracy": 0.5}], []]
+    assert read_logs([tmp_path / "a", tmp_path / "missing"]) == [[{"t": 1, "samples": 2, "accuracy": 0.5}], []]
+
+
+def test_convergence_timeline_is_the_lowest_peer_and_the_summed_samples():
+    """The swarm reaches a threshold when its *lowest* peer does (a peer not yet evaluated counts
+    as 0); its samples are the sum of each peer's latest count; written lines read back whole."""
+    from peer.bench.eval_log import entry, summarize, timeline
+
+    line = json.loads(entry(7, 0.25, epoch=3))
+    assert line["samples"] == 7 and line["accuracy"] == 0.25 and line["epoch"] == 3 and line["t"] > 0
+    a = [{"t": 101.0, "samples": 10, "accuracy": 0.9}, {"t": 104.0, "samples": 30, "accuracy": 0.95}]
+    b = [{"t": 102.0, "samples": 20, "accuracy": 0.5}, {"t": 103.0, "samples": 40, "accuracy": 0.92}]
+    tl = timeline([a, b], t0=100.0)
+    assert [(p["t"], p["samples"], p["min_accuracy"]) for p in tl] == [
+        (1.0, 10, 0.0), (2.0, 30, 0.5), (3.0, 50, 0.9), (4.0, 70, 0.92)]
+    assert tl[0]["mean_accuracy"] == 0.45
+    s = summarize(tl, threshold=0.6, at=[2.5, 0.5])
+    assert s["reached"] and s["time_s"] == 3.0 and s["samples"] == 50
+    assert s["mean_time_s"] == 2.0 and s["mean_samples"] == 30  # the peers' mean passes 0.6 first
+    assert s["accuracy_at"] == {"2.5": 0.5, "0.5": None}
+    assert s["best_min_accuracy"] == 0.92 and s["final_t"] == 4.0
+    assert not summarize(tl, threshold=0.95, at=[])["reached"]

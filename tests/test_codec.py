@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocols import gossip
-from tests.fuzz_targets import BytesStream  # a stream over fixed bytes, shared with the fuzz targets
+from peer.bench.fuzz_targets import BytesStream  # a stream over fixed bytes, shared with the fuzz targets
 from protocols.codec import (
     DEFAULT_LIMITS, Limits, ProtocolError, TensorSpec, decode_header, encode_header, parse_tensor_specs,
     read_header, read_payload, write_header, write_payload,

@@ -24,7 +24,7 @@ from protocols.compression import (
     _encode_gaps, _encode_indices, compress, decompress, expected_parts, gap_indices, max_gap_stream, ratio,
     topk_indices,
 )
-from tests.fuzz_targets import BytesStream
+from peer.bench.fuzz_targets import BytesStream
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -16,7 +16,7 @@ from protocols.codec import ProtocolError
 from protocols.discovery import MAX_RECORD_TTL_S, PeerRecord, SwarmView
 from protocols.reputation import Reputation
 from protocols.transport.base import StoredRecord
-from tests import fuzz_targets as ft
+from peer.bench import fuzz_targets as ft
 
 
 def rec(peer: str, t: float = 0.0, host: str = "1.2.3.4", task: str = "t") -> PeerRecord:

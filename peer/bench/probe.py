@@ -1,20 +1,20 @@
 """A built-in task, instrumented for benchmarks: a start gate and an evaluation log.
 
-Loaded by real `peer join` processes as `--task bench_probe:mnist1d` (or `:digits`), with this
-directory on PYTHONPATH. Two environment variables drive it:
+Loaded by real `peer join` processes as `--task peer.bench.probe:mnist1d` (or `:digits`). Two
+environment variables drive it:
 
 - `PEER_BENCH_GATE`: training steps wait until this file exists, so every peer of a swarm starts
   training at one instant, after all of them are up and see each other (a peer that trains while
   the others are still starting would reach the target alone);
 - `PEER_BENCH_LOG`: every evaluation appends `{"t", "samples", "accuracy"}` (wall clock, samples
-  this peer has trained on, test accuracy), so time and samples to a threshold are exact.
+  this peer has trained on, test accuracy; `peer.bench.eval_log`), so time and samples to a
+  threshold are exact.
 
 The model, data, optimizer and batch are the built-in task's, unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -23,6 +23,7 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from peer.bench import eval_log
 from peer.tasks import Task, digits_mlp, mnist1d_cnn
 
 
@@ -57,7 +58,7 @@ class ProbedTask(Task):
         acc = float((logits.argmax(1) == self.y_test).float().mean())
         if self.trained:
             with open(self._log_path, "a") as f:
-                f.write(json.dumps({"t": time.time(), "samples": self.trained, "accuracy": acc}) + "\n")
+                f.write(eval_log.entry(self.trained, acc))
         return {"accuracy": acc, "test_loss": float(nn.functional.cross_entropy(logits, self.y_test))}
 
 
