@@ -96,14 +96,14 @@ async def run(cases: int, seed: int) -> dict:
                     continue
                 elif name == "serve":
                     if i % 6000 == 4:  # forget old fuzzer identities, so bans do not hide the parser
-                        harness.daemon.reputation = Reputation()
+                        harness.daemon.core.reputation = Reputation()
                     # mostly fresh identities (parsing), sometimes a repeat offender (bans)
                     peer = f"fuzzer{i}" if rng.random() < 0.9 else f"repeat{rng.randrange(10)}"
-                    ended_before = sum(harness.daemon.serve_errors.values()) + harness.daemon.counters["serves"]
+                    ended_before = sum(harness.daemon.stats.serve_errors.values()) + harness.daemon.counters["serves"]
                     sent = await harness.serve(payload, peer=peer)
-                    if harness.daemon._serving or harness.daemon._serving_by_peer:
+                    if harness.daemon.core.serving or harness.daemon.core.serving_by_peer:
                         raise AssertionError("serving slot leaked")
-                    if sum(harness.daemon.serve_errors.values()) + harness.daemon.counters["serves"] != ended_before + 1:
+                    if sum(harness.daemon.stats.serve_errors.values()) + harness.daemon.counters["serves"] != ended_before + 1:
                         raise AssertionError("a request did not end as exactly one serve or one counted refusal")
                     outcomes[name][_reply_reason(sent)] += 1
                     continue
@@ -123,15 +123,15 @@ async def run(cases: int, seed: int) -> dict:
         harness.close()
     elapsed = time.perf_counter() - started
     d = harness.daemon
-    if len(d.serve_errors) > 32 or any(len(k) > 40 for n in outcomes.values() for k in n):
+    if len(d.stats.serve_errors) > 32 or any(len(k) > 40 for n in outcomes.values() for k in n):
         failures.append({"target": "counters", "input": "", "error": "counter names not bounded (peer input echoed?)"})
         outcomes["serve"]["FAILURE"] += 1
     return {
         "cases": cases, "seed": seed, "seconds": round(elapsed, 1), "cases_per_s": round(cases / elapsed),
         "failures": sum(c["FAILURE"] for c in outcomes.values()), "failure_examples": failures,
         "outcomes": {n: dict(c.most_common()) for n, c in outcomes.items()},
-        "server_counters": {"serves": d.counters["serves"], "serve_errors": dict(d.serve_errors),
-                            "bans": d.reputation.bans_total},
+        "server_counters": {"serves": d.counters["serves"], "serve_errors": dict(d.stats.serve_errors),
+                            "bans": d.core.reputation.bans_total},
     }
 
 
