@@ -269,14 +269,30 @@ def _check_vector(vec: torch.Tensor) -> torch.Tensor:
     return vec
 
 
+# The block methods quantize and dequantize at most about this many coordinates per op (whole
+# blocks), so their float32 temporaries are a few MB at any model size, not a model-sized copy.
+# Results do not depend on the slicing: the ops are elementwise, or reduce each block (row) on
+# its own, and a view of two or more rows reduces every row the way the whole matrix would
+# (torch splits one row across threads only when it is the only output).
+QUANT_SLICE = 1 << 18
+
+
+def _row_ranges(full: int, rows: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of about `rows` rows covering `full` rows, none of one row unless `full` is 1."""
+    ranges = [(lo, min(lo + rows, full)) for lo in range(0, full, rows)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] == 1:
+        ranges[-2:] = [(ranges[-2][0], full)]
+    return ranges
+
+
 def _blocks(x: torch.Tensor, block: int) -> list[tuple[torch.Tensor, slice]]:
-    """`x` as (rows, block) views of its whole blocks plus its last partial block, each with the
-    slice of the scale vector it owns. Views, so nothing is padded or copied."""
+    """`x` as (rows, block) views of its whole blocks, about QUANT_SLICE coordinates per view,
+    plus its last partial block, each with the slice of the scale vector it owns. Views, so
+    nothing is padded or copied."""
     n = x.numel()
     full = n // block
-    out = []
-    if full:
-        out.append((x[: full * block].view(full, block), slice(0, full)))
+    out = [(x[lo * block: hi * block].view(hi - lo, block), slice(lo, hi))
+           for lo, hi in _row_ranges(full, max(2, QUANT_SLICE // block))]
     if n % block:
         out.append((x[full * block:].view(1, -1), slice(full, full + 1)))
     return out

@@ -19,6 +19,7 @@ from protocols.codec import (
     DEFAULT_LIMITS, DTYPES, Limits, ProtocolError, parse_tensor_specs, read_header, read_payload, write_header,
     write_payload,
 )
+import protocols.compression as compression
 from protocols.compression import (
     INDEX_CHUNK, MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback,
     _encode_gaps, _encode_indices, compress, decompress, expected_parts, gap_indices, max_gap_stream, ratio,
@@ -667,6 +668,27 @@ def test_spec_k():
     spec = CompressionSpec("topk", 0.01)
     assert [spec.k(n) for n in (1, 99, 100, 101, 10**6)] == [1, 1, 1, 2, 10**4]
     assert CompressionSpec("topk", MAX_TOPK_FRACTION).k(7) == math.ceil(MAX_TOPK_FRACTION * 7)
+
+
+@pytest.mark.parametrize("method", ["int8", "topk", "topk-int8", "topk-2bit"])
+def test_slice_lengths_change_no_payload(monkeypatch, method):
+    """Quantisation and dequantisation work slice by slice (QUANT_SLICE) so that
+    their temporaries stay small at any model size; the payload and its decoding are the same
+    bytes whatever the slices, partial last slices and blocks included."""
+    gen = torch.Generator().manual_seed(3)
+    n = 50_003
+    x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen).pow(4)
+    x[:100] = 0.5  # ties at and above the threshold
+    for block, chunk in ((1, 0), (3, 64), (64, 1000), (1024, 0), (4096, 7)):
+        spec = CompressionSpec(method, 0.05, block, chunk)
+        whole = compress(x, spec)
+        with monkeypatch.context() as m:
+            m.setattr(compression, "QUANT_SLICE", 5 * block)
+            sliced = compress(x, spec)
+            decoded = decompress(sliced.header, sliced.parts, n)
+        assert whole.header == sliced.header, (block, chunk)
+        assert all(np.array_equal(a, b) for a, b in zip(whole.parts, sliced.parts)), (block, chunk)
+        assert torch.equal(decompress(whole.header, whole.parts, n).view(torch.int32), decoded.view(torch.int32))
 
 
 def test_chunked_top_k_sends_every_part_of_a_vector_that_one_part_dominates():
