@@ -132,7 +132,8 @@ class OuterLoop:
     H = 25, top-k 1.56 % int8, 600 steps: held-out loss 1.78 against 2.04 (dense int8: 1.59).
 
     Memory: two model-sized tensors (anchor, momentum buffer) plus, during a round, our candidate
-    model and one temporary in the outer step.
+    model; the outer step on a mixed model works in the mixed model's buffer (`finish`), on our
+    own candidate (a consensus round, a round with nobody to mix) with one temporary.
     """
 
     def __init__(self, settings: OuterSettings, compression: CompressionSpec, anchor: torch.Tensor):
@@ -184,7 +185,11 @@ class OuterLoop:
     def finish(self, rnd: OuterRound, mixed_model: torch.Tensor) -> torch.Tensor:
         """`step`, then the `change` to apply, in `mixed_model`'s buffer (which may be
         `rnd.own_model` itself: a round with nobody to mix)."""
-        self.step(mixed_model)
+        if mixed_model is rnd.own_model:  # `change` still reads it: the step takes a temporary
+            self.step(mixed_model)
+        else:  # Δ_mix in the mixed model's own buffer, which `change` overwrites next: no temporary.
+            # −mixed + anchor is anchor − mixed bit for bit (IEEE subtraction adds the negation)
+            self.optimizer.step(self.anchor, mixed_model.neg_().add_(self.anchor))
         return self.change(rnd, mixed_model)
 
     def state_dict(self) -> dict[str, Any]:
