@@ -31,7 +31,7 @@ from peer import state as ckpt
 from peer.aggregation import check_byzantine_fraction, coordinate_median
 from peer.aggregation.rules import Mix
 from peer.behaviour import Behaviour
-from peer.aggregation.sybil import Sketcher
+from peer.aggregation.sybil import shared_sketcher
 from peer.cadence import RoundBacklog, StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
@@ -123,7 +123,7 @@ class PeerDaemon(OuterRounds):
         probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
         self.loss_probe = (LossProbe(self.task, probe)
                            if probe > 0 and self.core.aggregator.uses_loss_deltas else None)
-        self.sketcher = Sketcher(self.trainer.flat.numel(), SKETCH_DIM)
+        self.sketcher = shared_sketcher(self.trainer.flat.numel(), SKETCH_DIM)  # the rule's too
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
         self._setup_outer(config)  # peer/outer_rounds.py
@@ -366,7 +366,7 @@ class PeerDaemon(OuterRounds):
         # a hostile behaviour sees the live peers' reported sketches (framing copies one); an
         # honest peer skips the lookup
         others = None if self.behaviour.honest else self.core.reported_histories(self.transport.now())
-        return self.behaviour.report_history(self.sketcher(self.trainer.history()), others)
+        return self.behaviour.report_history(self.trainer.sketch_history(self.sketcher), others)
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
