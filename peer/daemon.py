@@ -554,16 +554,22 @@ class PeerDaemon(OuterRounds):
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
-        # The lock is held through the write: the state's copies (model, optimizer, anchor,
-        # momentum) and an outer round's temporaries are never resident at once, which bounds a
-        # large model's peak memory. Training goes on meanwhile; only the next outer round waits.
+        # The lock is held until the writer thread is done, even if this task is cancelled:
+        # outer state changes only in rounds, so the writer reads the live anchor and momentum
+        # (no copies), and the state's copies (model, history) never meet an outer round's
+        # temporaries. Training goes on meanwhile; only the next outer round waits.
         async with self._round_lock:  # model and outer state from between two outer rounds
             state = self.trainer.state_dict()
             if self.outer is not None:
-                state["outer"] = self.outer.state_dict()
+                state["outer"] = self.outer.state_dict(copy=False)
             state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
+            writing = asyncio.ensure_future(asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state))
             try:
-                await asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state)
+                try:
+                    await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    await asyncio.gather(writing, return_exceptions=True)  # the thread cannot be stopped
+                    raise
             except Exception as e:  # a full disk must not stop training; the previous checkpoint is intact
                 self.counters["checkpoint_errors"] += 1
                 kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"

@@ -85,9 +85,10 @@ class NesterovOuter:
             self.buf.mul_(self.momentum).add_(grad)
         params.add_(grad, alpha=-self.lr).add_(self.buf, alpha=-self.lr * self.momentum)
 
-    def state_dict(self) -> dict[str, Any]:
-        """A copy: a checkpoint is written in a thread while the next round may step."""
-        return {"momentum_buffer": None if self.buf is None else self.buf.clone()}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """A copy, or with `copy=False` the live buffer (for a writer that keeps every step out
+        until it is done, as the daemon's checkpoint does: one model copy less)."""
+        return {"momentum_buffer": None if self.buf is None else self.buf.clone() if copy else self.buf}
 
     def load_state_dict(self, state: dict[str, Any], numel: int) -> None:
         buf = state.get("momentum_buffer")
@@ -192,8 +193,11 @@ class OuterLoop:
             self.optimizer.step(self.anchor, mixed_model.neg_().add_(self.anchor))
         return self.change(rnd, mixed_model)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.clone(), "outer_step": self.outer_step, "optimizer": self.optimizer.state_dict()}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """The anchor, outer step and momentum: copies, or with `copy=False` the live tensors, for
+        a caller that runs no round step, `adopt` or `reset` until it is done with them."""
+        return {"anchor": self.anchor.clone() if copy else self.anchor, "outer_step": self.outer_step,
+                "optimizer": self.optimizer.state_dict(copy)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """All or nothing: every part is checked on fresh objects before any is adopted."""
