@@ -31,7 +31,7 @@ from peer import state as ckpt
 from peer.aggregation import check_byzantine_fraction, coordinate_median
 from peer.aggregation.rules import Mix
 from peer.behaviour import Behaviour
-from peer.aggregation.sybil import Sketcher
+from peer.aggregation.sybil import shared_sketcher
 from peer.cadence import RoundBacklog, StepCadence
 from peer.config import PeerConfig, load_allowed_peers
 from peer.control import serve_control
@@ -123,7 +123,7 @@ class PeerDaemon(OuterRounds):
         probe = self.task.loss_probe_samples if config.loss_probe_samples is None else config.loss_probe_samples
         self.loss_probe = (LossProbe(self.task, probe)
                            if probe > 0 and self.core.aggregator.uses_loss_deltas else None)
-        self.sketcher = Sketcher(self.trainer.flat.numel(), SKETCH_DIM)
+        self.sketcher = shared_sketcher(self.trainer.flat.numel(), SKETCH_DIM)  # the rule's too
         if 3 * config.heartbeat_s > MAX_RECORD_TTL_S:
             raise ValueError(f"heartbeat_s {config.heartbeat_s} too long: records live 3 heartbeats, at most {MAX_RECORD_TTL_S:.0f}s")
         self._setup_outer(config)  # peer/outer_rounds.py
@@ -366,7 +366,7 @@ class PeerDaemon(OuterRounds):
         # a hostile behaviour sees the live peers' reported sketches (framing copies one); an
         # honest peer skips the lookup
         others = None if self.behaviour.honest else self.core.reported_sketches(self.transport.now())
-        return self.behaviour.report_history(self.sketcher(self.trainer.history()), others)
+        return self.behaviour.report_history(self.trainer.sketch_history(self.sketcher), others)
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
@@ -554,16 +554,22 @@ class PeerDaemon(OuterRounds):
 
     # --- persistence -----------------------------------------------------------------------
     async def _checkpoint(self) -> None:
-        # The lock is held through the write: the state's copies (model, optimizer, anchor,
-        # momentum) and an outer round's temporaries are never resident at once, which bounds a
-        # large model's peak memory. Training goes on meanwhile; only the next outer round waits.
+        # The lock is held until the writer thread is done, even if this task is cancelled:
+        # outer state changes only in rounds, so the writer reads the live anchor and momentum
+        # (no copies), and the state's copies (model, history) never meet an outer round's
+        # temporaries. Training goes on meanwhile; only the next outer round waits.
         async with self._round_lock:  # model and outer state from between two outer rounds
             state = self.trainer.state_dict()
             if self.outer is not None:
-                state["outer"] = self.outer.state_dict()
+                state["outer"] = self.outer.state_dict(copy=False)
             state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)
+            writing = asyncio.ensure_future(asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state))
             try:
-                await asyncio.to_thread(ckpt.save_checkpoint, self.checkpoint_path, state)
+                try:
+                    await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    await asyncio.gather(writing, return_exceptions=True)  # the thread cannot be stopped
+                    raise
             except Exception as e:  # a full disk must not stop training; the previous checkpoint is intact
                 self.counters["checkpoint_errors"] += 1
                 kept = f"step {self.last_checkpoint[0]}" if self.last_checkpoint else "none yet"

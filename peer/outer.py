@@ -85,9 +85,10 @@ class NesterovOuter:
             self.buf.mul_(self.momentum).add_(grad)
         params.add_(grad, alpha=-self.lr).add_(self.buf, alpha=-self.lr * self.momentum)
 
-    def state_dict(self) -> dict[str, Any]:
-        """A copy: a checkpoint is written in a thread while the next round may step."""
-        return {"momentum_buffer": None if self.buf is None else self.buf.clone()}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """A copy, or with `copy=False` the live buffer (for a writer that keeps every step out
+        until it is done, as the daemon's checkpoint does: one model copy less)."""
+        return {"momentum_buffer": None if self.buf is None else self.buf.clone() if copy else self.buf}
 
     def load_state_dict(self, state: dict[str, Any], numel: int) -> None:
         buf = state.get("momentum_buffer")
@@ -132,7 +133,8 @@ class OuterLoop:
     H = 25, top-k 1.56 % int8, 600 steps: held-out loss 1.78 against 2.04 (dense int8: 1.59).
 
     Memory: two model-sized tensors (anchor, momentum buffer) plus, during a round, our candidate
-    model and one temporary in the outer step.
+    model; the outer step on a mixed model works in the mixed model's buffer (`finish`), on our
+    own candidate (a consensus round, a round with nobody to mix) with one temporary.
     """
 
     def __init__(self, settings: OuterSettings, compression: CompressionSpec, anchor: torch.Tensor):
@@ -184,11 +186,18 @@ class OuterLoop:
     def finish(self, rnd: OuterRound, mixed_model: torch.Tensor) -> torch.Tensor:
         """`step`, then the `change` to apply, in `mixed_model`'s buffer (which may be
         `rnd.own_model` itself: a round with nobody to mix)."""
-        self.step(mixed_model)
+        if mixed_model is rnd.own_model:  # `change` still reads it: the step takes a temporary
+            self.step(mixed_model)
+        else:  # Δ_mix in the mixed model's own buffer, which `change` overwrites next: no temporary.
+            # −mixed + anchor is anchor − mixed bit for bit (IEEE subtraction adds the negation)
+            self.optimizer.step(self.anchor, mixed_model.neg_().add_(self.anchor))
         return self.change(rnd, mixed_model)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.clone(), "outer_step": self.outer_step, "optimizer": self.optimizer.state_dict()}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """The anchor, outer step and momentum: copies, or with `copy=False` the live tensors, for
+        a caller that runs no round step, `adopt` or `reset` until it is done with them."""
+        return {"anchor": self.anchor.clone() if copy else self.anchor, "outer_step": self.outer_step,
+                "optimizer": self.optimizer.state_dict(copy)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """All or nothing: every part is checked on fresh objects before any is adopted."""

@@ -153,13 +153,23 @@ class Trainer:
     def history(self) -> torch.Tensor:
         """Sum of the local updates this peer's own training made (not what gossip mixed in)."""
         with self.lock:
-            return self.flat - self.origin - self.mixed_in
+            return self._history()
+
+    def _history(self) -> torch.Tensor:
+        # one new vector: (flat - origin) - mixed_in formed in place, bit for bit the same
+        return torch.sub(self.flat, self.origin).sub_(self.mixed_in)
+
+    def sketch_history(self, sketcher) -> torch.Tensor:
+        """`sketcher(self.history())` (a `peer.aggregation.sybil.Sketcher`), slice by slice: no
+        model-sized temporary."""
+        with self.lock:
+            return sketcher.of_difference(self.flat, self.origin, self.mixed_in)
 
     def state_dict(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "flat": self.flat.clone(),
-                "history": self.flat - self.origin - self.mixed_in,
+                "history": self._history(),
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
                 "samples": self.samples,

@@ -269,14 +269,30 @@ def _check_vector(vec: torch.Tensor) -> torch.Tensor:
     return vec
 
 
+# The block methods quantize and dequantize at most about this many coordinates per op (whole
+# blocks), so their float32 temporaries are a few MB at any model size, not a model-sized copy.
+# Results do not depend on the slicing: the ops are elementwise, or reduce each block (row) on
+# its own, and a view of two or more rows reduces every row the way the whole matrix would
+# (torch splits one row across threads only when it is the only output).
+QUANT_SLICE = 1 << 18
+
+
+def _row_ranges(full: int, rows: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of about `rows` rows covering `full` rows, none of one row unless `full` is 1."""
+    ranges = [(lo, min(lo + rows, full)) for lo in range(0, full, rows)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] == 1:
+        ranges[-2:] = [(ranges[-2][0], full)]
+    return ranges
+
+
 def _blocks(x: torch.Tensor, block: int) -> list[tuple[torch.Tensor, slice]]:
-    """`x` as (rows, block) views of its whole blocks plus its last partial block, each with the
-    slice of the scale vector it owns. Views, so nothing is padded or copied."""
+    """`x` as (rows, block) views of its whole blocks, about QUANT_SLICE coordinates per view,
+    plus its last partial block, each with the slice of the scale vector it owns. Views, so
+    nothing is padded or copied."""
     n = x.numel()
     full = n // block
-    out = []
-    if full:
-        out.append((x[: full * block].view(full, block), slice(0, full)))
+    out = [(x[lo * block: hi * block].view(hi - lo, block), slice(lo, hi))
+           for lo, hi in _row_ranges(full, max(2, QUANT_SLICE // block))]
     if n % block:
         out.append((x[full * block:].view(1, -1), slice(full, full + 1)))
     return out
@@ -438,28 +454,93 @@ def _unpack2(packed: np.ndarray, k: int) -> np.ndarray:
     return codes[:k]
 
 
-def top_indices(vec: torch.Tensor, k: int, chunk: int = 0) -> torch.Tensor:
-    """Sorted int64 indices of the k coordinates a top-k payload keeps (`CompressionSpec.chunk`).
-    With chunks, each whole chunk keeps floor(k · chunk / numel) of its largest magnitudes, and
-    the rest of k (the remainders and the last partial chunk's share) goes to the largest
-    magnitudes not yet kept, so the count is exactly k and no index repeats."""
+# Top-k selection reads the vector this many coordinates at a time, so its work buffers are a
+# few MB at any model size (`torch.topk` over the whole vector holds a (value, index) pair per
+# coordinate: four copies of the model, and a fifth for the magnitudes).
+TOPK_SLICE = 1 << 20
+
+
+def _magnitude_bits(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """|x| as int32 bit patterns, into `out`: for finite float32 values their order as integers
+    is the order of the magnitudes, so the threshold can be found 16 bits at a time."""
+    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out)
+
+
+def _count_from_top(hist: torch.Tensor, count: int) -> tuple[int, int]:
+    """(bin, how many of `count` fall in it) for the bin where the `count`-th largest value lies,
+    counting from the top bin down."""
+    above = torch.flip(hist, [0]).cumsum_(0)
+    j = int(torch.searchsorted(above, count))
+    return hist.numel() - 1 - j, count - (int(above[j - 1]) if j else 0)
+
+
+def largest_magnitudes(vec: torch.Tensor, count: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted int64 indices of the `count` largest |vec| (a contiguous finite float32 vector),
+    leaving out the sorted indices `exclude`; of equal magnitudes at the threshold, the lowest
+    indices. Three passes over the vector in slices of TOPK_SLICE: the threshold's high 16 bits,
+    its low 16 bits, the selection."""
     n = vec.numel()
-    mags = vec.abs()
+    buf = torch.empty(min(n, TOPK_SLICE), dtype=torch.int32)
+    slices = [(lo, min(lo + TOPK_SLICE, n)) for lo in range(0, n, TOPK_SLICE)]
+
+    def bits(lo: int, hi: int) -> torch.Tensor:
+        b = _magnitude_bits(vec[lo:hi], buf[: hi - lo])
+        if exclude is not None:
+            a, z = torch.searchsorted(exclude, torch.tensor([lo, hi])).tolist()
+            b[exclude[a:z] - lo] = -1  # below every magnitude: never counted, never chosen
+        return b
+
+    high = torch.zeros(1 << 15, dtype=torch.int64)  # finite magnitudes' bits are below 2^31
+    for lo, hi in slices:
+        b = bits(lo, hi)
+        high += torch.bincount((b[b >= 0] if exclude is not None else b) >> 16, minlength=1 << 15)
+    top, need = _count_from_top(high, count)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for lo, hi in slices:
+        b = bits(lo, hi)
+        low += torch.bincount(b[(b >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    bottom, ties = _count_from_top(low, need)
+    threshold = (top << 16) | bottom
+    out = torch.empty(count, dtype=torch.int64)
+    filled = 0
+    for lo, hi in slices:
+        b = bits(lo, hi)
+        chosen = b > threshold
+        if ties:
+            equal = torch.nonzero(b == threshold).squeeze(1)[:ties]
+            chosen[equal] = True
+            ties -= equal.numel()
+        idx = torch.nonzero(chosen).squeeze(1)
+        out[filled: filled + idx.numel()] = idx + lo
+        filled += idx.numel()
+    assert filled == count, (filled, count)
+    return out
+
+
+def top_indices(vec: torch.Tensor, k: int, chunk: int = 0) -> torch.Tensor:
+    """Sorted int64 indices of the k coordinates a top-k payload keeps (`CompressionSpec.chunk`):
+    the k largest magnitudes, of equal magnitudes at the threshold the lowest indices
+    (`largest_magnitudes`). With chunks, each whole chunk keeps floor(k · chunk / numel) of its
+    largest magnitudes, and the rest of k (the remainders and the last partial chunk's share)
+    goes to the largest magnitudes not yet kept, so the count is exactly k and no index repeats."""
+    n = vec.numel()
     full = n // chunk if chunk else 0
     per = k * chunk // n if full else 0
     if per == 0:
-        _, idx = torch.topk(mags, k, sorted=False)
-    else:
-        _, rows = torch.topk(mags[: full * chunk].view(full, chunk), per, dim=1, sorted=False)
-        kept = rows.add_(torch.arange(full).mul_(chunk).unsqueeze(1)).reshape(-1)
-        rest = k - kept.numel()
-        if rest:
-            mags[kept] = -1.0  # below every magnitude: never chosen twice
-            _, extra = torch.topk(mags, rest, sorted=False)
-            kept = torch.cat([kept, extra])
-        idx = kept
-    idx, _ = torch.sort(idx)
-    return idx
+        return largest_magnitudes(vec, k)
+    rows = max(1, TOPK_SLICE // chunk)  # chunks per `torch.topk` call: each row is chosen on its own
+    mags = torch.empty(min(full, rows) * chunk, dtype=vec.dtype)
+    parts = []
+    for lo in range(0, full, rows):
+        hi = min(lo + rows, full)
+        m = torch.abs(vec[lo * chunk: hi * chunk], out=mags[: (hi - lo) * chunk]).view(hi - lo, chunk)
+        _, idx = torch.topk(m, per, dim=1, sorted=False)
+        parts.append(idx.add_(torch.arange(lo, hi).mul_(chunk).unsqueeze(1)).reshape(-1))
+    kept, _ = torch.sort(torch.cat(parts))
+    rest = k - kept.numel()
+    if rest:
+        kept, _ = torch.sort(torch.cat([kept, largest_magnitudes(vec, rest, exclude=kept)]))
+    return kept
 
 
 def compress(vec: torch.Tensor, spec: CompressionSpec) -> Compressed:

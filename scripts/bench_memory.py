@@ -11,12 +11,17 @@ the Python process; p2pd's separately), divided by one float32 copy of the model
 parameters). Two peers of 100M need about 2 x 12 GB at the measured rate: more than a 24 GB
 machine has beside the rest.
 
-What holds model-sized memory (read from the code): between rounds the flat parameters, the
-gradient, two Adam moments, the update history's origin and mixed-in sum (`Trainer`), the
-evaluation copy, the loss probe's model, the sketcher's signs, the outer anchor and momentum (11);
-during a round our candidate model, top-k's temporaries, one receive buffer per partner, the
-rule's output and temporaries, the outer step's temporary; during a checkpoint the model, history
-and outer-state copies handed to the writer thread.
+What holds model-sized memory (read from the code, and measured stage by stage): between rounds
+the flat parameters, the gradient, two Adam moments, the update history's origin and mixed-in
+sum (`Trainer`), the evaluation copy, the loss probe's model, the sketch signs (one vector, shared
+by the heartbeat's history sketch and the rule), the outer anchor and momentum (11), and the
+round buffers reused every round: one receive buffer per partner and the rule's output (13 with
+one partner). During a round: our candidate model (`OuterRound.own_model`), and in a consensus
+round the outer step's difference; every other temporary of a round (top-k selection,
+int8 (de)quantisation, the rule, the history sketch) works in slices of a few MB. During a
+checkpoint: copies of the model and of the history handed to the writer thread (it reads the
+live anchor and momentum, with rounds held off until it is done). The task's optimizer step adds
+its own temporaries (Adam: about one copy of the largest parameter, 0.8 of the model here).
 """
 
 from __future__ import annotations

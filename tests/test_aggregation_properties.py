@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from peer.aggregation import AGGREGATORS, DESCRIPTIONS, RoundContext, make_aggregator
 from peer.aggregation import baselines
 from peer.aggregation.clipping import CenteredClipping, RadiusCap, adaptive_radius, clip, self_centred_clip
-from peer.aggregation.sybil import (SKETCH_DIM, Sketcher, alignment_factors, consistency_factors, cosine_matrix,
+from peer.aggregation.sybil import (SKETCH_DIM, Sketcher, alignment_factors, consistency_factors, cosine_matrix, shared_sketcher,
                                    foolsgold_weights, similarity)
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -461,6 +461,25 @@ def test_sketch_is_linear(d, k, seed, data):
     torch.testing.assert_close(s(c * a), c * s(a))
     # the same seed gives the same sketch on every peer
     torch.testing.assert_close(Sketcher(d, k=k, seed=seed)(a), s(a))
+
+
+@pytest.mark.parametrize("d,k,dtype", [(1, 512, torch.float32), (1000, 512, torch.float32), (3001, 7, torch.float64),
+                                       (600_001, SKETCH_DIM, torch.float32)])
+def test_sketch_of_a_difference_is_the_sketch_of_the_difference_bit_for_bit(d, k, dtype):
+    """`of_difference(a, b, c)` forms a - b - c slice by slice (no d-sized temporary, several
+    slices at 600k) and gives exactly `s(a - b - c)`; shared sketchers are one object per
+    (dim, k, seed) while one is alive."""
+    gen = torch.Generator().manual_seed(d)
+    a, b, c = (torch.randn(d, generator=gen, dtype=dtype) for _ in range(3))
+    s = Sketcher(d, k=k)
+    want = s(a - b - c)
+    got = s.of_difference(a, b, c)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(ValueError):
+        s.of_difference(a, b, c[:-1] if d > 1 else torch.zeros(2))
+    shared = shared_sketcher(d, k)
+    assert shared_sketcher(d, k) is shared and shared_sketcher(d, k, seed=1) is not shared
+    assert torch.equal(shared.signs, s.signs)
 
 
 def test_sketch_padding_and_seed():

@@ -19,10 +19,11 @@ from protocols.codec import (
     DEFAULT_LIMITS, DTYPES, Limits, ProtocolError, parse_tensor_specs, read_header, read_payload, write_header,
     write_payload,
 )
+import protocols.compression as compression
 from protocols.compression import (
     INDEX_CHUNK, MAX_BLOCK, MAX_SCALE, MAX_TOPK_FRACTION, METHODS, TOPK_METHODS, CompressionSpec, ErrorFeedback,
-    _encode_gaps, _encode_indices, compress, decompress, expected_parts, gap_indices, max_gap_stream, ratio,
-    topk_indices,
+    _encode_gaps, _encode_indices, compress, decompress, expected_parts, gap_indices, largest_magnitudes,
+    max_gap_stream, ratio, top_indices, topk_indices,
 )
 from peer.bench.fuzz_targets import BytesStream
 
@@ -667,6 +668,80 @@ def test_spec_k():
     spec = CompressionSpec("topk", 0.01)
     assert [spec.k(n) for n in (1, 99, 100, 101, 10**6)] == [1, 1, 1, 2, 10**4]
     assert CompressionSpec("topk", MAX_TOPK_FRACTION).k(7) == math.ceil(MAX_TOPK_FRACTION * 7)
+
+
+def reference_largest(x: torch.Tensor, count: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` largest |x| outside `exclude`, equal magnitudes by lowest index (a stable sort)."""
+    mags = x.abs().double()
+    if exclude is not None:
+        mags[exclude] = -1.0
+    return torch.sort(torch.sort(-mags, stable=True).indices[:count]).values
+
+
+@pytest.mark.parametrize("slice_len", [1, 3, 1 << 20])
+@pytest.mark.parametrize("kind", ["normal", "few values", "zeros", "one float's neighbours"])
+def test_top_k_takes_the_largest_magnitudes_and_the_lowest_indices_among_equal_ones(monkeypatch, slice_len, kind):
+    """The selection reads the vector in slices (three passes); whatever the slice length, it
+    is the stable sort's: the k largest magnitudes, of equal ones at the threshold the first.
+    Ties are the usual case, not a corner: a pseudo-gradient is a difference of float32
+    parameters, so many coordinates share each value near the threshold."""
+    monkeypatch.setattr(compression, "TOPK_SLICE", slice_len)
+    gen = torch.Generator().manual_seed(slice_len)
+    for n in (1, 2, 17, 1000):
+        x = {"normal": torch.randn(n, generator=gen),
+             "few values": torch.randint(-3, 4, (n,), generator=gen).float(),
+             "zeros": torch.zeros(n),
+             "one float's neighbours": (torch.randn(n, generator=gen) * 1e-4 + 0.01) - 0.01}[kind]
+        for k in sorted({1, max(1, n // 64), max(1, n // 3), n}):
+            assert torch.equal(largest_magnitudes(x, k), reference_largest(x, k)), (n, k)
+            if k < n:
+                exclude = torch.sort(torch.randperm(n, generator=gen)[: (n - k) // 2]).values
+                assert torch.equal(largest_magnitudes(x, k, exclude), reference_largest(x, k, exclude)), (n, k)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7, 100, 999])
+def test_chunked_top_k_keeps_each_chunks_largest_then_the_largest_of_the_rest(monkeypatch, chunk):
+    """Chunked top-k, sliced into few-row `torch.topk` calls, against the definition computed in
+    one piece: each whole chunk's `per` largest (no ties here: each row's choice is torch's),
+    then the largest magnitudes not yet kept, the first of equal ones."""
+    monkeypatch.setattr(compression, "TOPK_SLICE", 2000)
+    gen = torch.Generator().manual_seed(chunk)
+    n = 10_007
+    x = (torch.randperm(n, generator=gen) + 1).float() * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    x[9000:] = 5.0  # ties among the rest (the last partial chunk's share goes there)
+    for k in (1, 157, 2501):
+        full = n // chunk if chunk else 0
+        per = k * chunk // n if full else 0
+        if per:
+            mags = x.abs()[: full * chunk].view(full, chunk)
+            kept = (torch.topk(mags, per, dim=1).indices + torch.arange(full).unsqueeze(1) * chunk).reshape(-1)
+            kept = torch.sort(kept).values
+            expected = torch.sort(torch.cat([kept, reference_largest(x, k - kept.numel(), kept)])).values
+        else:
+            expected = reference_largest(x, k)
+        assert torch.equal(top_indices(x, k, chunk), expected), (chunk, k)
+
+
+@pytest.mark.parametrize("method", ["int8", "topk", "topk-int8", "topk-2bit"])
+def test_slice_lengths_change_no_payload(monkeypatch, method):
+    """Compression and decompression work slice by slice (QUANT_SLICE, TOPK_SLICE) so that
+    their temporaries stay small at any model size; the payload and its decoding are the same
+    bytes whatever the slices, partial last slices and blocks included."""
+    gen = torch.Generator().manual_seed(3)
+    n = 50_003
+    x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen).pow(4)
+    x[:100] = 0.5  # ties at and above the threshold
+    for block, chunk in ((1, 0), (3, 64), (64, 1000), (1024, 0), (4096, 7)):
+        spec = CompressionSpec(method, 0.05, block, chunk)
+        whole = compress(x, spec)
+        with monkeypatch.context() as m:
+            m.setattr(compression, "QUANT_SLICE", 5 * block)
+            m.setattr(compression, "TOPK_SLICE", 999)
+            sliced = compress(x, spec)
+            decoded = decompress(sliced.header, sliced.parts, n)
+        assert whole.header == sliced.header, (block, chunk)
+        assert all(np.array_equal(a, b) for a, b in zip(whole.parts, sliced.parts)), (block, chunk)
+        assert torch.equal(decompress(whole.header, whole.parts, n).view(torch.int32), decoded.view(torch.int32))
 
 
 def test_chunked_top_k_sends_every_part_of_a_vector_that_one_part_dominates():

@@ -79,6 +79,28 @@ def test_mean_of_pseudo_gradients_is_applied_through_candidate_models():
     torch.testing.assert_close(loop.anchor, -torch.tensor([2.0, 1.0, 1.0, 0.0]))
 
 
+def test_finish_steps_in_the_mixed_models_buffer_with_the_same_numbers():
+    """`finish` forms the outer step's Δ_mix in the mixed model's own buffer (no model-sized
+    temporary) and returns the change there: bit for bit what `step` on an untouched copy and
+    then `change` give, round after round with momentum."""
+    gen = torch.Generator().manual_seed(4)
+    d = 10_001
+    start = torch.randn(d, generator=gen)
+    loops = [OuterLoop(OuterSettings(every_steps=1, lr=0.7, momentum=0.9), CompressionSpec("topk-int8", 0.1), start)
+             for _ in range(2)]
+    for _ in range(3):
+        model = start + 0.01 * torch.randn(d, generator=gen)
+        rounds = [loop.begin(model.clone(), step=1) for loop in loops]
+        mixed = 0.5 * (rounds[0].own_model + start + 0.01 * torch.randn(d, generator=gen))
+        copy = mixed.clone()
+        got = loops[0].finish(rounds[0], mixed)
+        assert got is mixed
+        loops[1].step(copy)
+        want = loops[1].change(rounds[1], copy)
+        for a, b in ((got, want), (loops[0].anchor, loops[1].anchor), (loops[0].optimizer.buf, loops[1].optimizer.buf)):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def test_what_compression_leaves_out_stays_in_the_live_model_and_goes_out_later():
     """With top-k a round sends part of the pseudo-gradient; the live model keeps all of its
     progress (its deviation from the new anchor is what was not sent) and the next rounds send

@@ -184,3 +184,62 @@ async def test_daemon_model_never_aliases_the_reused_round_buffer(tmp_path):
     assert bool(torch.isfinite(puller.trainer.flat).all())
     for d in (server, puller):
         await d.transport.stop()
+
+
+# --- the sketch signs and the history sketch ---
+
+async def test_daemon_and_its_rule_share_one_sketcher_and_the_history_sketch_needs_no_history(tmp_path):
+    """The sign vector (one float32 per parameter) exists once: the heartbeat's history sketch
+    and the rule's observed sketches use the same Sketcher object. The history sketch, taken
+    slice by slice, is bit for bit the sketch of `history()`."""
+    server, puller = await _pair(tmp_path, pipe_capacity=1 << 20)
+    for d in (server, puller):
+        d.addrs = await d.transport.addrs()
+    for d in (server, puller, server, puller):
+        await d._heartbeat_once()
+    server.trainer.apply_delta(torch.full_like(server.trainer.flat, 0.01))
+    for _ in range(3):
+        puller.trainer.train_step()
+    assert await puller.gossip_round() is True
+    numel = puller.trainer.flat.numel()
+    assert puller.core.aggregator.sybil.sketcher_for(numel) is puller.sketcher is server.sketcher
+    t = puller.trainer
+    assert not torch.equal(t.history(), torch.zeros(numel))  # trained and mixed: a real history
+    assert torch.equal(t.sketch_history(puller.sketcher).view(torch.int32), puller.sketcher(t.history()).view(torch.int32))
+    assert torch.equal(t.history(), t.flat - t.origin - t.mixed_in)
+    for d in (server, puller):
+        await d.transport.stop()
+
+
+# --- checkpoints read the live outer state ---
+
+async def test_checkpoint_writes_the_live_outer_state_and_keeps_rounds_out_until_written(tmp_path, monkeypatch):
+    """The checkpoint hands the writer thread the live anchor and momentum (no copies), so the
+    round lock must stay held until the thread is done, even when the checkpoint task is
+    cancelled (a thread cannot be stopped): otherwise a round could step them mid-write."""
+    import threading
+
+    import peer.state as ckpt
+
+    d = PeerDaemon(fast_config(tmp_path / "p", outer_every_steps=2, compression="int8"), MemoryNetwork().transport("p"))
+    d.outer.step(d.trainer.snapshot() - 0.1)  # a momentum buffer exists
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def slow_save(path, state):
+        seen.update(state)
+        started.set()
+        release.wait(10)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    task = asyncio.create_task(d._checkpoint())
+    assert await asyncio.to_thread(started.wait, 10)
+    assert seen["outer"]["anchor"] is d.outer.anchor
+    assert seen["outer"]["optimizer"]["momentum_buffer"] is d.outer.optimizer.buf
+    assert seen["flat"] is not d.trainer.flat  # the model trains on: a copy
+    task.cancel()
+    await asyncio.sleep(0.1)
+    assert d._round_lock.locked() and not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not d._round_lock.locked()

@@ -28,7 +28,7 @@ from peer.aggregation.clipping import SLICE, CenteredClipping, RadiusCap, adapti
 from peer.aggregation.loss import LossScreen
 from peer.aggregation.norms import distance, norm
 from peer.aggregation import DESCRIPTIONS, check_byzantine_fraction
-from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, similarity
+from peer.aggregation.sybil import Sketcher, alignment_factors, consistency_factors, foolsgold_weights, shared_sketcher, similarity
 
 
 # a peer votes on whether the consistency check is measuring us (sybil.consistency_factors) only
@@ -174,7 +174,7 @@ class SybilWallWeights:
 
     def sketcher_for(self, dim: int) -> Sketcher:
         if self.sketcher is None or self.sketcher.dim != dim:
-            self.sketcher = Sketcher(dim)
+            self.sketcher = shared_sketcher(dim)
         return self.sketcher
 
     def sketch(self, x: torch.Tensor) -> torch.Tensor:

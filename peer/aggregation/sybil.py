@@ -14,6 +14,7 @@ cosines of histories, to about 1/sqrt(k), at the cost of one pass over the vecto
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -33,7 +34,7 @@ class Sketcher:
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (self.block * k,), generator=g, dtype=torch.int8).mul_(2).sub_(1)
         signs[dim:] = 0  # padding contributes nothing
-        self.signs = signs.to(torch.float32)
+        self.signs = signs.to(torch.float32)  # read only: one sketcher may serve several users
 
     def slices(self, chunk: int = CHUNK):
         """(lo, hi, first block, blocks) covering [0, dim) in slices of whole blocks, about `chunk` long."""
@@ -46,15 +47,45 @@ class Sketcher:
         if x.numel() != self.dim:
             raise ValueError(f"sketch of a {x.numel()}-vector with a {self.dim}-sketcher")
         x = x.reshape(-1)
-        out = torch.empty(self.k, dtype=torch.result_type(x, self.signs))
+        return self._sketch(lambda lo, hi, out: torch.mul(x[lo:hi], self.signs[lo:hi], out=out), x.dtype)
+
+    def of_difference(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The sketch of a - b - c, bit for bit `self(a - b - c)`, without the d-sized
+        difference: each slice of it is formed in a slice buffer."""
+        if not a.numel() == b.numel() == c.numel() == self.dim:
+            raise ValueError(f"sketch of {a.numel()}-, {b.numel()}- and {c.numel()}-vectors with a {self.dim}-sketcher")
+        a, b, c = a.reshape(-1), b.reshape(-1), c.reshape(-1)
+
+        def fill(lo: int, hi: int, out: torch.Tensor) -> None:
+            torch.sub(a[lo:hi], b[lo:hi], out=out).sub_(c[lo:hi]).mul_(self.signs[lo:hi])
+
+        return self._sketch(fill, torch.promote_types(torch.promote_types(a.dtype, b.dtype), c.dtype))
+
+    def _sketch(self, fill, dtype: torch.dtype) -> torch.Tensor:
+        """Block sums of x * signs, where `fill(lo, hi, out)` writes x[lo:hi] * signs[lo:hi] into `out`."""
+        out = torch.empty(self.k, dtype=torch.promote_types(dtype, self.signs.dtype))
         out[-(-self.dim // self.block):] = 0  # blocks wholly in the padding
         buf = torch.zeros(min(self.block * max(1, CHUNK // self.block), self.block * self.k), dtype=out.dtype)
         for lo, hi, first, blocks in self.slices():
             s = buf[:blocks * self.block]
             s[hi - lo:].zero_()  # the padding contributes nothing
-            torch.mul(x[lo:hi], self.signs[lo:hi], out=s[:hi - lo])
+            fill(lo, hi, s[:hi - lo])
             torch.sum(s.view(blocks, self.block), 1, out=out[first:first + blocks])
         return out
+
+
+# sketchers alive, by (dim, k, seed): their signs are one float32 vector as long as the model,
+# so the daemon's history sketches and its rule's observed sketches share one
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_sketcher(dim: int, k: int = SKETCH_DIM, seed: int = 0) -> Sketcher:
+    """The `Sketcher(dim, k, seed)` every caller in this process shares while one is alive."""
+    key = (dim, k, seed)
+    sketcher = _SHARED.get(key)
+    if sketcher is None:
+        sketcher = _SHARED[key] = Sketcher(dim, k, seed)
+    return sketcher
 
 
 def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
