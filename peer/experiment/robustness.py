@@ -255,15 +255,16 @@ def grid_cells(fractions, alphas, partners_list, phases, peers: int) -> list[dic
 
 
 def grid_jobs(cells: list[dict], seeds, aggregators: list[str], attacks: list[str], *, rounds: int | None,
-              local_steps: int, overrides: dict | None) -> list[tuple]:
-    """(aggregator, attack, run_swarm kwargs, tags) per run: every cell x seed, attack by attack,
+              local_steps: int, overrides: dict | None, engine: str = "sim") -> list[tuple]:
+    """(aggregator, attack, `run` kwargs, tags) per run: every cell x seed, attack by attack,
     each for every aggregator (a run cut short has whole columns). `rounds` replaces every cell's
     phase rounds (smoke tests); None keeps them."""
     jobs = []
     for c in cells:
         for seed in seeds:
             kw = dict(rounds=rounds or c["rounds"], local_steps=local_steps, partners=c["partners"], honest=c["honest"],
-                      byzantine=c["byzantine"], alpha=c["alpha"], seed=seed, peer_settings=overrides or None)
+                      byzantine=c["byzantine"], alpha=c["alpha"], seed=seed, peer_settings=overrides or None,
+                      engine=engine)
             tags = {"cell": c["key"], "seed": seed, "rounds": kw["rounds"], "local_steps": local_steps,
                     "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}}
             jobs += [(g, a, kw, tags) for a in attacks for g in aggregators]
