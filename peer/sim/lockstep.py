@@ -10,9 +10,10 @@ make the same decisions from the same seeds. A round (`LockstepSwarm.round`):
 1. every peer takes `local_steps` training steps; the clock moves 1 s;
 2. every peer, in order, publishes its record (3 heartbeats' TTL) and looks the run up, as the
    daemons' heartbeats run one after the other (the first peer's first lookup sees only itself);
-3. every peer chooses its partners and snapshots its model; then every pull is served, each
-   completely before the next (a serve takes no time, so serves never overlap and the serving
-   caps never bind), with the model its server has *before* this round's mix; then each peer
+3. every peer chooses its partners and snapshots its model; then every pull reaches its server
+   at once (in peer order, then partner order), so a server takes at most its serving caps'
+   worth (`max_concurrent_serves`) and answers the rest "busy", as concurrent daemon rounds do;
+   every pull is served the model its server has *before* this round's mix; then each peer
    validates what it got and mixes with its rule.
 
 Nothing here sleeps, opens a socket or starts a thread: a run is a function of its inputs.
@@ -118,18 +119,21 @@ class LockstepSwarm:
         self.store.publish(p.peer_id, self.record(p).to_wire(), self.now + 3 * p.core.config.heartbeat_s)
         p.core.records(self.store.lookup(self.now), self.now)
 
-    def serve(self, server_id: str, requester: SimPeer) -> tuple[int, torch.Tensor] | str:
-        """(step, model) that `server_id` serves `requester` now, or why the pull failed."""
+    def admit(self, server_id: str, requester: SimPeer) -> SimPeer | str:
+        """The server that takes `requester`'s pull now (its serve slot held until `release`), or why not."""
         s = self.by_id.get(server_id)
         if s is None or not s.up:
             return "unreachable"
         if s.core.admit(requester.peer_id, self.now) is not None:
             return "remote_error"  # answered with an error header
         s.core.serve_started(requester.peer_id)
+        return s
+
+    def serve(self, s: SimPeer, requester: SimPeer) -> tuple[int, torch.Tensor]:
+        """(step, model) that `s` serves `requester`: its own model, or what its behaviour crafts."""
         model = s.learner.snapshot()
         if not s.behaviour.honest:
             model = s.behaviour.serve(requester.peer_id, model).contiguous()
-        s.core.serve_ended(requester.peer_id)
         s.core.stats.counters["serves"] += 1
         s.core.stats.served_bytes["models"] += 4 * model.numel()
         return s.learner.step, model
@@ -146,8 +150,16 @@ class LockstepSwarm:
             own = p.learner.snapshot()
             p.behaviour.round_start(own, p.learner.history())
             rounds.append((p, own, partners))
-        # every pull is served before anyone mixes: one instant
-        served = [[(q, self.serve(q, p)) for q in partners] for p, _, partners in rounds]
+        # every pull of the round is asked at one instant, in peer order and each peer's partner
+        # order: a server takes as many at once as its serving caps allow and answers the rest
+        # "busy" (as the daemons' concurrent rounds do); every pull is served before anyone mixes
+        admitted = [[(q, self.admit(q, p)) for q in partners] for p, _, partners in rounds]
+        served = [[(q, s if isinstance(s, str) else self.serve(s, p)) for q, s in pulls]
+                  for (p, _, _), pulls in zip(rounds, admitted)]
+        for (p, _, _), pulls in zip(rounds, admitted):
+            for _, s in pulls:
+                if not isinstance(s, str):
+                    s.core.serve_ended(p.peer_id)
         for (p, own, _), pulls in zip(rounds, served):
             got = []
             for q, answer in pulls:
