@@ -15,13 +15,27 @@ from peer.experiment import robustness
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lockstep(n: int, task: str = "mnist1d-linear", aggregator: str = "mean"):
+def _lockstep(n: int, task: str = "mnist1d-linear", aggregator: str = "mean", **settings):
     from peer.config import PeerConfig
     from peer.sim.lockstep import LockstepPeer, LockstepSwarm
 
     return LockstepSwarm([LockstepPeer(f"honest{i:02d}", PeerConfig(run_id="t", task=task, aggregator=aggregator,
-                                                                      shard=f"{i}/{n}", partners=2, heartbeat_s=1.0))
+                                                                      shard=f"{i}/{n}", partners=2, heartbeat_s=1.0,
+                                                                      **settings))
                           for i in range(n)], local_steps=2)
+
+
+def test_lockstep_pulls_of_a_round_arrive_at_once_and_fill_the_serving_caps():
+    """With one serving slot, the server that the first requester holds answers the next one busy
+    (the daemons' rounds overlap the same way); the other partner still serves."""
+    swarm = _lockstep(3, max_concurrent_serves=1)
+    reports = swarm.round()  # first lookups: honest01 sees honest00; honest02 sees both
+    p1, p2 = swarm.peers[1], swarm.peers[2]
+    assert reports["honest01"]["partners"] == ["honest00"]
+    assert reports["honest02"]["partners"] == ["honest01"]
+    assert dict(p2.core.stats.pull_failed) == {"remote_error": 1} and not p1.core.stats.pull_failed
+    assert swarm.peers[0].core.stats.counters["serve_refused"] == 1
+    assert all(p.core.serving == 0 for p in swarm.peers)  # every slot given back at the round's end
 
 
 def test_lockstep_heartbeats_run_in_order_and_every_serve_precedes_every_mix():
