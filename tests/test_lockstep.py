@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from peer.aggregation import DEFAULT_AGGREGATOR
@@ -79,13 +80,15 @@ def test_test_predictions_count_what_evaluate_counts():
         assert learner is linear or learner.model.training  # left in train mode
 
 
-def test_the_two_engines_make_the_same_decisions():
+@pytest.mark.parametrize("aggregator,attack", [(DEFAULT_AGGREGATOR, "dissensus"), ("mean", "framing")])
+def test_the_two_engines_make_the_same_decisions(aggregator, attack):
     """A tiny lock-step run with attackers on both engines: every honest peer picks the same
-    partners and gives them the same weights every round, and ends with the same accuracy."""
+    partners and gives them the same weights every round, and ends with the same accuracy.
+    (Framers copy honest peers' reported histories, which records carry whatever the rule.)"""
     kw = dict(honest=5, byzantine=2, rounds=4, local_steps=2, partners=2, alpha=0.5, seed=1,
               peer_settings={"task": "mnist1d-linear"}, trace_rounds=4)
-    sim = robustness.run(DEFAULT_AGGREGATOR, "dissensus", engine="sim", **kw)
-    real = robustness.run(DEFAULT_AGGREGATOR, "dissensus", engine="daemons", **kw)
+    sim = robustness.run(aggregator, attack, engine="sim", **kw)
+    real = robustness.run(aggregator, attack, engine="daemons", **kw)
     assert sim["engine"] == "sim" and real["engine"] == "daemons"
     assert sim["trace"] == real["trace"]
     later = [t for t in sim["trace"][1:] for v in t.values() if v is not None]

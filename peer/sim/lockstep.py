@@ -85,8 +85,8 @@ class LockstepSwarm:
             p.probe = LossProbe(task, n) if n > 0 and p.core.aggregator.uses_loss_deltas else None
             self.peers.append(p)
         self.by_id = {p.peer_id: p for p in self.peers}
-        # histories are sketched only when some rule reads them (a hostile one may copy them)
-        self.uses_histories = any(p.core.aggregator.uses_sketches for p in self.peers)
+        # every record carries its history sketch, as a daemon's does, whatever the rules read:
+        # a hostile behaviour may read the others' (framers copy them), whichever rule it faces
         self.sketcher = Sketcher(self.peers[0].learner.flat.numel(), SKETCH_DIM) if self.peers else None
 
     # --- one round ---------------------------------------------------------------------------
@@ -104,10 +104,8 @@ class LockstepSwarm:
     def record(self, p: SimPeer) -> PeerRecord:
         """The record `PeerDaemon._record` publishes."""
         now, t = self.now, p.learner
-        history = b""
-        if self.uses_histories:
-            others = None if p.behaviour.honest else p.core.reported_histories(now)
-            history = p.behaviour.report_history(self.sketcher(t.history()), others).to(torch.float16).numpy().tobytes()
+        others = None if p.behaviour.honest else p.core.reported_histories(now)
+        history = p.behaviour.report_history(self.sketcher(t.history()), others).to(torch.float16).numpy().tobytes()
         loss, acc = t.last_loss, t.metrics.get("accuracy")
         return PeerRecord(peer_id=p.peer_id, addrs=(f"/memory/{p.peer_id}/p2p/{p.peer_id}",), task=t.task.name,
                           step=t.step, samples_per_s=round(getattr(t, "samples_per_s", 0.0), 1), version=t.step,
