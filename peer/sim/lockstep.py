@@ -104,7 +104,7 @@ class LockstepSwarm:
     def record(self, p: SimPeer) -> PeerRecord:
         """The record `PeerDaemon._record` publishes."""
         now, t = self.now, p.learner
-        others = None if p.behaviour.honest else p.core.reported_histories(now)
+        others = None if p.behaviour.honest else p.core.reported_sketches(now)
         history = p.behaviour.report_history(self.sketcher(t.history()), others).to(torch.float16).numpy().tobytes()
         loss, acc = t.last_loss, t.metrics.get("accuracy")
         return PeerRecord(peer_id=p.peer_id, addrs=(f"/memory/{p.peer_id}/p2p/{p.peer_id}",), task=t.task.name,
