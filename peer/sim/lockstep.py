@@ -48,6 +48,10 @@ class LockstepPeer:
 
 
 class LockstepSwarm:
+    """A lock-step swarm: `round()` runs one round of every peer and says what each mixed. The
+    peers' parts are built as `PeerDaemon` builds its own, in its order, so the same seeds give
+    the same models, partners and weights as the daemons (tests/test_lockstep.py)."""
+
     def __init__(self, peers: Sequence[LockstepPeer], local_steps: int, start: float = 1_000_000.0):
         from peer.daemon import shard_for
         from peer.loss_probe import LossProbe
