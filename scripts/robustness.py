@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Robust aggregation under attack: 20 honest + 5 Byzantine peers, one (aggregator, attack) per run.
 
-The runs are real `PeerDaemon`s on the in-memory transport in lock step on a simulated clock
-(`peer/experiment/robustness.py`): each round every peer takes `--local-steps` training steps,
-publishes its record, then all peers run one gossip round concurrently. MNIST-1D, Dirichlet shards.
+Every run is a lock-step swarm (`peer/experiment/robustness.py`): each round every peer takes
+`--local-steps` training steps, publishes its record, then all peers run one gossip round.
+MNIST-1D, Dirichlet shards. `--engine sim` (the default) runs it on the simulator
+(`peer/sim/lockstep.py`: the daemon's own decisions, trainer, loss probe and attacks, no
+transport); `--engine daemons` runs real `PeerDaemon`s over the in-memory transport on a
+simulated clock. Both make the same decisions from the same seed (docs/simulation.md);
+`--outer` and `--compression` need `--engine daemons` (the simulator has no outer steps).
 
     scripts/robustness.py --quick            # default vs mean vs scc, every attack (< 10 min, 2 cores)
     scripts/robustness.py --json             # the full table as one JSON object
     scripts/robustness.py --aggregators mean,median --attacks none,alie
     scripts/robustness.py --attacks ipm --peer-setting loss_probe_samples=0   # a daemon setting for every peer
-    scripts/robustness.py --quick --outer --compression topk-int8:0.05        # outer steps, compressed
+    scripts/robustness.py --quick --engine daemons                            # the same on real daemons
+    scripts/robustness.py --quick --engine daemons --outer --compression topk-int8:0.05   # outer steps, compressed
     scripts/robustness.py --grid --json      # Byzantine 20/30 % x alpha 0.1/0.5 x partners 2/4 x early/late x 3 seeds
     scripts/robustness.py --grid --fractions 0.3 --alphas 0.1 --partners-list 2 --phases early --seeds 1
 
@@ -33,7 +38,6 @@ say 1 (0), the two classes the Sybils swap.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from peer.experiment.robustness import ALL_ATTACKS, PHASES, grid_cells, grid_jobs, run_swarm, summarise_grid
+from peer.experiment.robustness import ALL_ATTACKS, ENGINES, PHASES, grid_cells, grid_jobs, run, summarise_grid
 
 
 QUICK_AGGREGATORS = ["mean", "scc", "sybilwall+scc"]
@@ -49,7 +53,7 @@ QUICK_AGGREGATORS = ["mean", "scc", "sybilwall+scc"]
 
 def _job(args: tuple) -> dict:
     aggregator, attack, kw = args
-    return asyncio.run(run_swarm(aggregator, attack, **kw))
+    return run(aggregator, attack, **kw)
 
 
 def _floats(text: str, name: str, ap) -> list[float]:
@@ -89,7 +93,7 @@ def run_grid(args, aggregators: list[str], attacks: list[str], overrides: dict |
             ap.error(f"--peers {args.peers} gives cell {c['key']} {c['honest']} honest + {c['byzantine']} Byzantine peers; use more peers")
     attacks = ["none", *[a for a in attacks if a != "none"]]
     jobs = grid_jobs(cells, range(args.seed, args.seed + args.seeds), aggregators, attacks,
-                     rounds=args.rounds, local_steps=args.local_steps, overrides=overrides)
+                     rounds=args.rounds, local_steps=args.local_steps, overrides=overrides, engine=args.engine)
     peer_rounds = sum(j[2]["rounds"] * (j[2]["honest"] + (j[2]["byzantine"] if j[1] != "none" else 0)) for j in jobs)
     print(f"grid: {len(cells)} cells x {args.seeds} seeds x {len(aggregators)} aggregators x {len(attacks)} runs "
           f"(clean + {len(attacks) - 1} attacks) = {len(jobs)} runs, {peer_rounds} peer-rounds", file=sys.stderr, flush=True)
@@ -121,7 +125,7 @@ def run_grid(args, aggregators: list[str], attacks: list[str], overrides: dict |
             "default": _default_aggregator(), "grid": summary,
             "worst_case_drop": {g: {k: v["worst_case_drop"] for k, v in cells_.items()} for g, cells_ in summary.items()},
             "worst_case_peer_drop": {g: {k: v["worst_case_peer_drop"] for k, v in cells_.items()} for g, cells_ in summary.items()},
-            "settings": {"peers": args.peers, "local_steps": args.local_steps, "seeds": list(range(args.seed, args.seed + args.seeds)),
+            "settings": {"engine": args.engine, "peers": args.peers, "local_steps": args.local_steps, "seeds": list(range(args.seed, args.seed + args.seeds)),
                          "attacker_partners": 6, "peer_settings": {k: str(v) for k, v in (overrides or {}).items()}},
             "runs": results, "seconds": round(time.monotonic() - t0, 1)}))
         return
@@ -148,7 +152,7 @@ def _read_log(path: str, ap) -> list[dict]:
 
 def _grid_job(args: tuple) -> dict:
     aggregator, attack, kw, tags = args
-    return {**asyncio.run(run_swarm(aggregator, attack, **kw)), **tags}
+    return {**run(aggregator, attack, **kw), **tags}
 
 
 def _default_aggregator() -> str:
@@ -175,6 +179,9 @@ def main() -> None:
     ap.add_argument("--peer-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="a PeerConfig setting for every peer, e.g. loss_probe_samples=0 (repeatable)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--engine", choices=ENGINES, default=None,
+                    help="sim: the lock-step simulator (default); daemons: real PeerDaemons on the in-memory "
+                         "transport (the default with --outer or --compression, which only it runs)")
     ap.add_argument("--outer", action="store_true", help="outer rounds on pseudo-gradients (H = --local-steps)")
     ap.add_argument("--compression", default=None, help="what outer rounds send, e.g. int8 or topk-int8:0.05 (implies --outer)")
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the honest shards (default 0.5)")
@@ -190,9 +197,13 @@ def main() -> None:
                       "already in it are not run again, so a cut-short grid resumes where it stopped")
     args = ap.parse_args()
     if args.outer or args.compression:
+        if args.engine == "sim":
+            ap.error("--outer and --compression need --engine daemons: the simulator has no outer steps")
+        args.engine = "daemons"
         args.peer_setting = [f"outer_every_steps={args.local_steps}", *args.peer_setting]
         if args.compression:
             args.peer_setting.append(f"compression={args.compression}")
+    args.engine = args.engine or "sim"
 
     default_set = [DEFAULT_AGGREGATOR, "mean"] if args.grid else QUICK_AGGREGATORS if args.quick else list(AGGREGATORS)
     aggregators = args.aggregators.split(",") if args.aggregators else default_set
@@ -208,6 +219,8 @@ def main() -> None:
         overrides = settings_by_field(dict(item.partition("=")[::2] for item in args.peer_setting), "--peer-setting")
     except ValueError as e:
         ap.error(str(e))
+    if args.engine == "sim" and overrides.get("outer_every_steps"):
+        ap.error("outer steps (outer_every_steps) need --engine daemons: the simulator has no outer steps")
     if args.grid:
         run_grid(args, aggregators, attacks, overrides, ap)
         return
@@ -216,7 +229,8 @@ def main() -> None:
     # outside the grid only: there, no --rounds means each phase's own rounds
     args.rounds = args.rounds or (40 if args.quick else 100)
     kw = dict(rounds=args.rounds, local_steps=args.local_steps, partners=args.partners, honest=args.honest,
-              byzantine=args.byzantine, alpha=args.alpha, seed=args.seed, peer_settings=overrides or None)
+              byzantine=args.byzantine, alpha=args.alpha, seed=args.seed, peer_settings=overrides or None,
+              engine=args.engine)
     jobs = [(g, a, kw) for g in aggregators for a in attacks]
     results = []
     t0 = time.monotonic()

@@ -5,7 +5,8 @@
     delayswitch.py  userspace switch over TUN devices: latency, loss and caps without netem
     collect.py      data dirs -> summary.json, summary.md and plots (pure function of the files)
     compare.py      real runs and simulations of one scenario side by side (scripts/compare_runs.py)
-    robustness.py   lock-step runs of real daemons under attack, and the 30 % grid (scripts/robustness.py)
+    robustness.py   lock-step runs under attack on the simulator or real daemons, and the 30 % grid
+                    (scripts/robustness.py)
     attacks.py      EXPERIMENTS ONLY: hostile behaviours (peer.behaviour.Behaviour) a daemon or
                     the simulator can run, for `--experiment-attack` and scripts/robustness.py
 """

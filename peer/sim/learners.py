@@ -4,6 +4,8 @@ Both expose what the simulator uses of `peer.trainer.Trainer`: `flat` (a torch v
 parameters), `step`, `local_steps`, `samples`, `last_loss`, `train_step()`, `snapshot()`,
 `apply_delta()`, `load_flat()`, `history()`, `advance_step()`, `set_step()`, `evaluate()`,
 `state_dict()` / `load_state_dict()` (the checkpoint a killed peer comes back with).
+`test_predictions(learner)` gives either's predicted class for every test example (what the
+targeted attack's success rate counts, per class, beyond accuracy).
 
 `LinearLearner` trains `mnist1d-linear` (peer/tasks) with the same model, the same Adam update
 and warm-up as `Trainer` on that task, in NumPy: about 30 us a step instead of about 1 ms,
@@ -99,6 +101,11 @@ class LinearLearner:
         lse = np.log(np.exp(logits).sum(2))
         return (lse - logits[:, np.arange(len(y)), y]).mean(1)
 
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The predicted class of each row of `x` (flattened examples)."""
+        w, b = self._split(self._w)
+        return (x @ w.T + b).argmax(1)
+
     def evaluate(self) -> dict[str, float]:
         w, b = self._split(self._w)
         logits = self.xt @ w.T + b
@@ -145,6 +152,20 @@ class LinearLearner:
         self.adam_steps, self.step, self.samples = state["adam_steps"], state["step"], state["samples"]
         self.metrics = dict(state["metrics"])
         self.local_steps = 0  # a restarted process warms its optimizer's rate up again, as Trainer does
+
+
+def test_predictions(learner: Any) -> torch.Tensor:
+    """The learner's predicted class for each of its task's test examples: a `Trainer`'s model in
+    eval mode (left in train mode after, as training expects), or the linear twin's."""
+    if isinstance(learner, LinearLearner):
+        return torch.from_numpy(learner.predict(learner.xt))
+    model = learner.model
+    with torch.no_grad():
+        model.eval()
+        try:
+            return model(learner.task.x_test).argmax(1)
+        finally:
+            model.train()
 
 
 class LinearLossProbe:
