@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in BENCHES:
         if not args.json:
             print(f"== {name}", flush=True)
-        report[name] = run_child(name, passthrough, timeout=120 if args.tiny else 1800)
+        report[name] = run_child(name, passthrough, timeout=240 if args.tiny else 1800)
         if not args.json:
             print(table(name, report[name]) + "\n", flush=True)
     report["ratios"] = {k: report[b].get(k) for b, k in (("transfer", "transfer_ratio"), ("transfer", "peak_extra_over_model"),
