@@ -98,21 +98,22 @@ def test_the_two_engines_make_the_same_decisions(aggregator, attack):
     assert sim["mix"] == real["mix"] and sim["refused"] == real["refused"]
 
 
-def test_tiny_sim_grid_reports_worst_case_drop():
-    """The grid end to end on the default engine (the simulator): 6 honest + 2 framers, 3 rounds."""
+@pytest.mark.parametrize("engine", ["sim", pytest.param("daemons", marks=pytest.mark.slow)])
+def test_tiny_grid_reports_worst_case_drop(engine):
+    """The grid end to end on either engine: 6 honest + 2 framers, 3 rounds, one cell, one seed."""
     r = subprocess.run([sys.executable, "scripts/robustness.py", "--grid", "--json", "--peers", "8", "--fractions", "0.25",
                         "--alphas", "0.5", "--partners-list", "2", "--phases", "early", "--seeds", "1", "--rounds", "3",
-                        "--attacks", "framing", "--aggregators", DEFAULT_AGGREGATOR, "--workers", "1"],
+                        "--attacks", "framing", "--aggregators", DEFAULT_AGGREGATOR, "--workers", "1", "--engine", engine],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["settings"]["engine"] == "sim"
+    assert out["settings"]["engine"] == engine
     key = "byz25-alpha0.5-partners2-early"
     cell = out["grid"][DEFAULT_AGGREGATOR][key]
     assert out["worst_case_drop"][DEFAULT_AGGREGATOR][key] == cell["worst_case_drop"] == cell["drop"]["framing"]
     runs = {r["attack"]: r for r in out["runs"]}
     assert set(runs) == {"none", "framing"} and len(runs["none"]["peer_accuracy"]) == 6
-    assert {r["engine"] for r in runs.values()} == {"sim"}
+    assert {r["engine"] for r in runs.values()} == {engine}
     assert abs(cell["drop"]["framing"] - round(runs["none"]["accuracy"] - runs["framing"]["accuracy"], 4)) < 1e-4
     for r in runs.values():
         assert {"attack_success_rate", "worst_peer_accuracy", "rejected", "pull_failed", "refused", "mix"} <= set(r)
