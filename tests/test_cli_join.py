@@ -137,6 +137,7 @@ def test_task_module_errors_are_one_line(tmp_path, body, phrase):
     assert_cannot_start(out, phrase)
 
 
+@pytest.mark.slow  # over 4 s: the full suite runs it, the fast tier does not
 def test_data_dir_in_use_is_one_line(tmp_path):
     (tmp_path / "d").mkdir()
     fd = os.open(tmp_path / "d" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -149,6 +150,7 @@ def test_data_dir_in_use_is_one_line(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # over 4 s: the full suite runs it, the fast tier does not
 def test_unreachable_initial_peer_is_one_line(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -172,7 +174,7 @@ def _sigint_default() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("when", ["loading", "started"])
+@pytest.mark.parametrize("when", ["loading", pytest.param("started", marks=pytest.mark.slow)])  # started: over 5 s
 def test_ctrl_c_at_start_prints_no_traceback(tmp_path, when):
     """Ctrl-C in a terminal signals the whole process group (p2pd too). Before the daemon is up it
     exits 130; once up, it leaves as on SIGTERM and exits 0. Neither prints a traceback."""

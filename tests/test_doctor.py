@@ -298,6 +298,7 @@ def _doctor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=timeout, env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent"})
 
 
+@pytest.mark.slow  # over 4 s: the full suite runs it, the fast tier does not
 def test_bad_initial_peer_is_one_fail_line_and_the_rest_still_runs(tmp_path):
     out = _doctor("--data-dir", str(tmp_path / "d"), "--initial-peer", "garbage")
     assert out.returncode == 1 and "Traceback" not in out.stderr
@@ -306,6 +307,7 @@ def test_bad_initial_peer_is_one_fail_line_and_the_rest_still_runs(tmp_path):
     assert any(line.startswith("ok    data dir:") for line in lines) and not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow  # real processes, over 5 s: the full suite runs it, the fast tier does not
 def test_doctor_json_against_a_real_run(tmp_path):
     from peer.launcher import start_swarm, stop_all
     from tests.test_swarm_light import _p2pd_descendants

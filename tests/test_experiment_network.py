@@ -121,6 +121,7 @@ def transfer(dst: tuple[list[str], str], src: tuple[list[str], str], nbytes: int
     return elapsed
 
 
+@pytest.mark.slow  # real namespaces and tbf, over 4 s: the full suite runs it, the fast tier does not
 @needs_tbf
 def test_namespaces_connect_and_cap_bandwidth_both_ways():
     ns = network.Namespaces(f"t{os.getpid() % 10000}")

@@ -437,6 +437,7 @@ async def test_read_timeout_applies_to_the_payload_fast_path():
             await call
 
 
+@pytest.mark.slow  # real processes, over 5 s: the full suite runs it, the fast tier does not
 def test_fuzz_script_drives_every_target_with_no_failure(tmp_path):
     """scripts/fuzz.py (the long run SECURITY.md quotes) reaches the real server handler and the
     DHT validator through the daemon's public parts; a short run from another folder must reach

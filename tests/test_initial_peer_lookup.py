@@ -146,6 +146,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # real processes, over 5 s: the full suite runs it, the fast tier does not
 @pytest.mark.timeout(240)
 def test_a_peer_joins_by_host_and_port_before_the_first_peer_is_up(tmp_path):
     """B is started first with `/dns4/localhost/tcp/PORT` and initial-peer-wait-s (as the manifests

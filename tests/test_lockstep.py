@@ -98,7 +98,8 @@ def test_the_two_engines_make_the_same_decisions(aggregator, attack):
     assert sim["mix"] == real["mix"] and sim["refused"] == real["refused"]
 
 
-@pytest.mark.parametrize("engine", ["sim", pytest.param("daemons", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sim", "daemons"])
 def test_tiny_grid_reports_worst_case_drop(engine):
     """The grid end to end on either engine: 6 honest + 2 framers, 3 rounds, one cell, one seed."""
     r = subprocess.run([sys.executable, "scripts/robustness.py", "--grid", "--json", "--peers", "8", "--fractions", "0.25",

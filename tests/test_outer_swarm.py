@@ -14,7 +14,7 @@ def relative_spread(daemons) -> float:
     return float(max((m - mean).norm() for m in models) / mean.norm())
 
 
-@pytest.mark.parametrize("compression", ["topk-int8:0.1", "topk-2bit:0.1"])
+@pytest.mark.parametrize("compression", [pytest.param("topk-int8:0.1", marks=pytest.mark.slow), "topk-2bit:0.1"])
 async def test_outer_steps_with_compression_converge(memory_swarm, compression):
     """4 peers, 10 inner steps per outer round, top-k 10 % with int8 (or 2-bit) values, an
     anchor-mixing round every 2: every peer learns and the peers' models stay together. Training

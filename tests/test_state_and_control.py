@@ -33,6 +33,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # real processes, over 5 s: the full suite runs it, the fast tier does not
 def test_checkpoint_survives_kill_minus_9_at_random_moments(tmp_path):
     path = tmp_path / "checkpoint.pt"
     rng = random.Random(0)

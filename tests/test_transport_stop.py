@@ -11,6 +11,8 @@ import asyncio
 import signal
 import time
 
+import pytest
+
 from protocols.transport.hivemind import HivemindTransport
 
 
@@ -29,6 +31,7 @@ def test_stop_returns_when_p2pd_died_first(tmp_path):
     assert took < 3 * HivemindTransport.STOP_TIMEOUT_S
 
 
+@pytest.mark.slow  # real processes, over 5 s: the full suite runs it, the fast tier does not
 def test_stop_kills_a_p2pd_that_does_not_exit(tmp_path):
     """A p2pd that ignores its TERM (stopped here with SIGSTOP) is killed, and reaped, by stop()."""
     async def main() -> int | None:
