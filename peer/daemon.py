@@ -493,12 +493,17 @@ class PeerDaemon(OuterRounds):
                     if r is not None:
                         self.core.picker.succeeded(info.record.peer_id)
                 if got:
-                    self.trainer.load_flat(coordinate_median([m for _, m in got]))
+                    step, count = sorted(s for s, _ in got)[len(got) // 2], len(got)
+                    # into the first pulled model (a fresh tensor): at most 1 + len(got) copies
+                    median = coordinate_median([m for _, m in got], out=got[0][1])
+                    del pulled, got, own
+                    self.trainer.load_flat(median)
+                    del median
                     if self.outer is not None:
                         self.outer.reset(self.trainer.snapshot())
-                        self.served_anchor = (sorted(s for s, _ in got)[len(got) // 2], compress(self.outer.anchor, self.anchor_compression))
-                    self.trainer.set_step(sorted(s for s, _ in got)[len(got) // 2])
-                    log.info("synced model (step %d) from %d of %d live peers", self.trainer.step, len(got), len(live))
+                        self.served_anchor = (step, compress(self.outer.anchor, self.anchor_compression))
+                    self.trainer.set_step(step)
+                    log.info("synced model (step %d) from %d of %d live peers", self.trainer.step, count, len(live))
                     return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=0.5)

@@ -2,8 +2,11 @@
 
 Feeds the loss screen of the default rule (`peer/aggregation/loss.py`): the one check that sees
 poisoned training reported truthfully (label flip). It runs in the gossip round's worker thread,
-on a scratch copy of the task's model (never the trainer's), so training is not paused. Cost per
+on a scratch module of the task's model (never the trainer's), so training is not paused. Cost per
 round: one forward pass over `samples` examples per partner, plus one for our own model.
+The scratch module holds no model-sized memory: its parameters are views of the model being
+scored while it is scored, and between scores views of one float (stride 0), so a scored model's
+buffer is never kept alive by the probe.
 Only parameters are loaded into the scratch model: a model with buffers (BatchNorm running
 statistics) is scored with its initial buffers, the same for every partner and for our own.
 """
@@ -23,6 +26,9 @@ class LossProbe:
         self.loss_fn = task.loss_fn
         self.model = task.make_model().eval()
         self.params = list(self.model.parameters())
+        self.shapes = [p.shape for p in self.params]
+        initial = torch.nn.utils.parameters_to_vector(self.params)
+        self._release()
         n = len(task.y_train)
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples] if n > samples else torch.arange(n)
         self.x, self.y = task.x_train[idx], task.y_train[idx]
@@ -30,17 +36,29 @@ class LossProbe:
         # a 10-class cross-entropy); the screen never cuts a partner for less than a fraction of it
         try:  # a task whose loss cannot run here is found out (and the screen turned off) by the
             # first round's measure(), with one logged line: construction must not stop the daemon
-            self.untrained_loss = self.loss(torch.nn.utils.parameters_to_vector(self.params))
+            self.untrained_loss = self.loss(initial)
         except Exception:
             self.untrained_loss = 0.0
         if not math.isfinite(self.untrained_loss):
             self.untrained_loss = 0.0
 
+    def _release(self) -> None:
+        for p, shape in zip(self.params, self.shapes):
+            p.data = torch.zeros(1, dtype=p.dtype).expand(shape)
+
     @torch.no_grad()
     def loss(self, flat: torch.Tensor) -> float:
         """The task's loss of the model whose flat parameters are `flat` (not copied: viewed)."""
-        torch.nn.utils.vector_to_parameters(flat.reshape(-1), self.params)
-        value = float(self.loss_fn(self.model(self.x), self.y))
+        flat = flat.reshape(-1)
+        start = 0
+        for p, shape in zip(self.params, self.shapes):
+            n = shape.numel()
+            p.data = flat[start:start + n].view(shape)
+            start += n
+        try:
+            value = float(self.loss_fn(self.model(self.x), self.y))
+        finally:
+            self._release()
         return value if math.isfinite(value) else math.inf
 
     def measure(self, own: torch.Tensor, models: Sequence[torch.Tensor]) -> tuple[float, list[float | None]]:

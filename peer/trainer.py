@@ -79,10 +79,10 @@ class Trainer:
         self.task = task
         self.model = task.make_model()
         self.flat = flatten_parameters(self.model)
-        # history = sum of this peer's own local updates = flat - origin - (everything mixed in);
-        # kept as two vectors so a training step costs nothing extra (SybilWall compares these).
-        self.origin = self.flat.clone()
-        self.mixed_in = torch.zeros_like(self.flat)
+        # history = sum of this peer's own local updates = flat - base, where base is the start
+        # plus everything mixed in (every change that was not a local step goes into both flat and
+        # base): one vector, and a training step costs nothing extra (SybilWall compares these).
+        self.base = self.flat.clone()
         self.optimizer = task.make_optimizer(list(self.model.parameters()))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # Fresh optimizer moments (new peer, restart) take large first steps: ramp the rate up.
@@ -141,12 +141,12 @@ class Trainer:
     def apply_delta(self, delta: torch.Tensor) -> None:
         with self.lock:
             self.flat.add_(delta)
-            self.mixed_in.add_(delta)
+            self.base.add_(delta)
             self.version += 1
 
     def load_flat(self, values: torch.Tensor) -> None:
         with self.lock:
-            self.mixed_in.add_(values - self.flat)
+            self.base.sub_(self.flat).add_(values)  # base += values - flat, with no temporary
             self.flat.copy_(values)
             self.version += 1
 
@@ -156,21 +156,27 @@ class Trainer:
             return self._history()
 
     def _history(self) -> torch.Tensor:
-        # one new vector: (flat - origin) - mixed_in formed in place, bit for bit the same
-        return torch.sub(self.flat, self.origin).sub_(self.mixed_in)
+        return self.flat - self.base
 
     def sketch_history(self, sketcher) -> torch.Tensor:
         """`sketcher(self.history())` (a `peer.aggregation.sybil.Sketcher`), slice by slice: no
         model-sized temporary."""
         with self.lock:
-            return sketcher.of_difference(self.flat, self.origin, self.mixed_in)
+            return sketcher.of_difference(self.flat, self.base)
 
     def state_dict(self) -> dict[str, Any]:
+        """Copies taken under the lock, at one step boundary: the caller may write them from
+        another thread while training goes on. `Optimizer.state_dict()` returns the live moment
+        tensors, which the next step updates in place, so they are cloned too (for Adam, two
+        model-sized copies, freed once the checkpoint is written)."""
         with self.lock:
+            optimizer = self.optimizer.state_dict()
+            optimizer["state"] = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                                  for i, entry in optimizer["state"].items()}
             return {
                 "flat": self.flat.clone(),
                 "history": self._history(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "step": self.step,
                 "samples": self.samples,
                 "metrics": dict(self.metrics),
@@ -210,8 +216,7 @@ class Trainer:
         with self.lock:
             self.flat.copy_(state["flat"])
             history = state.get("history")
-            self.origin = self.flat - history if history is not None and history.shape == self.flat.shape else self.flat.clone()
-            self.mixed_in.zero_()
+            self.base = self.flat - history if history is not None and history.shape == self.flat.shape else self.flat.clone()
             self.optimizer.load_state_dict(state["optimizer"])
             for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
                 g["lr"] = lr  # the schedule sets it each step from the base rate

@@ -466,17 +466,17 @@ def test_sketch_is_linear(d, k, seed, data):
 @pytest.mark.parametrize("d,k,dtype", [(1, 512, torch.float32), (1000, 512, torch.float32), (3001, 7, torch.float64),
                                        (600_001, SKETCH_DIM, torch.float32)])
 def test_sketch_of_a_difference_is_the_sketch_of_the_difference_bit_for_bit(d, k, dtype):
-    """`of_difference(a, b, c)` forms a - b - c slice by slice (no d-sized temporary, several
-    slices at 600k) and gives exactly `s(a - b - c)`; shared sketchers are one object per
-    (dim, k, seed) while one is alive."""
+    """`of_difference(a, b)` forms a - b slice by slice (no d-sized temporary, several slices at
+    600k) and gives exactly `s(a - b)`; shared sketchers are one object per (dim, k, seed) while
+    one is alive."""
     gen = torch.Generator().manual_seed(d)
-    a, b, c = (torch.randn(d, generator=gen, dtype=dtype) for _ in range(3))
+    a, b = (torch.randn(d, generator=gen, dtype=dtype) for _ in range(2))
     s = Sketcher(d, k=k)
-    want = s(a - b - c)
-    got = s.of_difference(a, b, c)
+    want = s(a - b)
+    got = s.of_difference(a, b)
     assert got.dtype == want.dtype and torch.equal(got, want)
     with pytest.raises(ValueError):
-        s.of_difference(a, b, c[:-1] if d > 1 else torch.zeros(2))
+        s.of_difference(a, b[:-1] if d > 1 else torch.zeros(2))
     shared = shared_sketcher(d, k)
     assert shared_sketcher(d, k) is shared and shared_sketcher(d, k, seed=1) is not shared
     assert torch.equal(shared.signs, s.signs)
@@ -660,3 +660,16 @@ def test_a_round_with_no_local_step_is_not_a_movement():
     own = model + 0.5 * torch.randn(100, generator=gen) / 10  # a real step: ~0.5 of movement
     rule(own, [own + torch.randn(100, generator=gen) for _ in ids], ctx)
     assert 0.2 < rule.cap.movement() < 1.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_sliced_median_equals_the_whole_sort_and_may_write_into_an_input(n, monkeypatch):
+    """The median is computed slice by slice (no stack of whole models): every slice boundary,
+    and writing the result into the first input, give the same bits as one sort of the stack."""
+    monkeypatch.setattr(baselines, "MEDIAN_SLICE", 7)
+    xs = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    s = torch.stack(xs).sort(0).values
+    whole = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    assert torch.equal(baselines.coordinate_median(xs), whole)
+    first = xs[0]
+    assert baselines.coordinate_median(xs, out=first) is first and torch.equal(first, whole)

@@ -113,6 +113,22 @@ def test_probe_scores_a_flipped_label_model_far_worse_than_an_honest_one():
     assert LossProbe(own_task).untrained_loss == 0.0
 
 
+def test_loss_probe_scores_in_place_and_keeps_no_scored_model_alive():
+    """The probe scores a model through views of its buffer (no copy), and lets go of the buffer
+    afterwards: a probe that kept the last scored model alive costs a model copy per peer."""
+    task = load_task("mnist1d-cnn")
+    probe = LossProbe(task, samples=64)
+    assert sum(p.untyped_storage().nbytes() for p in probe.model.parameters()) <= 4 * len(probe.shapes)
+    reference = task.make_model().eval()
+    model = torch.nn.utils.parameters_to_vector(reference.parameters()).detach().clone()
+    with torch.no_grad():
+        expected = float(task.loss_fn(reference(probe.x), probe.y))
+    assert probe.loss(model) == pytest.approx(expected, rel=1e-6)
+    storages = {p.untyped_storage().data_ptr() for p in probe.model.parameters()}
+    assert model.untyped_storage().data_ptr() not in storages  # nothing points into the scored buffer
+    assert sum(p.untyped_storage().nbytes() for p in probe.model.parameters()) <= 4 * len(probe.shapes)
+
+
 def test_default_rule_gives_a_screened_partner_weight_zero_and_refuses_bad_lengths():
     rule = make_aggregator("sybilwall+scc")
     own = torch.zeros(64)

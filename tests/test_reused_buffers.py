@@ -206,7 +206,7 @@ async def test_daemon_and_its_rule_share_one_sketcher_and_the_history_sketch_nee
     t = puller.trainer
     assert not torch.equal(t.history(), torch.zeros(numel))  # trained and mixed: a real history
     assert torch.equal(t.sketch_history(puller.sketcher).view(torch.int32), puller.sketcher(t.history()).view(torch.int32))
-    assert torch.equal(t.history(), t.flat - t.origin - t.mixed_in)
+    assert torch.equal(t.history(), t.flat - t.base)
     for d in (server, puller):
         await d.transport.stop()
 
@@ -243,3 +243,23 @@ async def test_checkpoint_writes_the_live_outer_state_and_keeps_rounds_out_until
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not d._round_lock.locked()
+
+
+def test_trainer_state_is_a_copy_that_later_steps_cannot_tear():
+    """A checkpoint is written from a thread while training steps on. Every tensor of the state
+    (model, history and the optimizer's moments) must be the values of the one step boundary at
+    which it was taken, so a step after `state_dict()` changes none of them."""
+    t = Trainer(load_task("digits-mlp"), seed=0)
+    for _ in range(3):
+        t.train_step()
+    state = t.state_dict()
+    moments = [v for entry in state["optimizer"]["state"].values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    assert len(moments) >= 2 * len(state["optimizer"]["state"])  # Adam: exp_avg, exp_avg_sq (and step)
+    frozen = [v.clone() for v in moments]
+    flat, history = state["flat"].clone(), state["history"].clone()
+    for _ in range(3):
+        t.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(moments, frozen))
+    assert torch.equal(state["flat"], flat) and torch.equal(state["history"], history)
+    live = [v for entry in t.optimizer.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    assert not any(torch.equal(a, b) for a, b in zip(live, frozen) if a.dim() > 0)  # the steps did move them

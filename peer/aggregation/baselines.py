@@ -36,16 +36,24 @@ def mean(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return _stack(xs).mean(0)
 
 
-def coordinate_median(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Median per coordinate; for an even count, the mean of the two middle values (numpy's rule)."""
-    x = _stack(xs)
-    n = x.shape[0]
-    if n == 1:
-        return x[0].clone()
-    s = x.sort(0).values
-    if n % 2:
-        return s[n // 2].clone()
-    return (s[n // 2 - 1] + s[n // 2]) / 2
+MEDIAN_SLICE = 1 << 18  # coordinates per slice: the sort's temporaries stay a few MB at any model size
+
+
+def coordinate_median(xs: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Median per coordinate; for an even count, the mean of the two middle values (numpy's rule).
+
+    Worked slice by slice, so the only model-sized memory is the result: a stack and sort of n
+    whole models would hold about 4n copies. `out` (a fresh tensor when None) may be one of the
+    inputs: each slice is read whole before it is written."""
+    if len(xs) == 0:
+        raise ValueError("no inputs to aggregate")
+    n, d = len(xs), xs[0].shape[0]
+    out = torch.empty_like(xs[0]) if out is None else out
+    for a in range(0, d, MEDIAN_SLICE):
+        b = min(a + MEDIAN_SLICE, d)
+        s = torch.stack([x[a:b] for x in xs]).sort(0).values
+        out[a:b] = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return out
 
 
 def trimmed_mean(xs: Sequence[torch.Tensor], f: int) -> torch.Tensor:

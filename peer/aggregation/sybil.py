@@ -49,17 +49,17 @@ class Sketcher:
         x = x.reshape(-1)
         return self._sketch(lambda lo, hi, out: torch.mul(x[lo:hi], self.signs[lo:hi], out=out), x.dtype)
 
-    def of_difference(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The sketch of a - b - c, bit for bit `self(a - b - c)`, without the d-sized
-        difference: each slice of it is formed in a slice buffer."""
-        if not a.numel() == b.numel() == c.numel() == self.dim:
-            raise ValueError(f"sketch of {a.numel()}-, {b.numel()}- and {c.numel()}-vectors with a {self.dim}-sketcher")
-        a, b, c = a.reshape(-1), b.reshape(-1), c.reshape(-1)
+    def of_difference(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The sketch of a - b, bit for bit `self(a - b)`, without the d-sized difference: each
+        slice of it is formed in a slice buffer."""
+        if not a.numel() == b.numel() == self.dim:
+            raise ValueError(f"sketch of {a.numel()}- and {b.numel()}-vectors with a {self.dim}-sketcher")
+        a, b = a.reshape(-1), b.reshape(-1)
 
         def fill(lo: int, hi: int, out: torch.Tensor) -> None:
-            torch.sub(a[lo:hi], b[lo:hi], out=out).sub_(c[lo:hi]).mul_(self.signs[lo:hi])
+            torch.sub(a[lo:hi], b[lo:hi], out=out).mul_(self.signs[lo:hi])
 
-        return self._sketch(fill, torch.promote_types(torch.promote_types(a.dtype, b.dtype), c.dtype))
+        return self._sketch(fill, torch.promote_types(a.dtype, b.dtype))
 
     def _sketch(self, fill, dtype: torch.dtype) -> torch.Tensor:
         """Block sums of x * signs, where `fill(lo, hi, out)` writes x[lo:hi] * signs[lo:hi] into `out`."""
