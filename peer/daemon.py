@@ -351,22 +351,25 @@ class PeerDaemon(OuterRounds):
                 self.request_stop()
 
     # --- discovery -------------------------------------------------------------------------
-    def _record(self, state: str = "up") -> PeerRecord:
+    def _record(self, history: torch.Tensor, state: str = "up") -> PeerRecord:
         loss = self.trainer.last_loss  # unrounded: a small training loss would round to 0
         return PeerRecord(
             peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), task=self.task.name,
             step=self.trainer.step, samples_per_s=round(self.trainer.samples_per_s, 1),
             version=self.trainer.step, time=self.transport.now(), state=state,
-            history=self._history_sketch().to(torch.float16).numpy().tobytes(),
+            history=history.to(torch.float16).numpy().tobytes(),
             loss=loss if loss is not None and math.isfinite(loss) else None,
             accuracy=_finite(self.trainer.metrics.get("accuracy")),
         )
 
-    def _history_sketch(self) -> torch.Tensor:
+    async def _history_sketch(self) -> torch.Tensor:
         # a hostile behaviour sees the live peers' reported sketches (framing copies one); an
         # honest peer skips the lookup
         others = None if self.behaviour.honest else self.core.reported_sketches(self.transport.now())
-        return self.behaviour.report_history(self.trainer.sketch_history(self.sketcher), others)
+        # in a thread: it waits for the trainer's lock (up to one training step) and reads the
+        # whole model, neither of which the event loop may do
+        own = await asyncio.to_thread(self.trainer.sketch_history, self.sketcher)
+        return self.behaviour.report_history(own, others)
 
     async def _heartbeat_once(self) -> None:
         key = run_key(self.config.run_id)
@@ -376,8 +379,9 @@ class PeerDaemon(OuterRounds):
             news = relay_news(before, self.addrs, self.peer_id)
             if news is not None:  # at most one a minute: a reservation that flickers is not a flood
                 self.peer_log.info(("relayed addresses",), "%s", news)
+            record = self._record(await self._history_sketch())
             now = self.transport.now()
-            await self.transport.publish(key, self._record().to_wire(), now + 3 * self.config.heartbeat_s)
+            await self.transport.publish(key, record.to_wire(), now + 3 * self.config.heartbeat_s)
             live = self.core.records(await self.transport.lookup(key), self.transport.now())
             self.known_peers.note((i.record.peer_id, i.record.addrs) for i in live)
         except Exception as e:
@@ -564,7 +568,7 @@ class PeerDaemon(OuterRounds):
         # (no copies), and the state's copies (model, history) never meet an outer round's
         # temporaries. Training goes on meanwhile; only the next outer round waits.
         async with self._round_lock:  # model and outer state from between two outer rounds
-            state = self.trainer.state_dict()
+            state = await asyncio.to_thread(self.trainer.state_dict)  # waits for a step; copies the model
             if self.outer is not None:
                 state["outer"] = self.outer.state_dict(copy=False)
             state.update(run_id=self.config.run_id, task=self.task.name, peer_id=self.peer_id)

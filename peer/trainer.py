@@ -61,6 +61,45 @@ def lower_thread_priority(nice: int) -> int | None:
         return None
 
 
+class FairLock:
+    """A mutex granted in the order it was asked for.
+
+    The training thread takes the trainer's lock for every step and asks again as soon as it
+    lets go. `threading.Lock` is not fair: the thread that releases it usually wins the race to
+    take it again, so the event loop waiting for it (a heartbeat's history sketch, a snapshot for
+    a round) was seen to wait through hundreds of steps of a 25M-parameter model, long enough for
+    the peer's DHT record to expire. Here a waiter is served after at most the step in progress."""
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition(threading.Lock())
+        self._issued = 0  # tickets handed out
+        self._serving = 0  # the ticket that may hold the lock
+
+    def acquire(self) -> None:
+        with self._turns:
+            ticket = self._issued
+            self._issued += 1
+            while ticket != self._serving:
+                self._turns.wait()
+
+    def release(self) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+    def queued(self) -> int:
+        """Threads holding or waiting for the lock."""
+        with self._turns:
+            return self._issued - self._serving
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 # weight of the newest 1 s window in the reported samples/s: an evaluation, a checkpoint or a
 # gossip round's aggregation takes CPU from training for a moment, and `peer status` refreshing
 # every second would otherwise jump with each of them
@@ -87,7 +126,7 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # Fresh optimizer moments (new peer, restart) take large first steps: ramp the rate up.
         self.warmup_steps = warmup_steps
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self.step = 0
         self.version = 0  # bumped (under the lock) by every change to `flat`
         self.samples = 0

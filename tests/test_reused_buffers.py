@@ -8,6 +8,7 @@ overwrites. Each test here breaks on one of those.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -263,3 +264,37 @@ def test_trainer_state_is_a_copy_that_later_steps_cannot_tear():
     assert torch.equal(state["flat"], flat) and torch.equal(state["history"], history)
     live = [v for entry in t.optimizer.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
     assert not any(torch.equal(a, b) for a, b in zip(live, frozen) if a.dim() > 0)  # the steps did move them
+
+
+def test_trainer_lock_is_granted_in_order_so_a_busy_trainer_cannot_starve_a_waiter():
+    """The trainer takes its lock for every step and asks again at once. A thread that asked
+    while a step held it (the event loop's heartbeat, a round's snapshot) must get it before
+    the trainer's next step: with `threading.Lock` the releasing thread usually won, and a
+    heartbeat waited through hundreds of steps."""
+    import threading
+
+    from peer.trainer import FairLock
+
+    lock, order = FairLock(), []
+    lock.acquire()  # a training step in progress
+
+    def waiter(name: str) -> None:
+        with lock:
+            order.append(name)
+
+    threads = []
+    for name in ("heartbeat", "round"):
+        queued = lock.queued()
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while lock.queued() == queued and time.monotonic() < deadline:  # until it has its ticket
+            time.sleep(0.001)
+        assert lock.queued() == queued + 1
+    lock.release()
+    with lock:  # the trainer's next step asks again at once, and comes after both waiters
+        order.append("next step")
+    for t in threads:
+        t.join(10)
+    assert order == ["heartbeat", "round", "next step"] and lock.queued() == 0
+    assert isinstance(Trainer(load_task("digits-mlp"), seed=0).lock, FairLock)
