@@ -65,10 +65,10 @@ class FairLock:
     """A mutex granted in the order it was asked for.
 
     The training thread takes the trainer's lock for every step and asks again as soon as it
-    lets go. `threading.Lock` is not fair: the thread that releases it usually wins the race to
-    take it again, so the event loop waiting for it (a heartbeat's history sketch, a snapshot for
-    a round) was seen to wait through hundreds of steps of a 25M-parameter model, long enough for
-    the peer's DHT record to expire. Here a waiter is served after at most the step in progress."""
+    lets go. `threading.Lock` makes no promise of order, so the thread that releases it can win
+    the race to take it again, step after step, while another thread (a round's snapshot, a
+    heartbeat's history sketch) waits. Here a waiter is served after at most the step in
+    progress (`scripts/bench_lock.py` measures both)."""
 
     def __init__(self) -> None:
         self._turns = threading.Condition(threading.Lock())

@@ -269,8 +269,8 @@ def test_trainer_state_is_a_copy_that_later_steps_cannot_tear():
 def test_trainer_lock_is_granted_in_order_so_a_busy_trainer_cannot_starve_a_waiter():
     """The trainer takes its lock for every step and asks again at once. A thread that asked
     while a step held it (the event loop's heartbeat, a round's snapshot) must get it before
-    the trainer's next step: with `threading.Lock` the releasing thread usually won, and a
-    heartbeat waited through hundreds of steps."""
+    the trainer's next step (`threading.Lock` promises no order: the releasing thread may win
+    again and again)."""
     import threading
 
     from peer.trainer import FairLock
