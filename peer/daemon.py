@@ -335,6 +335,11 @@ class PeerDaemon(OuterRounds):
                     log.exception("gossip_round failed")
                 finally:
                     self.trainer.round_finished()
+                backlog = self.trainer.round_backlog
+                if backlog is not None and backlog.due > backlog.finished:
+                    # two rounds asked for before this loop woke set `due` once: each must still run,
+                    # or the trainer's last round is never run and a waiting trainer lags one forever
+                    due.set()
         finally:
             stop.cancel()
             self.trainer.on_steps = None

@@ -58,7 +58,8 @@ class OuterRounds:
             started = time.monotonic()
             # every stage that changes outer state runs in a worker thread, which a cancellation
             # cannot stop: each is shielded, and a failed or cancelled round waits for it
-            beginning = asyncio.ensure_future(asyncio.to_thread(outer.begin, self.trainer.snapshot(), self.trainer.step))
+            # the snapshot too: it waits for the trainer's step in progress, which the event loop must not
+            beginning = asyncio.ensure_future(asyncio.to_thread(lambda: outer.begin(self.trainer.snapshot(), self.trainer.step)))
             try:
                 rnd = await asyncio.shield(beginning)
             except asyncio.CancelledError:

@@ -189,3 +189,19 @@ async def test_a_round_cancelled_while_pulling_leaves_model_anchor_and_residual_
     torch.testing.assert_close(d.trainer.snapshot(), expected)  # fp32 sends everything: model = anchor
     await d.transport.stop()
     await t.stop()
+
+
+async def test_every_round_the_trainer_asked_for_runs_even_if_asked_twice_before_the_loop_woke(memory_swarm):
+    """A loaded event loop can wake once for two rounds the trainer asked for (an Event is set
+    twice). With `outer_wait_for_round` each must still run: a round left over is never run once
+    training stops, and a waiting trainer lags one round behind for the rest of the run."""
+    d = await memory_swarm.add("p0", max_steps=1, outer_every_steps=10, compression="int8", outer_wait_for_round=True)
+    await wait_until(lambda: d.trainer.done and d.trainer.on_steps is not None and d.trainer.round_backlog is not None,
+                     30, "the trainer to finish its one step")
+    backlog, notify = d.trainer.round_backlog, d.trainer.on_steps
+    assert backlog.due == backlog.finished == 0
+    for _ in range(2):  # what the training thread does at a due step, twice before the loop runs
+        backlog.due += 1
+        notify()
+    await wait_until(lambda: backlog.finished >= 2, 30, "both rounds")
+    assert backlog.due == backlog.finished == 2 and d.counters["rounds_no_partner"] == 2
