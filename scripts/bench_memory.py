@@ -8,19 +8,18 @@ Two real `peer join` daemons (p2pd on 127.0.0.1) train an MLP of the given size 
 consensus round every 2nd round, until each has done 4 outer rounds (pseudo-gradient and anchor
 rounds both), and one checkpoint. The figure is each daemon's peak resident memory (`VmHWM` of
 the Python process; p2pd's separately), divided by one float32 copy of the model (4 bytes x
-parameters). Two peers of 100M need about 2 x 12 GB at the measured rate: more than a 24 GB
-machine has beside the rest.
+parameters). Two peers of 100M peaked at 6.9 and 6.4 GB (docs/benchmarks.md).
 
 What holds model-sized memory (read from the code, and measured stage by stage): between rounds
-the flat parameters, the gradient, two Adam moments, the update history's origin and mixed-in
-sum (`Trainer`), the evaluation copy, the loss probe's model, the sketch signs (one vector, shared
-by the heartbeat's history sketch and the rule), the outer anchor and momentum (11), and the
-round buffers reused every round: one receive buffer per partner and the rule's output (13 with
-one partner). During a round: our candidate model (`OuterRound.own_model`), and in a consensus
+the flat parameters, the gradient, two Adam moments, the update history's base (`Trainer`), the
+evaluation copy, the sketch signs (one vector, shared by the heartbeat's history sketch and the
+rule), the outer anchor and momentum (9), and the round buffers reused every round: one receive
+buffer per partner and the rule's output (11 with one partner). The loss probe scores models
+through views of them and holds none. During a round: our candidate model (`OuterRound.own_model`), and in a consensus
 round the outer step's difference; every other temporary of a round (top-k selection,
 int8 (de)quantisation, the rule, the history sketch) works in slices of a few MB. During a
-checkpoint: copies of the model and of the history handed to the writer thread (it reads the
-live anchor and momentum, with rounds held off until it is done). The task's optimizer step adds
+checkpoint: copies of the model, the history and the optimizer's moments handed to the writer
+thread (it reads the live anchor and momentum, with rounds held off until it is done). The task's optimizer step adds
 its own temporaries (Adam: about one copy of the largest parameter, 0.8 of the model here).
 """
 
