@@ -71,3 +71,9 @@ class RoundBacklog:
 
     def may_step(self) -> bool:
         return self.due - self.finished <= self.max_unfinished
+
+    def owed(self) -> bool:
+        """Whether a round asked for has not run yet. The round loop runs one exactly when this
+        is true: its wake-ups coalesce (two asks, one wake-up) and can come late (a wake-up for a
+        round already run), and either would put this peer's outer steps out of step with H."""
+        return self.due > self.finished

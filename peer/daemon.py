@@ -329,14 +329,16 @@ class PeerDaemon(OuterRounds):
                 if self._stop.is_set():
                     return
                 due.clear()
+                backlog = self.trainer.round_backlog
+                if backlog is not None and not backlog.owed():
+                    continue  # a late wake-up for a round already run
                 try:
                     await self.gossip_round()
                 except Exception:  # a bug in one round is logged, the daemon keeps going
                     log.exception("gossip_round failed")
                 finally:
                     self.trainer.round_finished()
-                backlog = self.trainer.round_backlog
-                if backlog is not None and backlog.due > backlog.finished:
+                if backlog is not None and backlog.owed():
                     # two rounds asked for before this loop woke set `due` once: each must still run,
                     # or the trainer's last round is never run and a waiting trainer lags one forever
                     due.set()

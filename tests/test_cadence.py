@@ -65,6 +65,9 @@ def test_a_backlog_of_one_lets_training_run_one_round_ahead():
     assert not b.may_step()
     b.finished = 1
     assert b.may_step()
+    assert b.owed()  # round 2 was asked for and has not run: the round loop runs it
+    b.finished = 2
+    assert not b.owed()  # a late wake-up now runs no round
     with pytest.raises(ValueError, match="max_unfinished"):
         RoundBacklog(max_unfinished=0)
 
