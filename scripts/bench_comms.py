@@ -20,8 +20,9 @@ Every peer stops training after `--steps` inner steps. Figures:
     utilisation_capped    the worst peer's fraction of wall time in training steps in (a')
 
 Loss against wall time and against bytes sent go to the JSON (`curves`) and to a PNG.
-`--compare SPEC...` runs only (a), with the task's default compression and with each SPEC, side
-by side (final loss, bytes per step, utilisation), to choose a default.
+`--compare [SPEC...]` runs only (a), with the task's default compression and with each SPEC, side
+by side (final loss, bytes per step, utilisation), to choose a default; with `--capped`, each of
+them as (a'), in the capped namespaces.
 """
 
 from __future__ import annotations
@@ -268,24 +269,38 @@ if __name__ == "__main__":
     ap.add_argument("--outer-momentum", type=float, default=None)
     ap.add_argument("--compression", default="fp32", help="--diloco-only: e.g. int8, topk-int8:0.0156")
     ap.add_argument("--central", action="store_true", help="--diloco-only: also (d)")
-    ap.add_argument("--compare", nargs="+", metavar="SPEC", default=None,
+    ap.add_argument("--compare", nargs="*", metavar="SPEC", default=None,
                     help="only (a), side by side: the task's default compression, then (a) with each SPEC "
                          "(`peer join --compression SPEC`), in this order; --reverse runs them the other way")
     ap.add_argument("--reverse", action="store_true", help="--compare: the SPECs first, the default last")
+    ap.add_argument("--capped", action="store_true", help="--compare: every run as (a'), capped at --cap-mbit")
     args = ap.parse_args()
-    if args.compare:
+    if args.compare is not None:
+        from peer.experiment import network
+
         tmp = Path(tempfile.mkdtemp(prefix="bench-comms-compare-"))
         runs = [("default", [])] + [(spec, ["--compression", spec]) for spec in args.compare]
         out = {}
+        if args.capped and (why := network.probe(need_netem=False)) is not None:
+            sys.exit(f"--capped needs network namespaces with tc tbf: {why}")
         try:
             for name, extra in (runs[::-1] if args.reverse else runs):
-                r = run_swarm(tmp / f"run{len(out)}", args.task, args.peers, args.steps, extra)
+                ns = network.Namespaces() if args.capped else None
+                if ns is not None:
+                    ns.up()
+                try:
+                    r = run_swarm(tmp / f"run{len(out)}", args.task, args.peers, args.steps, extra,
+                                  netns=ns, cap_mbit=args.cap_mbit if ns is not None else 0)
+                finally:
+                    if ns is not None:
+                        ns.down()
                 out[name] = {"final_loss": round(r["final_loss"], 4), "bytes_sent_per_step": round(r["bytes_sent_per_step"], 1),
                              "utilisation_worst": r["utilisation_worst"], "wall_s": r["wall_s"]}
                 print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(json.dumps({"task": args.task, "peers": args.peers, "steps": args.steps, "runs": out}))
+        print(json.dumps({"task": args.task, "peers": args.peers, "steps": args.steps,
+                          "cap_mbit": args.cap_mbit if args.capped else None, "runs": out}))
         sys.exit(0)
     if args.diloco_only:
         ev = max(args.steps // 6, 1)
