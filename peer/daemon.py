@@ -225,8 +225,11 @@ class PeerDaemon(OuterRounds):
             if started:
                 await self._checkpoint()
             self._write_metrics("leave")
-            with contextlib.suppress(Exception):
+            try:  # without it, partners drop us when the last record expires (3 heartbeats)
                 await asyncio.wait_for(self._withdraw(), timeout=5)
+            except Exception as e:
+                log.warning("could not tell the swarm this peer left (%s); its record expires in %.0f s",
+                            str(e) or type(e).__name__, 3 * self.config.heartbeat_s)
             if control is not None:
                 control.close()
                 with contextlib.suppress(FileNotFoundError):
@@ -400,8 +403,9 @@ class PeerDaemon(OuterRounds):
             self.exporter.update(self.status())
 
     async def _withdraw(self) -> None:
+        record = self._record(await self._history_sketch(), state="left")
         now = self.transport.now()
-        await self.transport.publish(run_key(self.config.run_id), self._record("left").to_wire(), now + 3 * self.config.heartbeat_s)
+        await self.transport.publish(run_key(self.config.run_id), record.to_wire(), now + 3 * self.config.heartbeat_s)
 
     # --- gossip ----------------------------------------------------------------------------
     def pull_model(self, peer_id: str, addrs: list[str] | None = None,

@@ -54,6 +54,8 @@ async def test_stopped_peer_disappears_and_survivors_keep_gossiping(memory_swarm
     await wait_until(lambda: len(a.core.view.live(a.transport.now())) == 2, 10, "a to see b and c")
     assert await memory_swarm.stop("c") == 0
     # graceful leave publishes a 'left' record: gone from the view at the next heartbeat
+    stored = await a.transport.lookup(run_key(a.config.run_id))
+    assert [PeerRecord.from_wire(r.value).state for r in stored if r.owner == "c"] == ["left"]
     await wait_until(lambda: [i.record.peer_id for i in a.core.view.live(a.transport.now())] == ["b"], 5, "c to disappear")
     before = a.counters["rounds_ok"]
     await wait_until(lambda: a.counters["rounds_ok"] > before + 3, 10, "a to keep mixing with b")
