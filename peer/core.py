@@ -191,8 +191,7 @@ class PeerCore:
             log.info("rejected model from %s: %s", peer_id[:12], reason)
             return False
         self.view.mark_proven(peer_id)
-        self.reputation.reward(peer_id, now)
-        return True
+        return True  # earns reputation only once the rule mixes it (`mixed`)
 
     def remember_outer(self, peer_id: str, outer_step: int) -> None:
         """The partner's outer step we pulled last (sent back as `since`); bounded."""
@@ -240,6 +239,11 @@ class PeerCore:
                 self.penalise(p, "distrusted", "refused by the aggregation rule", now)
             else:
                 self.picker.succeeded(p)
+                if p not in result.refused:
+                    # the reward comes here, not when the pull validated: a partner the rule
+                    # refuses every round then only loses score and is banned, where a bonus
+                    # for each valid pull cancelled each refusal's penalty
+                    self.reputation.reward(p, now)
         self.stats.counters["rounds_ok"] += 1
         report = {"partners": ids, "weights": [round(w, 3) for w in result.weights], "tau": result.radius,
                   "sybil_checks": {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}}

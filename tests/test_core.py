@@ -69,6 +69,24 @@ def test_accept_refuses_a_non_finite_model_and_rewards_a_good_one(tmp_path):
     assert c.accept("good", own, torch.ones(8), now)
 
 
+def test_a_partner_the_rule_refuses_every_round_is_banned_though_each_pull_validates(tmp_path):
+    """A valid pull earns nothing by itself: only a mixed partner is rewarded. Otherwise the
+    reward for each valid pull cancels each refusal's penalty and a partner refused on every
+    round is never banned; one mixed every other round keeps its standing."""
+    c = core(tmp_path)
+    now, own = 1000.0, torch.zeros(4)
+    for r in range(40):
+        now += 1.0
+        for p in ("always", "sometimes"):
+            assert c.accept(p, own, torch.ones(4), now)
+        refused = {"always": "sybil"} | ({"sometimes": "sybil"} if r % 2 else {})
+        result = Mix(torch.zeros(4), weights=[0.0 if p in refused else 0.5 for p in ("always", "sometimes")],
+                     refused=refused, distrusted=list(refused), radius=1.0)
+        c.mixed(result, c.round_context(["always", "sometimes"], now), now)
+    assert c.reputation.banned("always", now) and not c.reputation.banned("sometimes", now)
+    assert c.reputation.score("sometimes", now) > 0.5
+
+
 def test_mixed_counts_refusals_and_penalises_only_the_distrusted(tmp_path):
     c = core(tmp_path)
     now = 1000.0
