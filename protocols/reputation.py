@@ -5,7 +5,9 @@ the picker's back-off spaces out retries to a peer that failed once (it may just
 reputation remembers a pattern and cuts a peer off entirely, both as a partner and as a client of
 our model server, until a cool-down passes.
 
-Scores start at 1.0 (`INITIAL`). Each event subtracts its penalty; a success adds a little back.
+Scores start at 1.0 (`INITIAL`). Each event subtracts its penalty; a partner the aggregation rule
+mixed adds a little back (`PeerCore.mixed`; a pull that merely validated earns nothing, so a
+partner the rule refuses on every round only loses score).
 Scores recover linearly toward 1.0 with time, so an honest peer that timed out a few times during
 a bad minute is forgiven, while a peer that keeps sending garbage stays under the threshold. A ban
 lasts `ban_s`, doubling for each repeat ban up to `max_ban_s`. The table is bounded: when it is
