@@ -21,14 +21,16 @@ Every peer stops training after `--steps` inner steps. Figures:
 
 Loss against wall time and against bytes sent go to the JSON (`curves`) and to a PNG.
 `--compare [SPEC...]` runs only (a), with the task's default compression and with each SPEC, side
-by side (final loss, bytes per step, utilisation), to choose a default; with `--capped`, each of
-them as (a'), in the capped namespaces.
+by side (final loss, bytes per step, utilisation), to choose a default; `--compare-flags 'FLAGS'`
+adds runs with other `peer join` flags (e.g. `'--outer-lr 1.0'`); with `--capped`, each of them
+as (a'), in the capped namespaces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -274,12 +276,15 @@ if __name__ == "__main__":
                          "(`peer join --compression SPEC`), in this order; --reverse runs them the other way")
     ap.add_argument("--reverse", action="store_true", help="--compare: the SPECs first, the default last")
     ap.add_argument("--capped", action="store_true", help="--compare: every run as (a'), capped at --cap-mbit")
+    ap.add_argument("--compare-flags", nargs="+", metavar="FLAGS", default=(),
+                    help="--compare: also runs with these `peer join` flags, each one quoted string")
     args = ap.parse_args()
     if args.compare is not None:
         from peer.experiment import network
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-comms-compare-"))
-        runs = [("default", [])] + [(spec, ["--compression", spec]) for spec in args.compare]
+        runs = ([("default", [])] + [(spec, ["--compression", spec]) for spec in args.compare]
+                + [(flags, shlex.split(flags)) for flags in args.compare_flags])
         out = {}
         if args.capped and (why := network.probe(need_netem=False)) is not None:
             sys.exit(f"--capped needs network namespaces with tc tbf: {why}")
