@@ -361,7 +361,8 @@ class PeerDaemon(OuterRounds):
                 self.request_stop()
 
     # --- discovery -------------------------------------------------------------------------
-    def _record(self, history: torch.Tensor, state: str = "up") -> PeerRecord:
+    async def _record(self, state: str = "up") -> PeerRecord:
+        history = await self._history_sketch()
         loss = self.trainer.last_loss  # unrounded: a small training loss would round to 0
         return PeerRecord(
             peer_id=self.peer_id, addrs=tuple(self.addrs[:16]), task=self.task.name,
@@ -389,7 +390,7 @@ class PeerDaemon(OuterRounds):
             news = relay_news(before, self.addrs, self.peer_id)
             if news is not None:  # at most one a minute: a reservation that flickers is not a flood
                 self.peer_log.info(("relayed addresses",), "%s", news)
-            record = self._record(await self._history_sketch())
+            record = await self._record()
             now = self.transport.now()
             await self.transport.publish(key, record.to_wire(), now + 3 * self.config.heartbeat_s)
             live = self.core.records(await self.transport.lookup(key), self.transport.now())
@@ -403,7 +404,7 @@ class PeerDaemon(OuterRounds):
             self.exporter.update(self.status())
 
     async def _withdraw(self) -> None:
-        record = self._record(await self._history_sketch(), state="left")
+        record = await self._record("left")
         now = self.transport.now()
         await self.transport.publish(run_key(self.config.run_id), record.to_wire(), now + 3 * self.config.heartbeat_s)
 

@@ -27,6 +27,8 @@ class LossProbe:
         self.model = task.make_model().eval()
         self.params = list(self.model.parameters())
         self.shapes = [p.shape for p in self.params]
+        # what each parameter points at between scores: one float seen at its shape (stride 0)
+        self._idle = [torch.zeros(1, dtype=p.dtype).expand(p.shape) for p in self.params]
         initial = torch.nn.utils.parameters_to_vector(self.params)
         self._release()
         n = len(task.y_train)
@@ -43,8 +45,8 @@ class LossProbe:
             self.untrained_loss = 0.0
 
     def _release(self) -> None:
-        for p, shape in zip(self.params, self.shapes):
-            p.data = torch.zeros(1, dtype=p.dtype).expand(shape)
+        for p, idle in zip(self.params, self._idle):
+            p.data = idle
 
     @torch.no_grad()
     def loss(self, flat: torch.Tensor) -> float:
