@@ -28,6 +28,7 @@ as (a'), in the capped namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -224,13 +225,9 @@ def run(task: str = "lm-tiny", peers: int = 4, steps: int = 600, cap_mbit: float
         if capped:
             capped_note = network.probe(need_netem=False)
             if capped_note is None:
-                ns = network.Namespaces()
-                ns.up()
-                try:
+                with network.Namespaces() as ns:
                     results[f"(a') ours, {cap_mbit:g} Mbit/s"] = run_swarm(tmp / "cap", task, peers, steps, list(ours_args),
                                                                           netns=ns, cap_mbit=cap_mbit)
-                finally:
-                    ns.down()
             else:
                 print(f"capped run skipped: {capped_note}", file=sys.stderr)
     finally:
@@ -290,15 +287,9 @@ if __name__ == "__main__":
             sys.exit(f"--capped needs network namespaces with tc tbf: {why}")
         try:
             for name, extra in (runs[::-1] if args.reverse else runs):
-                ns = network.Namespaces() if args.capped else None
-                if ns is not None:
-                    ns.up()
-                try:
+                with network.Namespaces() if args.capped else contextlib.nullcontext() as ns:
                     r = run_swarm(tmp / f"run{len(out)}", args.task, args.peers, args.steps, extra,
                                   netns=ns, cap_mbit=args.cap_mbit if ns is not None else 0)
-                finally:
-                    if ns is not None:
-                        ns.down()
                 out[name] = {"final_loss": round(r["final_loss"], 4), "bytes_sent_per_step": round(r["bytes_sent_per_step"], 1),
                              "utilisation_worst": r["utilisation_worst"], "wall_s": r["wall_s"]}
                 print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)

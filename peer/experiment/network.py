@@ -249,6 +249,13 @@ class Namespaces:
             return f"the delay switch exited with code {self.switch.returncode}: {self.switch.stderr.read().strip()[-300:]}"
         return None
 
+    def __enter__(self) -> Namespaces:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
     def down(self) -> dict | None:
         """Remove everything; return the delay switch's counters (None on the bridge path)."""
         if self.switch is not None:
