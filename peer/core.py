@@ -222,8 +222,8 @@ class PeerCore:
         return self.aggregator(own, models, ctx, out=out), probe
 
     def mixed(self, result: Mix, ctx: RoundContext, now: float) -> dict[str, Any]:
-        """What a finished mix teaches: refusals counted by why, distrusted partners backed off and
-        penalised, the others' back-off cleared. Returns the round's report for `peer status`,
+        """What a finished mix teaches: refusals counted by why, distrusted partners drawn less
+        often and penalised, mixed partners drawn more often and rewarded. Returns the round's report for `peer status`,
         which the caller stores in `last_round` once the whole round is over (status never shows
         a round half done)."""
         ids = list(ctx.partner_ids)
@@ -231,19 +231,19 @@ class PeerCore:
         for why in result.refused.values():
             self.stats.refused[why] += 1
         for p in ids:
+            self.picker.succeeded(p)  # the pull arrived
             if p in distrusted:
                 if p not in self.distrusted and len(self.distrusted) >= MAX_TRACKED:
                     self.distrusted.pop(min(self.distrusted, key=self.distrusted.get))
                 self.distrusted[p] = self.distrusted.get(p, 0) + 1
-                self.picker.failed(p, now)
+                self.picker.refused(p, now)  # drawn half as often
                 self.penalise(p, "distrusted", "refused by the aggregation rule", now)
-            else:
-                self.picker.succeeded(p)
-                if p not in result.refused:
-                    # the reward comes here, not when the pull validated: a partner the rule
-                    # refuses every round then only loses score and is banned, where a bonus
-                    # for each valid pull cancelled each refusal's penalty
-                    self.reputation.reward(p, now)
+            elif p not in result.refused:
+                # the reward comes here, not when the pull validated: a partner the rule
+                # refuses every round then only loses score and is banned, where a bonus
+                # for each valid pull cancelled each refusal's penalty
+                self.picker.mixed(p)
+                self.reputation.reward(p, now)
         self.stats.counters["rounds_ok"] += 1
         report = {"partners": ids, "weights": [round(w, 3) for w in result.weights], "tau": result.radius,
                   "sybil_checks": {p[:12]: {k: _finite(v) for k, v in f.items()} for p, f in result.checks.items()}}

@@ -140,13 +140,36 @@ def check_model_header(header: dict[str, Any], expected: list[TensorSpec], limit
 
 @dataclass
 class _Backoff:
-    failures: int = 0
+    failures: int = 0  # network failures in a row (a time back-off)
     until: float = 0.0
+    refusals: int = 0  # the rule's refusals of its model, net of the rounds it was mixed
+
+    def idle(self, now: float) -> bool:
+        return self.until <= now and not self.refusals
+
+
+# a partner's chance to be picked halves with each net refusal, down to 2^-MAX_REFUSALS of a
+# partner with none
+MAX_REFUSALS = 10
 
 
 @dataclass
 class PartnerPicker:
-    """Chooses gossip partners; remembers failures to avoid hammering dead or broken peers."""
+    """Chooses gossip partners; remembers failures to avoid hammering dead or broken peers, and
+    refusals to spend fewer pulls on partners the rule will not mix.
+
+    Two memories, for two kinds of evidence:
+
+    - a pull that failed on the network backs the peer off in time (2 s, doubling to 60 s): a dead
+      or overloaded peer is not worth asking again at once;
+    - a model the rule refused as a Sybil or an outlier halves the partner's weight in the draw,
+      a model it mixed doubles it back (never above 1). A peer meets a given partner only about
+      every n / k rounds, so a back-off in seconds ran out long before the next meeting and the
+      refused attackers kept their share of the pulls (a 30 % Byzantine swarm of 20: 24-30 % of
+      honest pulls went to attackers whatever the rule did with them; docs/robustness.md). A
+      weight never reaches 0, so a small swarm whose rule refuses honest partners now and then
+      never leaves a peer without partners, as a back-off of all of them did.
+    """
 
     k: int
     rng: random.Random = field(default_factory=random.Random)
@@ -159,23 +182,56 @@ class PartnerPicker:
         state = self._state  # O(candidates) per round at 1,000 peers: no allocation per candidate
         usable = [p for p in candidates if p not in state or state[p].until <= now]
         usable.sort()  # deterministic given the RNG, whatever order the DHT returned
-        return self.rng.sample(usable, min(self.k, len(usable)))
+        k = min(self.k, len(usable))
+        refused = [state[p].refusals if p in state else 0 for p in usable]
+        if not any(refused):
+            return self.rng.sample(usable, k)
+        # weighted draw without replacement, weight 2^-refusals (Efraimidis and Spirakis: the k
+        # largest u^(1/weight), u uniform)
+        keys = sorted(((self.rng.random() ** (2.0 ** r), p) for r, p in zip(refused, usable)), reverse=True)
+        return [p for _, p in keys[:k]]
 
-    def failed(self, peer: str, now: float) -> float:
-        """Record a failure; returns how long the peer is skipped for."""
+    def _entry(self, peer: str, now: float) -> _Backoff:
         if peer not in self._state and len(self._state) >= self.max_entries:
-            # bounded memory under a flood of identities: forget back-offs that have run out
-            self._state = {p: s for p, s in self._state.items() if s.until > now}
+            # bounded memory under a flood of identities: forget entries with nothing left to
+            # say, then the back-off that ends first
+            self._state = {p: s for p, s in self._state.items() if not s.idle(now)}
             if len(self._state) >= self.max_entries:
                 self._state.pop(min(self._state, key=lambda p: self._state[p].until))
-        st = self._state.setdefault(peer, _Backoff())
+        return self._state.setdefault(peer, _Backoff())
+
+    def failed(self, peer: str, now: float) -> float:
+        """Record a network failure; returns how long the peer is skipped for."""
+        st = self._entry(peer, now)
         st.failures += 1
         delay = min(self.max_backoff, self.base_backoff * 2 ** (st.failures - 1))
         st.until = now + delay
         return delay
 
     def succeeded(self, peer: str) -> None:
-        self._state.pop(peer, None)
+        """A pull that arrived: the time back-off ends (refusals are kept)."""
+        st = self._state.get(peer)
+        if st is not None:
+            st.failures, st.until = 0, 0.0
+            if not st.refusals:
+                del self._state[peer]
+
+    def refused(self, peer: str, now: float) -> None:
+        """The rule refused the partner's model (a Sybil, an outlier): half the weight in the draw."""
+        st = self._entry(peer, now)
+        st.refusals = min(MAX_REFUSALS, st.refusals + 1)
+
+    def mixed(self, peer: str) -> None:
+        """The rule mixed the partner's model: twice the weight, up to 1."""
+        st = self._state.get(peer)
+        if st is not None and st.refusals:
+            st.refusals -= 1
+            if not st.refusals and not st.failures:
+                del self._state[peer]
+
+    def refusals(self, peer: str) -> int:
+        st = self._state.get(peer)
+        return st.refusals if st is not None else 0
 
     def backing_off(self, now: float) -> list[str]:
         return [p for p, st in self._state.items() if st.until > now]

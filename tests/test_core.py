@@ -94,7 +94,9 @@ def test_mixed_counts_refusals_and_penalises_only_the_distrusted(tmp_path):
     result = Mix(torch.zeros(4), weights=[0.5, 0.0, 0.0], refused={"b": "loss", "c": "outlier"}, distrusted=["c"], radius=2.0)
     c.last_round = c.mixed(result, ctx, now)  # the caller stores it once the round is over
     assert c.stats.refused == {"loss": 1, "outlier": 1} and c.distrusted == {"c": 1}
-    assert c.picker.backing_off(now) == ["c"] and c.reputation.score("b", now) == 1.0 > c.reputation.score("c", now)
+    assert c.picker.backing_off(now) == [] and c.reputation.score("b", now) == 1.0 > c.reputation.score("c", now)
+    # only the distrusted partner is drawn less; the loss screen's cut is not held against it
+    assert c.picker.refusals("c") == 1 and c.picker.refusals("b") == 0 == c.picker.refusals("a")
     status = c.status(now)
     assert status["last_round"]["partners"] == ["a", "b", "c"] and status["last_round"]["clip_radius"] == 2.0
     assert status["refused"] == {"loss": 1, "outlier": 1} and c.stats.counters["rounds_ok"] == 1

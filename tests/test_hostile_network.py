@@ -351,6 +351,9 @@ def test_partner_backoff_table_is_bounded():
         picker.failed(f"sybil{i}", now=float(i))
     assert len(picker._state) <= 100
     assert "sybil999" in picker.backing_off(now=999.5)
+    for i in range(1000):
+        picker.refused(f"clone{i}", now=2000.0)
+    assert len(picker._state) <= 100 and picker.refusals("clone999") == 1
 
 
 def test_misbehaviour_log_lines_are_rate_limited(caplog):

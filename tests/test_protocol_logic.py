@@ -106,6 +106,36 @@ def test_picker_backs_off_failed_peers_exponentially():
     assert picker.backing_off(now=5) == []
 
 
+def test_picker_draws_refused_partners_less_and_mixed_ones_back_up():
+    peers = [f"p{i}" for i in range(10)]
+    picker = PartnerPicker(2, rng=random.Random(0))
+    for _ in range(3):
+        picker.refused("p3", now=0)
+    assert picker.backing_off(now=0) == [] and picker.refusals("p3") == 3
+    counts = {p: 0 for p in peers}
+    for _ in range(4000):
+        for p in picker.pick(peers, now=0):
+            counts[p] += 1
+    # weight 1/8 against 1 for the other 9: about 1/8 of their draws, never none
+    others = sum(counts[p] for p in peers if p != "p3") / 9
+    assert 0 < counts["p3"] < 0.2 * others, counts
+    picker.succeeded("p3")  # a pull that arrived clears a time back-off, not refusals
+    assert picker.refusals("p3") == 3
+    for _ in range(5):
+        picker.mixed("p3")
+    assert picker.refusals("p3") == 0 and "p3" not in picker._state
+
+
+def test_picker_never_leaves_a_small_swarm_without_partners():
+    """Every partner refused many times is still drawn: the rule may refuse honest peers of a
+    small swarm now and then, and a round with nobody to pull would isolate this peer."""
+    picker = PartnerPicker(2, rng=random.Random(0))
+    for p in ("a", "b", "c"):
+        for _ in range(20):
+            picker.refused(p, now=0)
+    assert len(picker.pick(["a", "b", "c"], now=0)) == 2
+
+
 def test_record_owner_is_the_peer_id_of_the_signing_key(tmp_path):
     from hivemind.dht.crypto import RSASignatureValidator
 

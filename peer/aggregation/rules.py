@@ -71,7 +71,7 @@ class Mix:
     model: torch.Tensor
     weights: list[float] = field(default_factory=list)  # each partner's mixing weight (0: not mixed)
     refused: dict[str, str] = field(default_factory=dict)  # unmixed partner -> outlier | loss | probation | sybil
-    distrusted: list[str] = field(default_factory=list)  # refused partners the daemon should back off
+    distrusted: list[str] = field(default_factory=list)  # refused partners the daemon should pull less
     radius: float = math.inf  # the clipping radius tau (inf: nothing clipped)
     checks: dict[str, dict[str, float]] = field(default_factory=dict)  # partner -> each Sybil check's factor
 
@@ -310,15 +310,15 @@ class WeightedGossip:
             # each other. Dropping it (and backing it off) kept such a pair at 82 % for 70 s in
             # tests/test_real_swarm.py (docs/benchmarks.md, convergence)
             dropped = [j for j, d in enumerate(dists) if d > far and unscreened[j] > 0 and j not in fine_on_our_data]
-            screened -= set(dropped)  # far away *and* bad on our data: an outlier, backed off
+            screened -= set(dropped)  # far away *and* bad on our data: an outlier, distrusted
             raw = [0.0 if j in dropped else r for j, r in enumerate(raw)]
         total = 1.0 + sum(raw)
         w = [r / total for r in raw]
         # partners this rule refused to mix (distance outliers, Sybil weight 0 after probation):
-        # the daemon backs them off, so later rounds spend their pulls on others
+        # the daemon draws them less often, so later rounds spend their pulls on others
         probation = scores.on_probation if scores is not None else set()
         # the loss screen judges one model at one moment (an honest partner's model spikes after
-        # a burst of local steps), not the peer: its cuts are not mixed, but not backed off either.
+        # a burst of local steps), not the peer: its cuts are not mixed, but not distrusted either.
         # Backing them off fed on itself: the window of deltas then saw only the partners still
         # pulled, and an IID swarm split into groups that cut each other and stalled at 83-86 %
         # (docs/benchmarks.md, convergence)

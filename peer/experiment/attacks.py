@@ -61,10 +61,11 @@ the median distance from `x_r` to the models in `seen`:
                    target's last model it pulled, so the target's and its observed deviations
                    align as well
 - poisoning:       partner-selection poisoning: serves ALIE and pulls from every live peer every
-                   round. `gossip.PartnerPicker` picks uniformly among live, unbanned, not
-                   backed-off peers, so the levers are (1) identities (the Byzantine count),
-                   (2) never being backed off (ALIE passes the screens at full weight, and the
-                   attacker answers every pull), (3) backing honest peers off: its pulls hold
+                   round. `gossip.PartnerPicker` picks among live, unbanned, not backed-off
+                   peers, with a weight halved per net refusal by the rule, so the levers are
+                   (1) identities (the Byzantine count), (2) never being refused or backed off
+                   (ALIE passes the screens at full weight, and the attacker answers every
+                   pull), (3) backing honest peers off: its pulls hold
                    honest peers' serving slots (`max_concurrent_serves`), which then refuse honest
                    requesters as busy, who back them off. Fresher records and answering fastest
                    buy nothing: a record is live or not (publishing more often only keeps it live),
