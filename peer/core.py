@@ -223,9 +223,9 @@ class PeerCore:
 
     def mixed(self, result: Mix, ctx: RoundContext, now: float) -> dict[str, Any]:
         """What a finished mix teaches: refusals counted by why, distrusted partners drawn less
-        often and penalised, mixed partners drawn more often and rewarded. Returns the round's report for `peer status`,
-        which the caller stores in `last_round` once the whole round is over (status never shows
-        a round half done)."""
+        often and penalised, mixed partners drawn more often and rewarded. Returns the round's
+        report for `peer status`, which the caller stores in `last_round` once the whole round is
+        over (status never shows a round half done)."""
         ids = list(ctx.partner_ids)
         distrusted = set(result.distrusted)
         for why in result.refused.values():

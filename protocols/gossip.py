@@ -213,8 +213,7 @@ class PartnerPicker:
         st = self._state.get(peer)
         if st is not None:
             st.failures, st.until = 0, 0.0
-            if not st.refusals:
-                del self._state[peer]
+            self._forget_if_empty(peer, st)
 
     def refused(self, peer: str, now: float) -> None:
         """The rule refused the partner's model (a Sybil, an outlier): half the weight in the draw."""
@@ -226,8 +225,11 @@ class PartnerPicker:
         st = self._state.get(peer)
         if st is not None and st.refusals:
             st.refusals -= 1
-            if not st.refusals and not st.failures:
-                del self._state[peer]
+            self._forget_if_empty(peer, st)
+
+    def _forget_if_empty(self, peer: str, st: _Backoff) -> None:
+        if not st.failures and not st.refusals:  # no failures: `until` was never set or was reset
+            del self._state[peer]
 
     def refusals(self, peer: str) -> int:
         st = self._state.get(peer)
